@@ -1,0 +1,233 @@
+package nodeinfo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+)
+
+// Labels KubeVirt puts on what runs on a node.
+const (
+	// NodeNameLabel is on every VMI: the node it runs on.
+	NodeNameLabel = kubevirtv1.NodeNameLabel
+	// LauncherLabelSelector selects virt-launcher pods.
+	LauncherLabelSelector = kubevirtv1.AppLabel + "=virt-launcher"
+)
+
+// ViewOptions scope a View to one node.
+type ViewOptions struct {
+	// NodeName is the node the View watches.
+	NodeName string
+	// KubeVirtNamespace holds the KubeVirt CR and the legacy kubevirt-config ConfigMap.
+	KubeVirtNamespace string
+	// DrainTaintKey, when set, overrides the cluster's configuration (the flag).
+	DrainTaintKey string
+	// OnChange is called after every change to anything the View watches.
+	OnChange func()
+}
+
+// View is what is on one node and how the cluster configures node-agent, from
+// informers scoped to that node: its Node object (field selector), its VMIs (the
+// kubevirt.io/nodeName label), its virt-launcher pods (spec.nodeName and the
+// kubevirt.io=virt-launcher label), the KubeVirt CR and the kubevirt-config
+// ConfigMap in KubeVirt's namespace. Its traffic does not grow with the cluster.
+type View struct {
+	opts      ViewOptions
+	kubevirt  rest.Interface
+	informers map[string]cache.SharedIndexInformer
+
+	mu        sync.Mutex
+	listErrs  map[string]error
+	lastGood  *Config
+	lastError error
+}
+
+// NewView creates the informers; Run starts them.
+func NewView(kube kubernetes.Interface, kubevirt rest.Interface, opts ViewOptions) *View {
+	v := &View{opts: opts, kubevirt: kubevirt, informers: map[string]cache.SharedIndexInformer{}, listErrs: map[string]error{}}
+	core := kube.CoreV1().RESTClient()
+	byName := func(name string) func(*metav1.ListOptions) {
+		return func(o *metav1.ListOptions) { o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String() }
+	}
+	v.add("node", core, "nodes", "", &corev1.Node{}, byName(opts.NodeName))
+	v.add("pods", core, "pods", "", &corev1.Pod{}, func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
+		o.LabelSelector = LauncherLabelSelector
+	})
+	v.add("configmap", core, "configmaps", opts.KubeVirtNamespace, &corev1.ConfigMap{}, byName(LegacyConfigMapName))
+	v.add("vmis", kubevirt, ResourceVMIs, "", &kubevirtv1.VirtualMachineInstance{}, func(o *metav1.ListOptions) {
+		o.LabelSelector = labels.SelectorFromSet(labels.Set{NodeNameLabel: opts.NodeName}).String()
+	})
+	v.add("kubevirt", kubevirt, ResourceKubeVirts, opts.KubeVirtNamespace, &kubevirtv1.KubeVirt{}, func(*metav1.ListOptions) {})
+	return v
+}
+
+func (v *View) add(name string, client cache.Getter, resource, namespace string, obj runtime.Object, tweak func(*metav1.ListOptions)) {
+	lw := cache.NewFilteredListWatchFromClient(client, resource, namespace, tweak)
+	inf := cache.NewSharedIndexInformer(lw, obj, 0, cache.Indexers{})
+	_ = inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
+		v.mu.Lock()
+		v.listErrs[name] = err
+		v.mu.Unlock()
+		if v.opts.OnChange != nil {
+			v.opts.OnChange()
+		}
+	})
+	if v.opts.OnChange != nil {
+		changed := func() {
+			v.mu.Lock()
+			delete(v.listErrs, name)
+			v.mu.Unlock()
+			v.opts.OnChange()
+		}
+		_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(any) { changed() },
+			UpdateFunc: func(any, any) { changed() },
+			DeleteFunc: func(any) { changed() },
+		})
+	}
+	v.informers[name] = inf
+}
+
+// Run starts the informers; they stop when ctx ends.
+func (v *View) Run(ctx context.Context) {
+	for _, inf := range v.informers {
+		go inf.RunWithContext(ctx)
+	}
+}
+
+// Synced says whether every informer has its first full list; when not, why not
+// (for example the KubeVirt CRDs are not installed).
+func (v *View) Synced() (bool, string) {
+	var waiting []string
+	for name, inf := range v.informers {
+		if inf.HasSynced() {
+			continue
+		}
+		v.mu.Lock()
+		err := v.listErrs[name]
+		v.mu.Unlock()
+		if err != nil {
+			waiting = append(waiting, fmt.Sprintf("%s: %v", name, err))
+		} else {
+			waiting = append(waiting, name+": not listed yet")
+		}
+	}
+	if len(waiting) == 0 {
+		return true, ""
+	}
+	sort.Strings(waiting)
+	return false, fmt.Sprintf("waiting for the first list of %v", waiting)
+}
+
+// WaitForSync waits until every informer has synced or ctx ends.
+func (v *View) WaitForSync(ctx context.Context) error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		ok, why := v.Synced()
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", why, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// Node returns this node's object.
+func (v *View) Node() (*corev1.Node, error) {
+	objs := v.informers["node"].GetStore().List()
+	if len(objs) == 0 {
+		return nil, apierrors.NewNotFound(corev1.Resource("nodes"), v.opts.NodeName)
+	}
+	return objs[0].(*corev1.Node), nil
+}
+
+// NodeName is the node this View watches.
+func (v *View) NodeName() string { return v.opts.NodeName }
+
+// VMIs returns the VMIs labelled as running on this node, sorted by namespace/name.
+func (v *View) VMIs() []*kubevirtv1.VirtualMachineInstance {
+	var out []*kubevirtv1.VirtualMachineInstance
+	for _, obj := range v.informers["vmis"].GetStore().List() {
+		out = append(out, obj.(*kubevirtv1.VirtualMachineInstance))
+	}
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].Namespace+"/"+out[i].Name < out[j].Namespace+"/"+out[j].Name
+	})
+	return out
+}
+
+// LauncherPods returns the virt-launcher pods scheduled on this node.
+func (v *View) LauncherPods() []*corev1.Pod {
+	var out []*corev1.Pod
+	for _, obj := range v.informers["pods"].GetStore().List() {
+		out = append(out, obj.(*corev1.Pod))
+	}
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].Namespace+"/"+out[i].Name < out[j].Namespace+"/"+out[j].Name
+	})
+	return out
+}
+
+// Config resolves the configuration from what the View holds. When a source is
+// unusable, the last good configuration is kept and the error is returned with it.
+func (v *View) Config() (Config, error) {
+	var kv *kubevirtv1.KubeVirt
+	for _, obj := range v.informers["kubevirt"].GetStore().List() {
+		k := obj.(*kubevirtv1.KubeVirt)
+		if kv == nil || k.CreationTimestamp.Before(&kv.CreationTimestamp) {
+			kv = k
+		}
+	}
+	var cm *corev1.ConfigMap
+	if objs := v.informers["configmap"].GetStore().List(); len(objs) > 0 {
+		cm = objs[0].(*corev1.ConfigMap)
+	}
+	cfg, err := ResolveConfig(v.opts.DrainTaintKey, kv, cm)
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err != nil && v.lastGood != nil {
+		return *v.lastGood, err
+	}
+	if err == nil {
+		v.lastGood = &cfg
+	}
+	return cfg, err
+}
+
+// Migrations lists the migrations of one VMI, by spec.vmiName in its namespace
+// (KubeVirt labels them with kubevirt.io/vmi-name only once its controller saw them).
+func (v *View) Migrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
+	if err := v.kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).Do(ctx).Into(list); err != nil {
+		return nil, fmt.Errorf("listing the migrations in %s: %w", namespace, err)
+	}
+	var out []kubevirtv1.VirtualMachineInstanceMigration
+	for _, m := range list.Items {
+		if m.Spec.VMIName == vmi {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
+
+// ErrNotSynced is returned while the View has not listed everything yet.
+var ErrNotSynced = errors.New("the node's view is not synced yet")
