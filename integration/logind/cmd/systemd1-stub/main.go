@@ -138,8 +138,8 @@ func (m manager) GetUnit(unit string) (dbus.ObjectPath, *dbus.Error) {
 }
 
 func (m manager) LoadUnit(unit string) (dbus.ObjectPath, *dbus.Error) { return m.GetUnit(unit) }
-func (m manager) Subscribe() *dbus.Error                             { return nil }
-func (m manager) Unsubscribe() *dbus.Error                           { return nil }
+func (m manager) Subscribe() *dbus.Error                              { return nil }
+func (m manager) Unsubscribe() *dbus.Error                            { return nil }
 
 // unitProps implements org.freedesktop.DBus.Properties for one unit object.
 type unitProps struct{ unit string }
