@@ -1,0 +1,107 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// evictionResult is how the API server (and KubeVirt's webhook) answered an eviction.
+type evictionResult int
+
+const (
+	// evicted: the pod is being deleted (the guest shuts down).
+	evicted evictionResult = iota
+	// evacuating: KubeVirt intercepted it and marked the VMI for evacuation.
+	evacuating
+	// notMigratable: KubeVirt refused: the VMI cannot live-migrate.
+	notMigratable
+	// refused: something else refused it for now (a PodDisruptionBudget, a target
+	// pod, an error): retried with a backoff.
+	refused
+	// gone: the pod no longer exists.
+	gone
+)
+
+// evict asks the Eviction API to evict a pod, once, without client-side retries: the
+// engine's queue does the backing off. dryRun asks what would happen.
+func (e *Engine) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) (evictionResult, string, error) {
+	ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: pod.Namespace}}
+	if dryRun {
+		ev.DeleteOptions = &metav1.DeleteOptions{DryRun: []string{metav1.DryRunAll}}
+	}
+	err := e.clients.Kube.CoreV1().RESTClient().Post().
+		Namespace(pod.Namespace).Resource("pods").Name(pod.Name).SubResource("eviction").
+		MaxRetries(0).Body(ev).Do(ctx).Error()
+	switch {
+	case err == nil:
+		return evicted, "", nil
+	case apierrors.IsNotFound(err):
+		return gone, "", nil
+	case apierrors.IsTooManyRequests(err) || statusCode(err) == http.StatusTooManyRequests:
+		msg := err.Error()
+		switch {
+		case strings.Contains(msg, "is not live-migratable"):
+			return notMigratable, msg, nil
+		case strings.Contains(msg, "triggered evacuation") || strings.Contains(msg, "Evacuation in progress"):
+			return evacuating, msg, nil
+		default:
+			return refused, msg, nil
+		}
+	default:
+		return refused, err.Error(), fmt.Errorf("evicting pod %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+}
+
+func statusCode(err error) int32 {
+	if s, ok := err.(apierrors.APIStatus); ok {
+		return s.Status().Code
+	}
+	return 0
+}
+
+// createMigration creates a VirtualMachineInstanceMigration for the VMI, the fallback
+// where the eviction is not intercepted by KubeVirt. The caller has checked that the
+// VMI has no unfinished migration.
+func (e *Engine) createMigration(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance) (string, error) {
+	m := &kubevirtv1.VirtualMachineInstanceMigration{
+		ObjectMeta: metav1.ObjectMeta{
+			GenerateName: "node-agent-evacuation-",
+			Namespace:    vmi.Namespace,
+			Labels:       map[string]string{AnnotationPrefix + "node": e.opts.NodeName},
+			Annotations:  map[string]string{kubevirtv1.EvacuationMigrationAnnotation: e.opts.NodeName},
+		},
+		Spec: kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi.Name},
+	}
+	created := &kubevirtv1.VirtualMachineInstanceMigration{}
+	if err := e.clients.KubeVirt.Post().Namespace(vmi.Namespace).Resource(nodeinfo.ResourceMigrations).
+		Body(m).Do(ctx).Into(created); err != nil {
+		return "", fmt.Errorf("creating a migration for VMI %s/%s: %w", vmi.Namespace, vmi.Name, err)
+	}
+	return created.Name, nil
+}
+
+// cancelEvacuation asks virt-api to clear the VMI's evacuation mark
+// (virtualmachineinstances/NAME/evacuate/cancel, KubeVirt v1.8+).
+func (e *Engine) cancelEvacuation(ctx context.Context, namespace, name string) error {
+	body, err := json.Marshal(&kubevirtv1.EvacuateCancelOptions{EvacuationNodeName: e.opts.NodeName})
+	if err != nil {
+		return fmt.Errorf("encoding the cancel request: %w", err)
+	}
+	err = e.clients.Subresources.Put().Namespace(namespace).Resource(nodeinfo.ResourceVMIs).Name(name).
+		SubResource("evacuate", "cancel").SetHeader("Content-Type", "application/json").Body(body).Do(ctx).Error()
+	if err != nil {
+		return fmt.Errorf("cancelling the evacuation of VMI %s/%s: %w", namespace, name, err)
+	}
+	return nil
+}

@@ -1,0 +1,349 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+	"k8s.io/utils/clock"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// NodeView is what the engine reads about its node (nodeinfo.View provides it).
+type NodeView interface {
+	Synced() (bool, string)
+	Node() (*corev1.Node, error)
+	VMIs() []*kubevirtv1.VirtualMachineInstance
+	LauncherPods() []*corev1.Pod
+	Config() (nodeinfo.Config, error)
+	Migrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+}
+
+var _ NodeView = (*nodeinfo.View)(nil)
+
+// Clients are the API clients the engine acts through.
+type Clients struct {
+	Kube kubernetes.Interface
+	// KubeVirt is a kubevirt.io/v1 REST client (nodeinfo.NewKubeVirtClient).
+	KubeVirt rest.Interface
+	// Subresources is a subresources.kubevirt.io/v1 REST client.
+	Subresources rest.Interface
+}
+
+// Options configure the engine.
+type Options struct {
+	NodeName string
+	// AllPods also evicts every other pod of the node during a drain, as
+	// `kubectl drain --ignore-daemonsets --delete-emptydir-data --force` would.
+	AllPods bool
+	// Resync is how often a drain in progress is looked at again. Default 5s.
+	Resync time.Duration
+	// PodEvictionRetry is the pause between eviction attempts of other pods
+	// (--all-pods) that a PodDisruptionBudget refuses. Default 5s.
+	PodEvictionRetry time.Duration
+	Clock            clock.WithTicker
+	Log              logrus.FieldLogger
+}
+
+// Engine drains its node when asked: on the drain taint, or on a host shutdown.
+type Engine struct {
+	opts     Options
+	view     NodeView
+	clients  Clients
+	recorder record.EventRecorder
+	metrics  *Metrics
+	queue    workqueue.TypedRateLimitingInterface[string]
+	log      logrus.FieldLogger
+
+	mu       sync.Mutex
+	status   NodeStatus
+	changed  chan struct{} // closed and replaced when status changes
+	since    since
+	shutdown bool // a host shutdown is pending
+	warned   sets // events already sent this drain, by key
+	pods     *podDrainer
+}
+
+type sets map[string]struct{}
+
+// New creates an engine. Enqueue it on every change of the view; Run works the queue.
+func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics *Metrics, opts Options) *Engine {
+	if opts.Resync <= 0 {
+		opts.Resync = 5 * time.Second
+	}
+	if opts.PodEvictionRetry <= 0 {
+		opts.PodEvictionRetry = 5 * time.Second
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	if opts.Log == nil {
+		opts.Log = logrus.StandardLogger()
+	}
+	if metrics == nil {
+		metrics = NewMetrics()
+	}
+	e := &Engine{
+		opts:     opts,
+		view:     view,
+		clients:  clients,
+		recorder: recorder,
+		metrics:  metrics,
+		log:      opts.Log.WithField("node", opts.NodeName),
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "node-agent", Clock: opts.Clock}),
+		changed: make(chan struct{}),
+		since:   since{},
+		warned:  sets{},
+		status:  NodeStatus{Node: opts.NodeName, Reason: "starting"},
+	}
+	if opts.AllPods {
+		e.pods = newPodDrainer(clients.Kube, opts.NodeName, opts.PodEvictionRetry, e.log, e.Enqueue)
+	}
+	return e
+}
+
+// Enqueue asks for the node to be looked at again.
+func (e *Engine) Enqueue() { e.queue.Add(e.opts.NodeName) }
+
+// Run works the queue until ctx ends.
+func (e *Engine) Run(ctx context.Context) error {
+	defer utilruntime.HandleCrash()
+	go func() {
+		<-ctx.Done()
+		e.queue.ShutDown()
+	}()
+	e.Enqueue()
+	for e.processNext(ctx) {
+	}
+	if e.pods != nil {
+		e.pods.stop()
+	}
+	return nil
+}
+
+func (e *Engine) processNext(ctx context.Context) bool {
+	key, quit := e.queue.Get()
+	if quit {
+		return false
+	}
+	defer e.queue.Done(key)
+	requeue, err := e.sync(ctx)
+	switch {
+	case err != nil:
+		e.log.WithError(err).Warn("sync failed; retrying")
+		e.queue.AddRateLimited(key)
+	case requeue:
+		e.queue.Forget(key)
+		e.queue.AddAfter(key, e.opts.Resync)
+	default:
+		e.queue.Forget(key)
+	}
+	return true
+}
+
+// SetShutdown marks a host shutdown as pending (true) or cancelled (false).
+func (e *Engine) SetShutdown(pending bool) {
+	e.mu.Lock()
+	e.shutdown = pending
+	e.mu.Unlock()
+	e.Enqueue()
+}
+
+func (e *Engine) shutdownPending() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.shutdown
+}
+
+// sync is one look at the node: start, continue or withdraw a drain. It reports
+// whether the node must be looked at again after Resync.
+func (e *Engine) sync(ctx context.Context) (bool, error) {
+	if ok, why := e.view.Synced(); !ok {
+		e.setStatus(func(s *NodeStatus) { s.Ready, s.Reason = false, why })
+		return true, nil
+	}
+	node, err := e.view.Node()
+	if apierrors.IsNotFound(err) {
+		e.setStatus(func(s *NodeStatus) { s.Ready, s.Reason = false, "node "+e.opts.NodeName+" not found" })
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	cfg, cfgErr := e.view.Config()
+	e.reportConfig(node, cfg, cfgErr)
+
+	var rec DrainRecord
+	hasRecord, err := readAnnotation(node, AnnotationDrain, &rec)
+	if err != nil {
+		e.log.WithError(err).Warn("ignoring the unreadable drain record; a new drain starts if one is asked for")
+		e.metrics.ConfigErrors.WithLabelValues("drain-record").Inc()
+	}
+	tainted := hasTaint(node, cfg.DrainTaintKey)
+	shutdown := e.shutdownPending()
+	if !tainted && !shutdown {
+		if hasRecord {
+			if err := e.withdraw(ctx, node, &rec); err != nil {
+				return false, err
+			}
+		}
+		e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil)
+		return false, nil
+	}
+	if !hasRecord {
+		rec = DrainRecord{Trigger: TriggerTaint, TaintKey: cfg.DrainTaintKey, Started: e.opts.Clock.Now().UTC()}
+		if shutdown {
+			rec.Trigger = TriggerShutdown
+		}
+		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: rec}); err != nil {
+			return false, err
+		}
+		e.warned = sets{}
+		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainStarted, "Drain started (%s, taint key %s)", rec.Trigger, cfg.DrainTaintKey)
+		e.log.WithFields(logrus.Fields{"trigger": rec.Trigger, "taintKey": cfg.DrainTaintKey}).Info("drain started")
+		e.metrics.DrainsStarted.WithLabelValues(rec.Trigger).Inc()
+	}
+	return e.drain(ctx, node, cfg, &rec)
+}
+
+// drain acts on every VM that needs it, then reports.
+func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, rec *DrainRecord) (bool, error) {
+	vms := vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods())
+	var pending []*vm
+	decisions := map[string]Decision{}
+	for _, v := range vms {
+		d := decide(v, cfg)
+		decisions[v.key] = d
+		if state, _ := observe(v, d, node.Name, true); state == StatePending {
+			pending = append(pending, v)
+		}
+	}
+	// Record the intent before acting, so that a restarted agent can withdraw it.
+	added := false
+	for _, v := range pending {
+		if _, ok := rec.Requested[v.key]; !ok && decisions[v.key].Action != ActionNone {
+			if rec.Requested == nil {
+				rec.Requested = map[string]Action{}
+			}
+			rec.Requested[v.key] = decisions[v.key].Action
+			added = true
+		}
+	}
+	if added {
+		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: rec}); err != nil {
+			return false, err
+		}
+	}
+	details := map[string]string{}
+	var errs []error
+	for _, v := range pending {
+		detail, err := e.act(ctx, node, v, decisions[v.key])
+		if err != nil {
+			errs = append(errs, err)
+		}
+		details[v.key] = detail
+	}
+	podsLeft := 0
+	if e.pods != nil {
+		podsLeft = e.pods.ensure(ctx)
+	}
+	safe := e.report(ctx, node, cfg, rec.Trigger, vms, details, withPods(podsLeft))
+	if safe && rec.Completed == nil {
+		now := e.opts.Clock.Now().UTC()
+		rec.Completed = &now
+		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: rec}); err != nil {
+			return false, err
+		}
+		took := now.Sub(rec.Started)
+		e.metrics.DrainDuration.WithLabelValues(rec.Trigger).Observe(took.Seconds())
+		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainCompleted, "Drain completed in %s: no VM left on the node", took.Round(time.Second))
+		e.log.WithField("took", took.Round(time.Millisecond).String()).Info("drain completed: no VM left on the node")
+	}
+	return true, errors.Join(errs...)
+}
+
+func decide(v *vm, cfg nodeinfo.Config) Decision {
+	if v.vmi == nil {
+		return Decision{Action: ActionNone, Reason: "a virt-launcher pod whose VMI runs elsewhere"}
+	}
+	return Decide(v.vmi, cfg.ClusterEvictionStrategy)
+}
+
+// withdraw ends a drain whose trigger went away: nothing new is started, and the
+// evacuations this drain requested are cancelled.
+func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainRecord) error {
+	vmis := map[string]*kubevirtv1.VirtualMachineInstance{}
+	for _, vmi := range e.view.VMIs() {
+		vmis[vmi.Namespace+"/"+vmi.Name] = vmi
+	}
+	cancelled := 0
+	for key, action := range rec.Requested {
+		vmi, ok := vmis[key]
+		if !ok || (action != ActionMigrate && action != ActionExternal) || vmi.Status.EvacuationNodeName != node.Name {
+			continue
+		}
+		if err := e.cancelEvacuation(ctx, vmi.Namespace, vmi.Name); err != nil {
+			return err
+		}
+		cancelled++
+		e.recorder.Eventf(vmi, corev1.EventTypeNormal, ReasonEvacuationCancelled, "Drain of node %s withdrawn: evacuation cancelled", node.Name)
+		e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name}).Info("evacuation cancelled")
+	}
+	if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: nil}); err != nil {
+		return err
+	}
+	if e.pods != nil {
+		e.pods.stop()
+	}
+	if rec.Completed == nil {
+		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainWithdrawn, "Drain withdrawn: %d evacuations cancelled", cancelled)
+		e.log.WithField("cancelled", cancelled).Info("drain withdrawn")
+	}
+	return nil
+}
+
+// reportConfig says, once per distinct error, that a configuration source is unusable.
+func (e *Engine) reportConfig(node *corev1.Node, cfg nodeinfo.Config, err error) {
+	e.mu.Lock()
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	changed := msg != e.status.ConfigError
+	e.mu.Unlock()
+	if !changed {
+		return
+	}
+	e.setStatus(func(s *NodeStatus) { s.ConfigError = msg })
+	if err == nil {
+		e.log.WithFields(logrus.Fields{"taintKey": cfg.DrainTaintKey, "source": cfg.DrainTaintKeySource}).Info("configuration is valid again")
+		return
+	}
+	e.metrics.ConfigErrors.WithLabelValues("config").Inc()
+	e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonConfigError, "Configuration error, using taint key %s from %s: %v", cfg.DrainTaintKey, cfg.DrainTaintKeySource, err)
+	e.log.WithError(err).WithFields(logrus.Fields{"taintKey": cfg.DrainTaintKey, "source": cfg.DrainTaintKeySource}).Warn("configuration error; keeping the last good configuration")
+}
+
+// vmLog is the logger for one VM.
+func (e *Engine) vmLog(v *vm) logrus.FieldLogger {
+	if v.vmi == nil {
+		return e.log.WithFields(logrus.Fields{"namespace": v.pods[0].Namespace, "pod": v.pods[0].Name})
+	}
+	return e.log.WithFields(logrus.Fields{"namespace": v.vmi.Namespace, "vmi": v.vmi.Name})
+}
+
+func (e *Engine) String() string { return fmt.Sprintf("node-agent engine for %s", e.opts.NodeName) }

@@ -1,0 +1,77 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// ReadinessCheck reports a reason the agent is not fully able to do its job, or "".
+type ReadinessCheck func() string
+
+// MaxWait bounds ?wait= on /safe-to-shutdown.
+const MaxWait = time.Hour
+
+// Handler serves /safe-to-shutdown, /healthz, /readyz and /metrics.
+func (e *Engine) Handler(checks ...ReadinessCheck) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /safe-to-shutdown", e.serveSafeToShutdown)
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		st, _ := e.Status()
+		if !st.Ready {
+			http.Error(w, "not ready: "+st.Reason, http.StatusServiceUnavailable)
+			return
+		}
+		for _, check := range checks {
+			if reason := check(); reason != "" {
+				http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
+				return
+			}
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(e.metrics.Registry, promhttp.HandlerOpts{Registry: e.metrics.Registry}))
+	return mux
+}
+
+// serveSafeToShutdown answers 200 when the node is safe to power off, else 503, with
+// the status as JSON. ?wait=DURATION holds the answer until it is 200 or time is up.
+func (e *Engine) serveSafeToShutdown(w http.ResponseWriter, r *http.Request) {
+	var wait time.Duration
+	if raw := r.URL.Query().Get("wait"); raw != "" {
+		d, err := time.ParseDuration(raw)
+		if err != nil || d < 0 || d > MaxWait {
+			http.Error(w, fmt.Sprintf("invalid wait %q: want a duration such as 30s or 5m, at most %s", raw, MaxWait), http.StatusBadRequest)
+			return
+		}
+		wait = d
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), wait)
+	defer cancel()
+	st, changed := e.Status()
+	for !(st.Ready && st.Safe) && wait > 0 {
+		select {
+		case <-changed:
+			st, changed = e.Status()
+			continue
+		case <-ctx.Done():
+		}
+		break
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if st.Ready && st.Safe {
+		w.WriteHeader(http.StatusOK)
+	} else {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(st)
+}

@@ -1,0 +1,80 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are the agent's Prometheus metrics, on a registry of their own.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	VMs            *prometheus.GaugeVec
+	Draining       prometheus.Gauge
+	SafeToShutdown prometheus.Gauge
+	PodsLeft       prometheus.Gauge
+	Requests       *prometheus.CounterVec
+	DrainsStarted  *prometheus.CounterVec
+	DrainDuration  *prometheus.HistogramVec
+	ConfigErrors   *prometheus.CounterVec
+}
+
+// NewMetrics registers the agent's metrics and the Go and process collectors.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		VMs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "node_agent_vms",
+			Help: "VMs on this node, by effective eviction strategy and by what is happening to them (running, pending, migrating, shutting-down, waiting-external, blocked, incoming-migration).",
+		}, []string{"strategy", "state"}),
+		Draining: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "node_agent_draining",
+			Help: "1 while this node is being drained (drain taint or host shutdown), else 0.",
+		}),
+		SafeToShutdown: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "node_agent_safe_to_shutdown",
+			Help: "1 when no VM (and with --all-pods no evictable pod) is left on this node, else 0.",
+		}),
+		PodsLeft: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "node_agent_pods_left",
+			Help: "Other pods still to evict from this node during a drain with --all-pods.",
+		}),
+		Requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "node_agent_eviction_requests_total",
+			Help: "Evictions and migrations the agent requested, by action (migrate, shutdown, external, evict) and outcome (evacuation, evicted, migration-created, refused, not-migratable, error).",
+		}, []string{"action", "outcome"}),
+		DrainsStarted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "node_agent_drains_started_total",
+			Help: "Drains started, by trigger (taint, shutdown).",
+		}, []string{"trigger"}),
+		DrainDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "node_agent_drain_duration_seconds",
+			Help:    "Time from the start of a drain until no VM was left on the node, by trigger.",
+			Buckets: []float64{5, 15, 30, 60, 120, 300, 600, 1200, 3600},
+		}, []string{"trigger"}),
+		ConfigErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "node_agent_config_errors_total",
+			Help: "Configuration problems met (an invalid taint key, a malformed ConfigMap or annotation), by source.",
+		}, []string{"source"}),
+	}
+	m.Registry.MustRegister(m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests, m.DrainsStarted, m.DrainDuration, m.ConfigErrors,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *Metrics) observe(s NodeStatus) {
+	m.VMs.Reset()
+	for _, v := range s.VMs {
+		m.VMs.WithLabelValues(v.Strategy, string(v.State)).Inc()
+	}
+	m.Draining.Set(boolFloat(s.Draining))
+	m.SafeToShutdown.Set(boolFloat(s.Safe))
+	m.PodsLeft.Set(float64(s.PodsLeft))
+}
+
+func boolFloat(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,112 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sort"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+)
+
+// The agent keeps its state on its Node, so that a restarted agent carries on.
+const (
+	// AnnotationPrefix starts every annotation the agent owns.
+	AnnotationPrefix = "node-agent.kubevirt.io/"
+	// AnnotationDrain holds the drain in progress (a DrainRecord, JSON).
+	AnnotationDrain = AnnotationPrefix + "drain"
+	// AnnotationOwned holds what the agent itself added to the Node (an Ownership, JSON).
+	AnnotationOwned = AnnotationPrefix + "owned"
+	// AnnotationState is the agent's state at a glance, for `kubectl get node -o yaml`.
+	AnnotationState = AnnotationPrefix + "state"
+)
+
+// Triggers of a drain.
+const (
+	TriggerTaint    = "taint"
+	TriggerShutdown = "shutdown"
+)
+
+// DrainRecord is the drain in progress. Requested is written before an eviction is
+// sent, so that a restarted agent knows which evacuations are this drain's to cancel.
+type DrainRecord struct {
+	Trigger  string    `json:"trigger"`
+	TaintKey string    `json:"taintKey,omitempty"`
+	Started  time.Time `json:"started"`
+	// Completed is set when the node was first seen empty.
+	Completed *time.Time `json:"completed,omitempty"`
+	// Requested maps namespace/name of each VMI acted on to the action requested.
+	Requested map[string]Action `json:"requested,omitempty"`
+}
+
+// Ownership is what the agent added to its Node and must take away again itself.
+type Ownership struct {
+	// TaintKey is set when the agent added the drain taint.
+	TaintKey string `json:"taintKey,omitempty"`
+	// Cordoned is set when the agent set spec.unschedulable.
+	Cordoned bool `json:"cordoned,omitempty"`
+	// BootID is the node's boot ID when the agent took it out of service.
+	BootID string `json:"bootID"`
+	// Reason says why (for example "shutdown").
+	Reason string    `json:"reason"`
+	Since  time.Time `json:"since"`
+}
+
+// readAnnotation decodes a JSON annotation; absent is (false, nil).
+func readAnnotation(node *corev1.Node, key string, into any) (bool, error) {
+	raw, ok := node.Annotations[key]
+	if !ok || raw == "" {
+		return false, nil
+	}
+	if err := json.Unmarshal([]byte(raw), into); err != nil {
+		return false, fmt.Errorf("annotation %s on node %s is not valid: %w", key, node.Name, err)
+	}
+	return true, nil
+}
+
+// patchAnnotations sets (value non-nil) or removes (nil) annotations on the Node with
+// one merge patch. Values that are not strings are JSON-encoded.
+func patchAnnotations(ctx context.Context, kube kubernetes.Interface, node string, set map[string]any) error {
+	annotations := map[string]any{}
+	keys := make([]string, 0, len(set))
+	for k := range set {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		switch v := set[k].(type) {
+		case nil:
+			annotations[k] = nil
+		case string:
+			annotations[k] = v
+		default:
+			raw, err := json.Marshal(v)
+			if err != nil {
+				return fmt.Errorf("encoding annotation %s: %w", k, err)
+			}
+			annotations[k] = string(raw)
+		}
+	}
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": annotations}})
+	if err != nil {
+		return fmt.Errorf("encoding the node patch: %w", err)
+	}
+	if _, err := kube.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		return fmt.Errorf("patching the annotations of node %s: %w", node, err)
+	}
+	return nil
+}
+
+// hasTaint says whether the node has a NoSchedule taint with this key.
+func hasTaint(node *corev1.Node, key string) bool {
+	for _, t := range node.Spec.Taints {
+		if t.Key == key && t.Effect == corev1.TaintEffectNoSchedule {
+			return true
+		}
+	}
+	return false
+}

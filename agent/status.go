@@ -1,0 +1,140 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// VMStatus is one VM on the node, as /safe-to-shutdown and `node-agent status` show it.
+type VMStatus struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// Strategy is the effective eviction strategy.
+	Strategy string `json:"strategy"`
+	// Action is what a drain does (or did) to it.
+	Action Action  `json:"action"`
+	State  VMState `json:"state"`
+	// Detail says more: the migration's target, why it is blocked or pending.
+	Detail string    `json:"detail,omitempty"`
+	Since  time.Time `json:"since"`
+}
+
+// NodeStatus is the node's drain status.
+type NodeStatus struct {
+	Node string `json:"node"`
+	// Ready is false until the agent has read everything it watches.
+	Ready bool `json:"ready"`
+	// Reason says why the agent is not ready.
+	Reason   string `json:"reason,omitempty"`
+	Draining bool   `json:"draining"`
+	// Trigger is what started the drain: "taint" or "shutdown".
+	Trigger string `json:"trigger,omitempty"`
+	// TaintKey is the drain taint key in force.
+	TaintKey string `json:"taintKey"`
+	// Safe is true when no VM (and with --all-pods, no evictable pod) is left.
+	Safe bool       `json:"safe"`
+	VMs  []VMStatus `json:"vms"`
+	// PodsLeft counts the other pods still to evict (with --all-pods).
+	PodsLeft int `json:"podsLeft,omitempty"`
+	// ConfigError is the configuration problem in force, if any.
+	ConfigError string `json:"configError,omitempty"`
+}
+
+// Counts summarises the VMs by state.
+func (s NodeStatus) Counts() map[VMState]int {
+	c := map[VMState]int{}
+	for _, v := range s.VMs {
+		c[v.State]++
+	}
+	return c
+}
+
+// Summary is the state at a glance, as the node annotation shows it.
+func (s NodeStatus) Summary() string {
+	if !s.Draining {
+		return fmt.Sprintf("idle: %d VMs on the node", len(s.VMs))
+	}
+	if s.Safe {
+		return "drained: no VM left, safe to power off"
+	}
+	var parts []string
+	for _, st := range []VMState{StatePending, StateMigrating, StateShuttingDown, StateWaitingExternal, StateBlocked, StateIncoming} {
+		if n := s.Counts()[st]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, st))
+		}
+	}
+	if s.PodsLeft > 0 {
+		parts = append(parts, fmt.Sprintf("%d other pods", s.PodsLeft))
+	}
+	return fmt.Sprintf("draining (%s): %d VMs left (%s)", s.Trigger, len(s.VMs), strings.Join(parts, ", "))
+}
+
+type reportOption func(*NodeStatus)
+
+func withPods(n int) reportOption { return func(s *NodeStatus) { s.PodsLeft = n } }
+
+// report publishes the status from what is on the node, keeps the node annotation in
+// step, and says whether the node is safe to power off. trigger is empty when the
+// node is not being drained.
+func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, trigger string, vms []*vm, details map[string]string, opts ...reportOption) bool {
+	now := e.opts.Clock.Now().UTC()
+	st := NodeStatus{Node: node.Name, Ready: true, Draining: trigger != "", Trigger: trigger, TaintKey: cfg.DrainTaintKey, VMs: []VMStatus{}}
+	for _, o := range opts {
+		o(&st)
+	}
+	e.mu.Lock()
+	st.ConfigError = e.status.ConfigError
+	seen := map[string]bool{}
+	for _, v := range vms {
+		d := decide(v, cfg)
+		state, detail := observe(v, d, node.Name, st.Draining)
+		if extra := details[v.key]; extra != "" && (state == StatePending || state == StateBlocked) {
+			detail = extra
+		}
+		ns, name, _ := strings.Cut(v.key, "/")
+		seen[v.key] = true
+		st.VMs = append(st.VMs, VMStatus{
+			Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action,
+			State: state, Detail: detail, Since: e.since.observe(v.key, state, now),
+		})
+	}
+	for key := range e.since {
+		if !seen[key] {
+			delete(e.since, key)
+		}
+	}
+	e.mu.Unlock()
+	st.Safe = len(st.VMs) == 0 && st.PodsLeft == 0
+	e.setStatus(func(s *NodeStatus) { *s = st })
+	e.metrics.observe(st)
+	if summary := st.Summary(); node.Annotations[AnnotationState] != summary {
+		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationState: summary}); err != nil {
+			e.log.WithError(err).Warn("cannot update the state annotation")
+		}
+	}
+	return st.Safe
+}
+
+// setStatus changes the status and wakes whoever waits on it.
+func (e *Engine) setStatus(change func(*NodeStatus)) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	change(&e.status)
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// Status returns the current status and a channel closed at its next change.
+func (e *Engine) Status() (NodeStatus, <-chan struct{}) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.status
+	st.VMs = append([]VMStatus{}, e.status.VMs...)
+	return st, e.changed
+}

@@ -1,0 +1,168 @@
+package agent
+
+import (
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+)
+
+// VMState is what is happening to a VM on the node.
+type VMState string
+
+const (
+	// StateRunning: not being drained; Decision says what a drain would do.
+	StateRunning VMState = "running"
+	// StatePending: the drain has not acted on it yet, or its request is being retried.
+	StatePending VMState = "pending"
+	// StateMigrating: an evacuation or migration is requested or running.
+	StateMigrating VMState = "migrating"
+	// StateShuttingDown: its virt-launcher pod is terminating.
+	StateShuttingDown VMState = "shutting-down"
+	// StateWaitingExternal: KubeVirt marked it for evacuation; an external controller acts.
+	StateWaitingExternal VMState = "waiting-external"
+	// StateBlocked: it cannot leave without help (see Detail).
+	StateBlocked VMState = "blocked"
+	// StateIncoming: a migration into this node has a target pod here.
+	StateIncoming VMState = "incoming-migration"
+)
+
+// vm is one VM on the node: its VMI (nil for a pod whose VMI is not on this node,
+// such as the target of an incoming migration) and its virt-launcher pods here.
+type vm struct {
+	key  string
+	vmi  *kubevirtv1.VirtualMachineInstance
+	pods []*corev1.Pod
+}
+
+// sourcePod is the VMI's running virt-launcher pod on this node (not a migration
+// target pod), the one to evict; nil if there is none.
+func (v *vm) sourcePod() *corev1.Pod {
+	for _, p := range v.pods {
+		if _, target := p.Labels[kubevirtv1.MigrationJobLabel]; target {
+			continue
+		}
+		if v.vmi != nil && p.Spec.NodeName != v.vmi.Status.NodeName {
+			continue
+		}
+		return p
+	}
+	return nil
+}
+
+func (v *vm) terminating() bool {
+	if v.vmi != nil && (v.vmi.DeletionTimestamp != nil || v.vmi.IsFinal()) {
+		return true
+	}
+	p := v.sourcePod()
+	return p != nil && p.DeletionTimestamp != nil
+}
+
+// vmsOnNode lists the VMs on the node: the VMIs whose status.nodeName is the node and
+// whose phase is not final, and the virt-launcher pods scheduled here that have not
+// terminated (grouped under their VMI, or alone when the VMI runs elsewhere).
+func vmsOnNode(node string, vmis []*kubevirtv1.VirtualMachineInstance, pods []*corev1.Pod) []*vm {
+	byUID := map[string]*vm{}
+	var out []*vm
+	for _, vmi := range vmis {
+		if vmi.Status.NodeName != node || vmi.IsFinal() {
+			continue
+		}
+		v := &vm{key: vmi.Namespace + "/" + vmi.Name, vmi: vmi}
+		byUID[string(vmi.UID)] = v
+		out = append(out, v)
+	}
+	for _, p := range pods {
+		if p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		if v, ok := byUID[p.Labels[kubevirtv1.CreatedByLabel]]; ok {
+			v.pods = append(v.pods, p)
+			continue
+		}
+		name := p.Annotations[kubevirtv1.DomainAnnotation]
+		if name == "" {
+			name = p.Name
+		}
+		v := &vm{key: p.Namespace + "/" + name, pods: []*corev1.Pod{p}}
+		byUID[p.Labels[kubevirtv1.CreatedByLabel]] = v
+		out = append(out, v)
+	}
+	return out
+}
+
+// observe says what is happening to a VM, from the cluster alone.
+func observe(v *vm, d Decision, node string, draining bool) (VMState, string) {
+	if v.vmi == nil {
+		if p := v.pods[0]; p.DeletionTimestamp != nil {
+			return StateShuttingDown, "virt-launcher pod " + p.Name + " is terminating"
+		}
+		return StateIncoming, "virt-launcher pod " + v.pods[0].Name + " of a VM running elsewhere"
+	}
+	vmi := v.vmi
+	if v.terminating() {
+		return StateShuttingDown, "the guest is shutting down"
+	}
+	if ms := vmi.Status.MigrationState; ms != nil && !ms.Completed && !ms.Failed && ms.SourceNode == node && ms.TargetNode != "" {
+		return StateMigrating, "to " + ms.TargetNode
+	}
+	if vmi.Status.EvacuationNodeName == node {
+		if d.Strategy == kubevirtv1.EvictionStrategyExternal {
+			return StateWaitingExternal, "KubeVirt marked it for evacuation; waiting for the external controller"
+		}
+		detail := "evacuation requested; KubeVirt schedules the migration"
+		if ms := vmi.Status.MigrationState; ms != nil && ms.Failed {
+			detail = "the last migration failed; KubeVirt retries it"
+			if ms.FailureReason != "" {
+				detail += " (" + ms.FailureReason + ")"
+			}
+		}
+		return StateMigrating, detail
+	}
+	if !draining {
+		return StateRunning, ""
+	}
+	if d.Action == ActionNone {
+		return StateBlocked, d.Reason
+	}
+	return StatePending, ""
+}
+
+// hasUnfinishedMigration says whether the VMI has a migration that has not ended, from
+// its migration objects and its status (either may lag the other).
+func hasUnfinishedMigration(vmi *kubevirtv1.VirtualMachineInstance, migrations []kubevirtv1.VirtualMachineInstanceMigration) (string, bool) {
+	for _, m := range migrations {
+		if !m.IsFinal() && m.DeletionTimestamp == nil {
+			return m.Name, true
+		}
+	}
+	if ms := vmi.Status.MigrationState; ms != nil && !ms.Completed && !ms.Failed && ms.StartTimestamp != nil {
+		return string(ms.MigrationUID), true
+	}
+	return "", false
+}
+
+// since keeps, per VM, when it entered its current state (for "since when").
+type since map[string]struct {
+	state VMState
+	at    time.Time
+}
+
+func (s since) observe(key string, state VMState, now time.Time) time.Time {
+	if cur, ok := s[key]; ok && cur.state == state {
+		return cur.at
+	}
+	s[key] = struct {
+		state VMState
+		at    time.Time
+	}{state, now}
+	return now
+}
+
+func describe(v *vm) string {
+	if v.vmi == nil {
+		return fmt.Sprintf("pod %s/%s", v.pods[0].Namespace, v.pods[0].Name)
+	}
+	return "VMI " + v.key
+}

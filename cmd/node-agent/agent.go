@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// newLogger builds the logger the flags ask for.
+func newLogger(format, level string, out io.Writer) (*logrus.Logger, error) {
+	log := logrus.New()
+	log.SetOutput(out)
+	lvl, err := logrus.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	log.SetLevel(lvl)
+	if format == "json" {
+		log.SetFormatter(&logrus.JSONFormatter{TimestampFormat: time.RFC3339Nano})
+	} else {
+		log.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, TimestampFormat: time.RFC3339Nano})
+	}
+	return log, nil
+}
+
+// restConfig is the kubeconfig's configuration, or the in-cluster one.
+func restConfig(kubeconfig string, qps float64, burst int) (*rest.Config, error) {
+	var cfg *rest.Config
+	var err error
+	if kubeconfig != "" {
+		cfg, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		cfg, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("loading the API server configuration: %w", err)
+	}
+	cfg.QPS, cfg.Burst = float32(qps), burst
+	cfg.UserAgent = "node-agent"
+	return cfg, nil
+}
+
+// runAgent runs the drain engine and its HTTP endpoints until ctx ends.
+func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
+	log, err := newLogger(a.LogFormat, a.LogLevel, logOut)
+	if err != nil {
+		return err
+	}
+	cfg, err := restConfig(a.Kubeconfig, a.QPS, a.Burst)
+	if err != nil {
+		return err
+	}
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("creating the Kubernetes client: %w", err)
+	}
+	kv, err := nodeinfo.NewKubeVirtClient(cfg)
+	if err != nil {
+		return err
+	}
+	subresources, err := nodeinfo.NewKubeVirtSubresourceClient(cfg)
+	if err != nil {
+		return err
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return fmt.Errorf("building the event scheme: %w", err)
+	}
+	if err := kubevirtv1.AddToScheme(scheme); err != nil {
+		return fmt.Errorf("building the event scheme: %w", err)
+	}
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	recorder := broadcaster.NewRecorder(scheme, corev1.EventSource{Component: "node-agent", Host: a.NodeName})
+
+	var engine *agent.Engine
+	view := nodeinfo.NewView(kube, kv, nodeinfo.ViewOptions{
+		NodeName:          a.NodeName,
+		KubeVirtNamespace: a.KubeVirtNamespace,
+		DrainTaintKey:     a.DrainTaintKey,
+		OnChange:          func() { engine.Enqueue() },
+	})
+	engine = agent.New(view, agent.Clients{Kube: kube, KubeVirt: kv, Subresources: subresources}, recorder, nil, agent.Options{
+		NodeName:         a.NodeName,
+		AllPods:          a.AllPods,
+		Resync:           a.Resync,
+		PodEvictionRetry: a.PodEvictionRetry,
+		Log:              log,
+	})
+
+	listener, err := net.Listen("tcp", a.ListenAddress)
+	if err != nil {
+		return fmt.Errorf("--listen-address: %w", err)
+	}
+	server := &http.Server{Handler: engine.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- server.Serve(listener) }()
+	log.WithFields(logrus.Fields{"node": a.NodeName, "listen": listener.Addr().String()}).Info("node-agent started")
+
+	view.Run(ctx)
+	engineDone := make(chan error, 1)
+	go func() { engineDone <- engine.Run(ctx) }()
+
+	select {
+	case <-ctx.Done():
+	case err := <-serveErr:
+		return fmt.Errorf("serving HTTP: %w", err)
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = server.Shutdown(shutdownCtx)
+	if err := <-engineDone; err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	log.Info("node-agent stopped")
+	return nil
+}

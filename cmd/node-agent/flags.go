@@ -1,0 +1,124 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// runArgs are the flags of `node-agent run`.
+type runArgs struct {
+	Kubeconfig        string
+	NodeName          string
+	DrainTaintKey     string
+	KubeVirtNamespace string
+	AllPods           bool
+	ListenAddress     string
+	Resync            time.Duration
+	PodEvictionRetry  time.Duration
+	QPS               float64
+	Burst             int
+	LogFormat         string
+	LogLevel          string
+}
+
+// envPrefix: every flag can also be set as NODE_AGENT_<FLAG> (dashes as underscores);
+// a flag given on the command line wins.
+const envPrefix = "NODE_AGENT_"
+
+func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("node-agent run", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&a.Kubeconfig, "kubeconfig", "", "path of a kubeconfig file; empty: the in-cluster service account")
+	fs.StringVar(&a.NodeName, "node-name", "", "the node this agent drains; default: the NODE_NAME environment variable (set from the downward API)")
+	fs.StringVar(&a.DrainTaintKey, "drain-taint-key", "", "drain taint key (effect NoSchedule); overrides the KubeVirt CR's migrations.nodeDrainTaintKey, the legacy kubevirt-config ConfigMap and the default "+nodeinfo.DefaultDrainTaintKey)
+	fs.StringVar(&a.KubeVirtNamespace, "kubevirt-namespace", "kubevirt", "namespace of the KubeVirt CR and of the legacy kubevirt-config ConfigMap")
+	fs.BoolVar(&a.AllPods, "all-pods", false, "during a drain also evict every other pod, as kubectl drain --ignore-daemonsets --delete-emptydir-data --force would")
+	fs.StringVar(&a.ListenAddress, "listen-address", ":8095", "address of /safe-to-shutdown, /healthz, /readyz and /metrics")
+	fs.DurationVar(&a.Resync, "resync", 5*time.Second, "how often a drain in progress is looked at again (changes are seen at once)")
+	fs.DurationVar(&a.PodEvictionRetry, "pod-eviction-retry", 5*time.Second, "pause before retrying an eviction that a PodDisruptionBudget refused (--all-pods)")
+	fs.Float64Var(&a.QPS, "kube-api-qps", 100, "queries per second to the API server (enough to act on 100 VMs at once)")
+	fs.IntVar(&a.Burst, "kube-api-burst", 300, "burst of queries to the API server")
+	fs.StringVar(&a.LogFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&a.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return fs
+}
+
+// parseRunArgs parses and validates the flags of `node-agent run`, with the
+// environment as defaults. The error says what to fix.
+func parseRunArgs(args []string, getenv func(string) string, out io.Writer) (runArgs, error) {
+	var a runArgs
+	fs := newRunFlags(&a, out)
+	if err := fs.Parse(args); err != nil {
+		return a, err
+	}
+	if fs.NArg() > 0 {
+		return a, fmt.Errorf("unexpected arguments %q: node-agent run takes only flags", fs.Args())
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] {
+			return
+		}
+		env := envPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := getenv(env); v != "" {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", env, v, err))
+			}
+		}
+	})
+	if a.NodeName == "" {
+		a.NodeName = getenv("NODE_NAME")
+	}
+	return a, errors.Join(append(errs, a.validate())...)
+}
+
+func (a runArgs) validate() error {
+	var errs []error
+	if a.NodeName == "" {
+		errs = append(errs, errors.New("no node name: set --node-name or NODE_NAME (the DaemonSet sets it from spec.nodeName)"))
+	}
+	if a.DrainTaintKey != "" {
+		if err := nodeinfo.ValidateTaintKey(a.DrainTaintKey); err != nil {
+			errs = append(errs, fmt.Errorf("--drain-taint-key: %w", err))
+		}
+	}
+	if a.KubeVirtNamespace == "" {
+		errs = append(errs, errors.New("--kubevirt-namespace must not be empty"))
+	}
+	if _, _, err := net.SplitHostPort(a.ListenAddress); err != nil {
+		errs = append(errs, fmt.Errorf("--listen-address %q: want host:port, such as :8095: %w", a.ListenAddress, err))
+	}
+	if a.Resync <= 0 {
+		errs = append(errs, fmt.Errorf("--resync %s: must be positive", a.Resync))
+	}
+	if a.PodEvictionRetry <= 0 {
+		errs = append(errs, fmt.Errorf("--pod-eviction-retry %s: must be positive (zero would retry in a busy loop)", a.PodEvictionRetry))
+	}
+	if a.QPS <= 0 || a.Burst <= 0 {
+		errs = append(errs, fmt.Errorf("--kube-api-qps and --kube-api-burst must be positive"))
+	}
+	if a.LogFormat != "text" && a.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", a.LogFormat))
+	}
+	if _, err := logrus.ParseLevel(a.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("--log-level: %w", err))
+	}
+	if a.Kubeconfig != "" {
+		if _, err := os.Stat(a.Kubeconfig); err != nil {
+			errs = append(errs, fmt.Errorf("--kubeconfig: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
