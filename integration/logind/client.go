@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -201,7 +202,16 @@ func (e *Env) ReloadLogind(ctx context.Context) error {
 
 // RestartLogind stops logind with SIGTERM; the namespace's init starts it again at once. It returns
 // when the new logind owns org.freedesktop.login1.
-func (e *Env) RestartLogind(ctx context.Context) error {
+//
+// With keepState, the new logind finds /run/systemd as the old one left it and restores the
+// inhibitor locks listed in /run/systemd/inhibit, as a real restart does. Without it that state is
+// wiped first, so the new logind knows no lock: only clients that take their lock again have one.
+func (e *Env) RestartLogind(ctx context.Context, keepState bool) error {
+	if !keepState {
+		if err := os.WriteFile(filepath.Join(e.dir, "wipe-logind-state"), nil, 0o644); err != nil {
+			return err
+		}
+	}
 	old, err := e.nameOwner(ctx, login1Name)
 	if err != nil {
 		return err

@@ -106,7 +106,7 @@ func TestRestarts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.RestartLogind(ctx); err != nil {
+	if err := e.RestartLogind(ctx, false); err != nil {
 		t.Fatal(err)
 	}
 	pid2, err := e.LogindPID(ctx)
@@ -135,5 +135,45 @@ func TestStubCanBeBuiltAndFound(t *testing.T) {
 	}
 	if fi, err := os.Stat(bin); err != nil || fi.Mode()&0o111 == 0 {
 		t.Fatalf("stub binary %s: %v", bin, err)
+	}
+}
+
+func TestRestartLogindKeepsOrWipesInhibitors(t *testing.T) {
+	e, ctx := start(t)
+	conn, err := e.connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var fd dbus.UnixFD
+	if err := conn.Object(login1Name, login1Path).CallWithContext(ctx, login1Manager+".Inhibit", 0,
+		"shutdown", "harness-test", "test", "delay").Store(&fd); err != nil {
+		t.Fatal(err)
+	}
+	lock := os.NewFile(uintptr(fd), "inhibit")
+	defer lock.Close()
+	count := func(l []Inhibitor) int {
+		n := 0
+		for _, i := range l {
+			if i.Who == "harness-test" {
+				n++
+			}
+		}
+		return n
+	}
+	if _, err := e.WaitInhibitors(ctx, func(l []Inhibitor) bool { return count(l) == 1 }); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.RestartLogind(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := e.Inhibitors(ctx); err != nil || count(l) != 1 {
+		t.Fatalf("after a restart keeping state: %+v, %v; want the lock restored", l, err)
+	}
+	if err := e.RestartLogind(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := e.Inhibitors(ctx); err != nil || count(l) != 0 {
+		t.Fatalf("after a restart without state: %+v, %v; want no lock", l, err)
 	}
 }

@@ -136,7 +136,8 @@ func (e *Env) startBus(ctx context.Context) (*proc, error) {
 
 // nsScript runs as init of the logind namespace: a tmpfs on /run, the bus socket at its standard
 // path, the test's drop-in folder over /run/systemd/logind.conf.d, the host's own logind
-// configuration hidden, and systemd-logind restarted whenever it exits (as Restart=always would).
+// configuration hidden, and systemd-logind restarted whenever it exits (as Restart=always would),
+// with its state in /run/systemd wiped first when the harness asks for it.
 const nsScript = `set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/dbus /run/systemd/logind.conf.d
@@ -146,6 +147,11 @@ if [ -d /etc/systemd/logind.conf.d ]; then mount -t tmpfs tmpfs /etc/systemd/log
 if [ -f /etc/systemd/logind.conf ]; then mount --bind /dev/null /etc/systemd/logind.conf; fi
 set +e
 while :; do
+  if [ -e "$4/wipe-logind-state" ]; then
+    rm -f "$4/wipe-logind-state"
+    rm -rf /run/systemd/inhibit /run/systemd/sessions /run/systemd/users /run/systemd/seats
+    echo "harness: logind state in /run/systemd wiped"
+  fi
   SYSTEMD_LOG_TARGET=console "$3"
   echo "harness: systemd-logind exited with status $?"
   sleep 0.1
@@ -161,7 +167,7 @@ done
 // PIDs logind gets and reads are consistent.
 func (e *Env) startNamespace() (*proc, error) {
 	argv := []string{"unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private", "--"}
-	argv = append(argv, noBoot("sh", "-c", nsScript, "logind-ns", e.socket, e.DropInDir, logindBinary)...)
+	argv = append(argv, noBoot("sh", "-c", nsScript, "logind-ns", e.socket, e.DropInDir, logindBinary, e.dir)...)
 	return startProc("logind namespace", filepath.Join(e.dir, "logind.log"), nil, nil, argv...)
 }
 

@@ -1,0 +1,141 @@
+package systemd
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// delayPollInterval is how often the read-back of InhibitDelayMaxUSec is repeated after a reload.
+const delayPollInterval = 50 * time.Millisecond
+
+// effectiveDelay is how long a shutdown can be held: the smaller of what the agent wants and what
+// logind allows; what logind allows when the agent wants nothing in particular.
+func effectiveDelay(want, logind time.Duration) time.Duration {
+	if want <= 0 || logind < want {
+		return logind
+	}
+	return want
+}
+
+// needsRaise reports whether logind's InhibitDelayMaxSec must be raised for want. A larger value
+// (the kubelet's, someone else's, or ours from an earlier run) is never lowered.
+func needsRaise(want, logind time.Duration) bool {
+	return want > 0 && logind < want
+}
+
+// dropInSeconds is the whole number of seconds written for want, rounded up.
+func dropInSeconds(want time.Duration) int64 {
+	return int64((want + time.Second - 1) / time.Second)
+}
+
+// dropInContent is the logind.conf.d file that raises InhibitDelayMaxSec to want.
+func dropInContent(want time.Duration) []byte {
+	return []byte(fmt.Sprintf(`# Written by node-agent: logind waits this long at most for the agent's shutdown inhibitor
+# lock (--shutdown-timeout). A drop-in sorting later (e.g. the kubelet's 99-kubelet.conf) wins.
+[Login]
+InhibitDelayMaxSec=%d
+`, dropInSeconds(want)))
+}
+
+// writeDropIn writes DropInName into dir atomically (logind reads only *.conf files, so the
+// temporary file is never read half-written).
+func writeDropIn(dir string, want time.Duration) (string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("creating logind drop-in folder: %w", err)
+	}
+	path := filepath.Join(dir, DropInName)
+	tmp, err := os.CreateTemp(dir, "."+DropInName+".*.tmp")
+	if err != nil {
+		return "", fmt.Errorf("writing logind drop-in %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(dropInContent(want))
+	if err == nil {
+		err = tmp.Chmod(0o644)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		return "", fmt.Errorf("writing logind drop-in %s: %w", path, err)
+	}
+	return path, nil
+}
+
+// adjustDelay reads logind's InhibitDelayMaxUSec, raises it through the drop-in and a reload when
+// it is below WantDelay, reads it back, and records the effective delay. Only a failure to read
+// the property is returned (logind is not answering); a failure to raise it is logged and shown in
+// Status.DelayProblem, and the smaller delay is used.
+func (g *Guard) adjustDelay(ctx context.Context, b bus) error {
+	want, log := g.opts.WantDelay, g.opts.Log
+	cur, err := b.InhibitDelayMax(ctx)
+	if err != nil {
+		return err
+	}
+	problem := ""
+	if needsRaise(want, cur) {
+		got, p, err := g.raiseDelay(ctx, b, cur)
+		if err != nil {
+			return err
+		}
+		cur, problem = got, p
+	}
+	eff := effectiveDelay(want, cur)
+	g.mu.Lock()
+	g.status.LogindDelay, g.status.EffectiveDelay, g.status.DelayProblem = cur, eff, problem
+	g.mu.Unlock()
+	fields := log.WithField("logindInhibitDelayMax", cur).WithField("wantDelay", want).WithField("effectiveDelay", eff)
+	if problem != "" {
+		fields.Warn("shutdown can be held for less than wanted: " + problem)
+	} else {
+		fields.Info("effective shutdown delay")
+	}
+	return nil
+}
+
+// raiseDelay writes the drop-in, reloads logind and reads InhibitDelayMaxUSec back until it reaches
+// WantDelay or ReloadWait passes. It returns the value read back and, when that is still short,
+// why.
+func (g *Guard) raiseDelay(ctx context.Context, b bus, cur time.Duration) (time.Duration, string, error) {
+	want, clk := g.opts.WantDelay, g.opts.Clock
+	if g.opts.DropInDir == "" {
+		return cur, fmt.Sprintf("logind's InhibitDelayMaxSec is %v and no drop-in folder is configured", cur), nil
+	}
+	path, err := writeDropIn(g.opts.DropInDir, want)
+	if err != nil {
+		return cur, err.Error(), nil
+	}
+	g.opts.Log.WithField("file", path).WithField("inhibitDelayMaxSec", dropInSeconds(want)).Info("raising logind's InhibitDelayMaxSec")
+	if err := b.ReloadLogind(ctx); err != nil {
+		return cur, fmt.Sprintf("%s written, but %v", path, err), nil
+	}
+	start := clk.Now()
+	for {
+		got, err := b.InhibitDelayMax(ctx)
+		if err != nil {
+			return cur, "", err
+		}
+		cur = got
+		if cur >= want {
+			return cur, "", nil
+		}
+		if clk.Since(start) >= g.opts.ReloadWait {
+			return cur, fmt.Sprintf("logind still reports InhibitDelayMaxSec=%v after %s and a reload: "+
+				"a drop-in sorting after %s (such as 99-kubelet.conf) sets it lower", cur, path, DropInName), nil
+		}
+		select {
+		case <-ctx.Done():
+			return cur, "", ctx.Err()
+		case <-clk.After(delayPollInterval):
+		}
+	}
+}

@@ -1,0 +1,232 @@
+package systemd_test
+
+// These tests run the Guard against a real systemd-logind on a private dbus-daemon
+// (integration/logind). They need root, dbus, systemd and util-linux.
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/node-agent/node-agent/integration/logind"
+	"github.com/node-agent/node-agent/systemd"
+)
+
+func TestLockIsListedAndPowerOffWaitsForRelease(t *testing.T) {
+	env, ctx := startEnv(t) // logind's default InhibitDelayMaxSec: 5 s
+	g, _ := runGuard(t, systemd.Options{WantDelay: 5 * time.Second})
+	s := waitStatus(ctx, t, g, "lock held", healthy)
+	if s.LogindDelay != 5*time.Second || s.EffectiveDelay != 5*time.Second || s.DelayProblem != "" {
+		t.Errorf("delay status %+v, want logind and effective 5s", s)
+	}
+	list := waitOurs(ctx, t, env, 1, "delay")
+	for _, i := range list {
+		if i.Who == testWho && (i.PID != uint32(os.Getpid()) || i.UID != uint32(os.Getuid())) {
+			t.Errorf("inhibitor %+v is not this process's", i)
+		}
+	}
+	powerOffHeldUntilRelease(ctx, t, env, g, time.Second)
+	waitOurs(ctx, t, env, 0, "delay")
+	if s := g.Status(); !s.ShuttingDown || !s.Released || s.LockHeld {
+		t.Errorf("status after Release %+v", s)
+	}
+}
+
+func TestLogindOverridesAConsumerThatNeverReleases(t *testing.T) {
+	env, ctx := startEnv(t, logind.WithInhibitDelayMax(2*time.Second))
+	// The agent wants 10 s but may not write configuration: the effective deadline is logind's.
+	g, _ := runGuard(t, systemd.Options{WantDelay: 10 * time.Second})
+	s := waitStatus(ctx, t, g, "lock held", healthy)
+	if s.EffectiveDelay != 2*time.Second || s.DelayProblem == "" {
+		t.Errorf("status %+v: want effective 2s and a delay problem", s)
+	}
+	asked := time.Now()
+	if err := env.PowerOff(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ev := nextEvent(ctx, t, g, systemd.ShutdownStarted)
+	if d := ev.Deadline.Sub(ev.At); d != 2*time.Second {
+		t.Errorf("event deadline %v after the event, want 2s", d)
+	}
+	at, err := env.WaitStartUnit(ctx, "poweroff.target", asked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waited := at.Sub(asked)
+	t.Logf("never released: poweroff job started %v after PowerOff (InhibitDelayMaxSec=2s)", waited)
+	if waited < 1900*time.Millisecond || waited > 3500*time.Millisecond {
+		t.Errorf("logind overrode the lock after %v, want about 2s", waited)
+	}
+	if s := g.Status(); s.Released {
+		t.Errorf("status %+v: the consumer never released", s)
+	}
+}
+
+func TestCancelledShutdownTakesTheLockAgain(t *testing.T) {
+	env, ctx := startEnv(t)
+	g, _ := runGuard(t, systemd.Options{})
+	waitStatus(ctx, t, g, "lock held", healthy)
+	waitOurs(ctx, t, env, 1, "delay")
+	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)
+
+	// systemd cancels the poweroff job: logind sends PrepareForShutdown(false).
+	if n, err := env.CancelJobs(ctx); err != nil || n != 1 {
+		t.Fatalf("CancelJobs = %d, %v; want 1", n, err)
+	}
+	nextEvent(ctx, t, g, systemd.ShutdownCancelled)
+	waitStatus(ctx, t, g, "lock held again", func(s systemd.Status) bool { return healthy(s) && !s.ShuttingDown })
+	waitOurs(ctx, t, env, 1, "delay")
+
+	// The new lock holds the next shutdown too.
+	powerOffHeldUntilRelease(ctx, t, env, g, 500*time.Millisecond)
+}
+
+func TestLockIsTakenAgainAfterLogindAndBusRestarts(t *testing.T) {
+	env, ctx := startEnv(t)
+	g, _ := runGuard(t, systemd.Options{})
+	waitStatus(ctx, t, g, "lock held", healthy)
+	waitOurs(ctx, t, env, 1, "delay")
+
+	// logind restores its inhibitors from /run/systemd/inhibit; the Guard takes a fresh lock
+	// from the new logind and drops the old one: one lock in the end.
+	if err := env.RestartLogind(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	waitOurs(ctx, t, env, 1, "delay")
+	waitStatus(ctx, t, g, "lock held after the logind restart", healthy)
+
+	// A logind that lost its state knows no lock: only one taken again is listed.
+	if err := env.RestartLogind(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	waitOurs(ctx, t, env, 1, "delay")
+	waitStatus(ctx, t, g, "lock held after a logind restart without state", healthy)
+
+	if err := env.RestartBus(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitOurs(ctx, t, env, 1, "delay")
+	waitStatus(ctx, t, g, "lock held after the bus restart", healthy)
+
+	powerOffHeldUntilRelease(ctx, t, env, g, 500*time.Millisecond)
+}
+
+func TestShutdownForgottenByARestartedLogindIsCancelled(t *testing.T) {
+	env, ctx := startEnv(t)
+	g, _ := runGuard(t, systemd.Options{})
+	waitStatus(ctx, t, g, "lock held", healthy)
+	if err := env.PowerOff(ctx); err != nil {
+		t.Fatal(err)
+	}
+	nextEvent(ctx, t, g, systemd.ShutdownStarted)
+	// logind dies during the delay: the new one has no shutdown pending.
+	if err := env.RestartLogind(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	nextEvent(ctx, t, g, systemd.ShutdownCancelled)
+	waitStatus(ctx, t, g, "lock held again", func(s systemd.Status) bool { return healthy(s) && !s.ShuttingDown })
+	waitOurs(ctx, t, env, 1, "delay")
+	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)
+}
+
+func TestInhibitDelayMaxIsRaisedButNeverLowered(t *testing.T) {
+	env, ctx := startEnv(t) // logind's default: 5 s
+	ourFile := filepath.Join(env.DropInDir, systemd.DropInName)
+	kubelet := filepath.Join(env.DropInDir, "99-kubelet.conf")
+
+	t.Run("raised through the drop-in and read back", func(t *testing.T) {
+		g, stop := runGuard(t, systemd.Options{WantDelay: 42 * time.Second, DropInDir: env.DropInDir})
+		defer stop()
+		s := waitStatus(ctx, t, g, "lock held", healthy)
+		if s.LogindDelay != 42*time.Second || s.EffectiveDelay != 42*time.Second || s.DelayProblem != "" {
+			t.Errorf("status %+v, want logind and effective 42s", s)
+		}
+		if d, err := env.InhibitDelayMax(ctx); err != nil || d != 42*time.Second {
+			t.Errorf("logind InhibitDelayMaxUSec = %v, %v; want 42s", d, err)
+		}
+		if b, err := os.ReadFile(ourFile); err != nil || !strings.Contains(string(b), "[Login]\nInhibitDelayMaxSec=42\n") {
+			t.Errorf("%s: %q, %v", ourFile, b, err)
+		}
+	})
+
+	t.Run("a larger kubelet value is kept", func(t *testing.T) {
+		writeFile(t, kubelet, "[Login]\nInhibitDelayMaxSec=120\n")
+		if err := env.ReloadLogind(ctx); err != nil {
+			t.Fatal(err)
+		}
+		g, stop := runGuard(t, systemd.Options{WantDelay: 60 * time.Second, DropInDir: env.DropInDir})
+		defer stop()
+		s := waitStatus(ctx, t, g, "lock held", healthy)
+		if s.LogindDelay != 120*time.Second || s.EffectiveDelay != 60*time.Second {
+			t.Errorf("status %+v, want logind 120s and effective 60s", s)
+		}
+		if d, err := env.InhibitDelayMax(ctx); err != nil || d != 120*time.Second {
+			t.Errorf("logind InhibitDelayMaxUSec = %v, %v; want the kubelet's 120s", d, err)
+		}
+		if b, _ := os.ReadFile(ourFile); !strings.Contains(string(b), "InhibitDelayMaxSec=42\n") {
+			t.Errorf("%s rewritten although no raise was needed: %q", ourFile, b)
+		}
+	})
+
+	t.Run("a smaller kubelet value wins over ours: the effective delay is logind's", func(t *testing.T) {
+		writeFile(t, kubelet, "[Login]\nInhibitDelayMaxSec=20\n")
+		if err := env.ReloadLogind(ctx); err != nil {
+			t.Fatal(err)
+		}
+		g, stop := runGuard(t, systemd.Options{WantDelay: 60 * time.Second, DropInDir: env.DropInDir, ReloadWait: time.Second})
+		defer stop()
+		s := waitStatus(ctx, t, g, "lock held", healthy)
+		if s.LogindDelay != 20*time.Second || s.EffectiveDelay != 20*time.Second || !strings.Contains(s.DelayProblem, "99-kubelet.conf") {
+			t.Errorf("status %+v, want logind and effective 20s and a problem naming 99-kubelet.conf", s)
+		}
+		if b, _ := os.ReadFile(ourFile); !strings.Contains(string(b), "InhibitDelayMaxSec=60\n") {
+			t.Errorf("%s: %q, want 60", ourFile, b)
+		}
+		if d, err := env.InhibitDelayMax(ctx); err != nil || d != 20*time.Second {
+			t.Errorf("logind InhibitDelayMaxUSec = %v, %v; want the kubelet's 20s", d, err)
+		}
+	})
+}
+
+func TestNoBusIsDegradedAndRecovers(t *testing.T) {
+	env, ctx := startEnv(t)
+	if err := env.StopBus(ctx); err != nil {
+		t.Fatal(err)
+	}
+	g, _ := runGuard(t, systemd.Options{})
+	s := waitStatus(ctx, t, g, "degraded", func(s systemd.Status) bool {
+		return !s.Connected && !s.LockHeld && s.Degraded != "" && s.Degraded != "not started"
+	})
+	t.Logf("degraded: %s", s.Degraded)
+
+	if err := env.StartBus(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(ctx, t, g, "recovered", healthy)
+	waitOurs(ctx, t, env, 1, "delay")
+	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)
+}
+
+func TestBlockModeHoldsBlockAndDelayLocks(t *testing.T) {
+	env, ctx := startEnv(t)
+	g, _ := runGuard(t, systemd.Options{Mode: systemd.ModeBlock, BlockWhy: "drain first: node-agent drain node-1"})
+	waitStatus(ctx, t, g, "locks held", healthy)
+	list := waitOurs(ctx, t, env, 1, "delay", "block")
+	for _, i := range list {
+		if i.Who == testWho && i.Mode == "block" && i.Why != "drain first: node-agent drain node-1" {
+			t.Errorf("block lock why = %q", i.Why)
+		}
+	}
+	// logind 252 lets root's PowerOff past a block lock held by root; the delay lock still holds it.
+	powerOffHeldUntilRelease(ctx, t, env, g, 300*time.Millisecond)
+	waitOurs(ctx, t, env, 0, "delay", "block")
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
