@@ -184,4 +184,3 @@ func powerOffHeldUntilRelease(ctx context.Context, t *testing.T, env *logind.Env
 	t.Logf("PowerOff -> ShutdownStarted %v; Release -> StartUnit(poweroff.target) %v", ev.At.Sub(asked), after)
 	return after
 }
-
