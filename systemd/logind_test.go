@@ -6,9 +6,12 @@ package systemd_test
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/godbus/dbus/v5"
 
 	"github.com/node-agent/node-agent/integration/logind"
 	"github.com/node-agent/node-agent/systemd"
@@ -222,6 +225,33 @@ func TestBlockModeHoldsBlockAndDelayLocks(t *testing.T) {
 	// logind 252 lets root's PowerOff past a block lock held by root; the delay lock still holds it.
 	powerOffHeldUntilRelease(ctx, t, env, g, 300*time.Millisecond)
 	waitOurs(ctx, t, env, 0, "delay", "block")
+}
+
+func TestPrepareForShutdownFromAnotherSenderIsIgnored(t *testing.T) {
+	env, ctx := startEnv(t)
+	g, _ := runGuard(t, systemd.Options{})
+	waitStatus(ctx, t, g, "lock held", healthy)
+
+	conn, err := dbus.Dial(env.Address)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if err := conn.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))}); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Hello(); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Emit("/org/freedesktop/login1", "org.freedesktop.login1.Manager.PrepareForShutdown", true); err != nil {
+		t.Fatal(err)
+	}
+	select { // asserting an absence: the spoof must not start a drain
+	case ev := <-g.Events():
+		t.Fatalf("event %+v from a PrepareForShutdown that logind did not send", ev)
+	case <-time.After(300 * time.Millisecond):
+	}
+	powerOffHeldUntilRelease(ctx, t, env, g, 100*time.Millisecond)
 }
 
 func writeFile(t *testing.T, path, content string) {
