@@ -1,6 +1,7 @@
 package systemd
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -110,14 +111,21 @@ func (g *Guard) raiseDelay(ctx context.Context, b bus, cur time.Duration) (time.
 	if g.opts.DropInDir == "" {
 		return cur, fmt.Sprintf("logind's InhibitDelayMaxSec is %v and no drop-in folder is configured", cur), nil
 	}
-	path, err := writeDropIn(g.opts.DropInDir, want)
-	if err != nil {
+	path := filepath.Join(g.opts.DropInDir, DropInName)
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, dropInContent(want)) && g.reloaded {
+		// Already in place and loaded once by this Guard: something else keeps the value lower.
+		// Do not reload (and wait) again on every reconnection.
+		return cur, fmt.Sprintf("logind reports InhibitDelayMaxSec=%v although %s asks for %ds: "+
+			"a drop-in sorting after %s (such as 99-kubelet.conf) sets it lower", cur, path, dropInSeconds(want), DropInName), nil
+	}
+	if _, err := writeDropIn(g.opts.DropInDir, want); err != nil {
 		return cur, err.Error(), nil
 	}
 	g.opts.Log.WithField("file", path).WithField("inhibitDelayMaxSec", dropInSeconds(want)).Info("raising logind's InhibitDelayMaxSec")
 	if err := b.ReloadLogind(ctx); err != nil {
 		return cur, fmt.Sprintf("%s written, but %v", path, err), nil
 	}
+	g.reloaded = true
 	start := clk.Now()
 	for {
 		got, err := b.InhibitDelayMax(ctx)

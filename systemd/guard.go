@@ -42,6 +42,9 @@ type Guard struct {
 	events  chan Event
 	running atomic.Bool
 
+	// reloaded: this Guard has had logind reload its drop-in (Run's goroutine only).
+	reloaded bool
+
 	mu     sync.Mutex // guards the fields below; never held across a D-Bus call
 	phase  phase
 	locks  []*os.File
@@ -150,12 +153,9 @@ func (g *Guard) session(ctx context.Context) (established bool, err error) {
 	}
 }
 
-// sync brings the Guard in line with the logind it (re)connected to: the delay, the lock, and a
-// shutdown that started or ended while it was not listening.
+// sync brings the Guard in line with the logind it (re)connected to: the lock first, then a
+// shutdown that started or ended while it was not listening, then the delay.
 func (g *Guard) sync(ctx context.Context, b bus) error {
-	if err := g.adjustDelay(ctx, b); err != nil {
-		return err
-	}
 	preparing, err := b.PreparingForShutdown(ctx)
 	if err != nil {
 		return err
@@ -164,7 +164,11 @@ func (g *Guard) sync(ctx context.Context, b bus) error {
 	ph := g.phase
 	g.mu.Unlock()
 	if preparing {
-		// logind takes no new lock now (OperationInProgress). Keep what is held.
+		// logind takes no new lock now (OperationInProgress). Keep what is held; learn the
+		// delay for the event's deadline.
+		if err := g.adjustDelay(ctx, b); err != nil {
+			return err
+		}
 		g.setConnected()
 		if ph == idle {
 			g.startShutdown(ctx, "logind was already preparing a shutdown")
@@ -177,12 +181,10 @@ func (g *Guard) sync(ctx context.Context, b bus) error {
 		}
 		// A shutdown began just now; its PrepareForShutdown(true) is on its way.
 		g.setConnected()
-		return nil
-	}
-	if ph != idle {
+	} else if ph != idle {
 		g.endShutdown(ctx, "logind has no shutdown pending any more")
 	}
-	return nil
+	return g.adjustDelay(ctx, b)
 }
 
 func (g *Guard) handle(ctx context.Context, b bus, s busSignal) error {

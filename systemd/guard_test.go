@@ -273,3 +273,23 @@ func TestIsOperationInProgress(t *testing.T) {
 		}
 	}
 }
+
+func TestALaterDropInWinningIsNotReloadedOnEveryConnection(t *testing.T) {
+	l := &fakeLogind{delay: 20 * time.Second, afterReload: 20 * time.Second} // 99-kubelet.conf says 20
+	dir := t.TempDir()
+	g := newGuard(Options{WantDelay: time.Minute, DropInDir: dir, ReloadWait: 100 * time.Millisecond}, nil)
+	for i := 0; i < 3; i++ { // the first connection and two reconnections
+		if err := g.adjustDelay(context.Background(), &fakeBus{l: l}); err != nil {
+			t.Fatal(err)
+		}
+		if s := g.Status(); s.EffectiveDelay != 20*time.Second || !strings.Contains(s.DelayProblem, "99-kubelet.conf") {
+			t.Errorf("connection %d: status %+v, want effective 20s and a problem naming 99-kubelet.conf", i, s)
+		}
+	}
+	if l.reloads != 1 {
+		t.Errorf("%d reloads, want 1", l.reloads)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, DropInName)); err != nil || !strings.Contains(string(b), "InhibitDelayMaxSec=60\n") {
+		t.Errorf("drop-in %q, %v", b, err)
+	}
+}

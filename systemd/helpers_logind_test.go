@@ -95,7 +95,10 @@ func waitStatus(ctx context.Context, t *testing.T, g *systemd.Guard, what string
 	}
 }
 
-func healthy(s systemd.Status) bool { return s.Connected && s.LockHeld && s.Degraded == "" }
+// healthy: connected, the lock held, and logind's delay known (it is read after the lock is taken).
+func healthy(s systemd.Status) bool {
+	return s.Connected && s.LockHeld && s.Degraded == "" && s.LogindDelay > 0
+}
 
 // nextEvent waits for the Guard's next event and checks its type.
 func nextEvent(ctx context.Context, t *testing.T, g *systemd.Guard, want systemd.EventType) systemd.Event {

@@ -94,7 +94,9 @@ type Options struct {
 	DropInDir string
 	// RetryMin and RetryMax bound the reconnect backoff (defaults 500ms and 30s).
 	RetryMin, RetryMax time.Duration
-	// ReloadWait is how long to wait for logind to apply a raised InhibitDelayMaxSec (default 3s).
+	// ReloadWait is how long to wait for logind to apply a raised InhibitDelayMaxSec (default 2s).
+	// Signals are handled after it: it is spent at most once per Guard when a later drop-in keeps
+	// the value lower.
 	ReloadWait time.Duration
 	// Clock defaults to the real clock.
 	Clock clock.Clock
@@ -125,7 +127,7 @@ func (o Options) withDefaults() Options {
 		o.RetryMax = o.RetryMin
 	}
 	if o.ReloadWait <= 0 {
-		o.ReloadWait = 3 * time.Second
+		o.ReloadWait = 2 * time.Second
 	}
 	if o.Clock == nil {
 		o.Clock = clock.RealClock{}
