@@ -17,8 +17,8 @@
 // binary is killed). Their logs are printed when the test fails.
 //
 // dbus-daemon runs outside the logind namespace, in the host's PID namespace; see startNamespace
-// for why. The harness needs root, dbus-daemon (Debian package dbus), systemd-logind (systemd) and
-// unshare, setpriv and mount (util-linux).
+// for why. The harness needs root, the go command (to build the stub), dbus-daemon (Debian package
+// dbus), systemd-logind (systemd), unshare and setpriv (util-linux) and mount (mount).
 package logind
 
 import (

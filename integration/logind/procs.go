@@ -192,7 +192,7 @@ func checkHost() error {
 	}
 	if len(missing) > 0 {
 		return errors.New("logind harness: missing " + strings.Join(missing, ", ") +
-			" (Debian packages: dbus, systemd, util-linux)")
+			" (Debian packages: dbus, systemd, util-linux, mount)")
 	}
 	return nil
 }
