@@ -72,7 +72,7 @@ func ResolveConfig(flagKey string, kv *kubevirtv1.KubeVirt, cm *corev1.ConfigMap
 		key    func() (string, error)
 	}{
 		{SourceFlag, func() (string, error) { return flagKey, nil }},
-		{SourceKubeVirt, func() (string, error) { return kubeVirtDrainKey(kv), nil }},
+		{SourceKubeVirt, func() (string, error) { return kubeVirtDrainKey(kv) }},
 		{SourceConfigMap, func() (string, error) { return legacyDrainKey(cm) }},
 	}
 	for _, c := range candidates {
@@ -94,11 +94,14 @@ func ResolveConfig(flagKey string, kv *kubevirtv1.KubeVirt, cm *corev1.ConfigMap
 	return cfg, errors.Join(errs...)
 }
 
-func kubeVirtDrainKey(kv *kubevirtv1.KubeVirt) string {
+func kubeVirtDrainKey(kv *kubevirtv1.KubeVirt) (string, error) {
 	if kv == nil || kv.Spec.Configuration.MigrationConfiguration == nil || kv.Spec.Configuration.MigrationConfiguration.NodeDrainTaintKey == nil {
-		return ""
+		return "", nil
 	}
-	return *kv.Spec.Configuration.MigrationConfiguration.NodeDrainTaintKey
+	if *kv.Spec.Configuration.MigrationConfiguration.NodeDrainTaintKey == "" {
+		return "", fmt.Errorf("spec.configuration.migrations.nodeDrainTaintKey is empty")
+	}
+	return *kv.Spec.Configuration.MigrationConfiguration.NodeDrainTaintKey, nil
 }
 
 // legacyDrainKey reads data.migrations (YAML or JSON) of the kubevirt-config ConfigMap.
