@@ -113,7 +113,7 @@ func (a runArgs) validate() error {
 		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", a.LogFormat))
 	}
 	if _, err := logrus.ParseLevel(a.LogLevel); err != nil {
-		errs = append(errs, fmt.Errorf("--log-level: %w", err))
+		errs = append(errs, fmt.Errorf("--log-level: %w: want debug, info, warn or error", err))
 	}
 	if a.Kubeconfig != "" {
 		if _, err := os.Stat(a.Kubeconfig); err != nil {
