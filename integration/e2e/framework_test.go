@@ -1,0 +1,435 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/integration/sim"
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// poolLabel isolates a scenario: its nodes carry it and its VMs select it.
+const poolLabel = "e2e.node-agent.test/pool"
+
+// scenario is one test's own namespace and nodes on the shared cluster.
+type scenario struct {
+	t     *testing.T
+	ctx   context.Context
+	ns    string
+	pool  string
+	nodes []string
+	env   *env
+}
+
+var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
+
+// newScenario creates a namespace and n nodes for the test; they are deleted when it ends.
+func newScenario(t *testing.T, nodes int) *scenario {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	t.Cleanup(cancel)
+	name := strings.Trim(nonAlnum.ReplaceAllString(strings.ToLower(t.Name()), "-"), "-")
+	if len(name) > 40 {
+		name = name[:40]
+	}
+	sc := &scenario{t: t, ctx: ctx, ns: name, pool: name, env: shared}
+	if _, err := sc.kube().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sc.ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("creating namespace %s: %v", sc.ns, err)
+	}
+	for i := 0; i < nodes; i++ {
+		sc.addNode()
+	}
+	return sc
+}
+
+func (sc *scenario) kube() kubernetes.Interface { return sc.env.cluster.Kube }
+
+// addNode adds a node to the scenario's pool.
+func (sc *scenario) addNode(opts ...sim.NodeOption) string {
+	sc.t.Helper()
+	node := fmt.Sprintf("%s-n%d", sc.pool, len(sc.nodes))
+	opts = append([]sim.NodeOption{sim.WithNodeLabels(map[string]string{poolLabel: sc.pool})}, opts...)
+	if _, err := sc.env.sim.AddNode(sc.ctx, node, opts...); err != nil {
+		sc.t.Fatalf("adding node %s: %v", node, err)
+	}
+	sc.nodes = append(sc.nodes, node)
+	return node
+}
+
+// vmOpts are the options every VM of the scenario gets: its pool.
+func (sc *scenario) vmOpts(opts []sim.VMOption) []sim.VMOption {
+	return append([]sim.VMOption{sim.WithNodeSelector(map[string]string{poolLabel: sc.pool})}, opts...)
+}
+
+// createVM creates a VM (runStrategy Always unless given) and waits until its VMI runs.
+func (sc *scenario) createVM(name string, opts ...sim.VMOption) *kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	if err := sc.env.sim.Create(sc.ctx, sim.NewVM(sc.ns, name, sc.vmOpts(opts)...)); err != nil {
+		sc.t.Fatal(err)
+	}
+	return sc.waitRunning(name)
+}
+
+// createVMI creates a bare VMI and waits until it runs.
+func (sc *scenario) createVMI(name string, opts ...sim.VMOption) *kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	if err := sc.env.sim.Create(sc.ctx, sim.NewVMI(sc.ns, name, sc.vmOpts(opts)...)); err != nil {
+		sc.t.Fatal(err)
+	}
+	return sc.waitRunning(name)
+}
+
+// createVMIRS creates a VMIRS and waits until its replicas run; it returns their VMIs.
+func (sc *scenario) createVMIRS(name string, replicas int32, opts ...sim.VMOption) []*kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	if err := sc.env.sim.Create(sc.ctx, sim.NewVMIRS(sc.ns, name, replicas, sc.vmOpts(opts)...)); err != nil {
+		sc.t.Fatal(err)
+	}
+	vmis, err := sc.env.sim.WaitForVMIs(sc.ctx, sc.ns, sim.LabelVMIRS+"="+name, "running", func(vs []*kubevirtv1.VirtualMachineInstance) bool {
+		running := 0
+		for _, v := range vs {
+			if v.Status.Phase == kubevirtv1.Running {
+				running++
+			}
+		}
+		return running == int(replicas)
+	})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	return vmis
+}
+
+func (sc *scenario) waitRunning(name string) *kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	vmi, err := sc.env.sim.WaitForVMIRunning(sc.ctx, sc.ns, name)
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	return vmi
+}
+
+// vmi reads a VMI from the API server; nil when it does not exist.
+func (sc *scenario) vmi(name string) *kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	vmi := &kubevirtv1.VirtualMachineInstance{}
+	err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Name(name).Do(sc.ctx).Into(vmi)
+	if err != nil {
+		if strings.Contains(err.Error(), "not found") {
+			return nil
+		}
+		sc.t.Fatalf("reading VMI %s: %v", name, err)
+	}
+	return vmi
+}
+
+// eventually polls cond until it returns true or the deadline passes; what says what
+// was awaited, and cond's last message says what was seen.
+func (sc *scenario) eventually(timeout time.Duration, what string, cond func() (bool, string)) {
+	sc.t.Helper()
+	var last string
+	err := wait.PollUntilContextTimeout(sc.ctx, 100*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		ok, msg := cond()
+		last = msg
+		return ok, nil
+	})
+	if err != nil {
+		sc.t.Fatalf("waiting %s for %s: %v (last seen: %s)", timeout, what, err, last)
+	}
+}
+
+// waitVMIOn waits until the VMI named name runs on node (a new VMI of that name counts).
+func (sc *scenario) waitVMIOn(name, node string) *kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	vmi, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, name, "Running on "+node, func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.Phase == kubevirtv1.Running && v.Status.NodeName == node && v.DeletionTimestamp == nil
+	})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	return vmi
+}
+
+// waitVMIOffNode waits until the VMI named name runs on a node other than node.
+func (sc *scenario) waitVMIOffNode(name, node string) *kubevirtv1.VirtualMachineInstance {
+	sc.t.Helper()
+	vmi, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, name, "Running elsewhere than "+node, func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.Phase == kubevirtv1.Running && v.Status.NodeName != node && v.Status.NodeName != "" && v.DeletionTimestamp == nil
+	})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	return vmi
+}
+
+// taint puts a NoSchedule taint with key on node, as `kubectl taint` would.
+func (sc *scenario) taint(node, key string) {
+	sc.t.Helper()
+	sc.patchNode(node, func(n *corev1.Node) {
+		n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: key, Value: "draining", Effect: corev1.TaintEffectNoSchedule})
+	})
+}
+
+// untaint removes every taint with key from node, as `kubectl taint KEY-` would.
+func (sc *scenario) untaint(node, key string) {
+	sc.t.Helper()
+	sc.patchNode(node, func(n *corev1.Node) {
+		var keep []corev1.Taint
+		for _, t := range n.Spec.Taints {
+			if t.Key != key {
+				keep = append(keep, t)
+			}
+		}
+		n.Spec.Taints = keep
+	})
+}
+
+func (sc *scenario) cordon(node string, on bool) {
+	sc.t.Helper()
+	sc.patchNode(node, func(n *corev1.Node) { n.Spec.Unschedulable = on })
+}
+
+func (sc *scenario) patchNode(node string, mutate func(*corev1.Node)) {
+	sc.t.Helper()
+	for {
+		n, err := sc.kube().CoreV1().Nodes().Get(sc.ctx, node, metav1.GetOptions{})
+		if err != nil {
+			sc.t.Fatalf("reading node %s: %v", node, err)
+		}
+		mutate(n)
+		_, err = sc.kube().CoreV1().Nodes().Update(sc.ctx, n, metav1.UpdateOptions{})
+		if err == nil {
+			return
+		}
+		if !strings.Contains(err.Error(), "the object has been modified") {
+			sc.t.Fatalf("updating node %s: %v", node, err)
+		}
+	}
+}
+
+func (sc *scenario) node(name string) *corev1.Node {
+	sc.t.Helper()
+	n, err := sc.kube().CoreV1().Nodes().Get(sc.ctx, name, metav1.GetOptions{})
+	if err != nil {
+		sc.t.Fatalf("reading node %s: %v", name, err)
+	}
+	return n
+}
+
+// events lists the events about an object (kind and name) in a namespace.
+func (sc *scenario) events(namespace, kind, name string) []corev1.Event {
+	sc.t.Helper()
+	list, err := sc.kube().CoreV1().Events(namespace).List(sc.ctx, metav1.ListOptions{
+		FieldSelector: "involvedObject.kind=" + kind + ",involvedObject.name=" + name,
+	})
+	if err != nil {
+		sc.t.Fatalf("listing events: %v", err)
+	}
+	return list.Items
+}
+
+func hasEvent(events []corev1.Event, reason string) bool {
+	for _, e := range events {
+		if e.Reason == reason {
+			return true
+		}
+	}
+	return false
+}
+
+// agentProc is a node-agent process run by a test.
+type agentProc struct {
+	sc      *scenario
+	node    string
+	cmd     *exec.Cmd
+	addr    string
+	logPath string
+	exited  chan struct{}
+}
+
+// startAgent runs `node-agent run` for node against the test cluster, and waits
+// until it is ready.
+func (sc *scenario) startAgent(node string, flags ...string) *agentProc {
+	sc.t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	logPath := filepath.Join(sc.t.TempDir(), "node-agent-"+node+".log")
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	args := append([]string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig, "--node-name=" + node,
+		"--listen-address=" + addr, "--resync=1s", "--log-level=debug"}, flags...)
+	cmd := exec.Command(sc.env.agentBin, args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		sc.t.Fatalf("starting node-agent: %v", err)
+	}
+	a := &agentProc{sc: sc, node: node, cmd: cmd, addr: addr, logPath: logPath, exited: make(chan struct{})}
+	go func() {
+		_ = cmd.Wait()
+		logFile.Close()
+		close(a.exited)
+	}()
+	sc.t.Cleanup(func() {
+		a.stop()
+		if sc.t.Failed() {
+			data, _ := os.ReadFile(logPath)
+			if len(data) > 20000 {
+				data = data[len(data)-20000:]
+			}
+			sc.t.Logf("node-agent log for %s:\n%s", node, data)
+		}
+	})
+	sc.eventually(60*time.Second, "node-agent on "+node+" to be ready", func() (bool, string) {
+		select {
+		case <-a.exited:
+			sc.t.Fatalf("node-agent exited at start: %s", a.logTail())
+		default:
+		}
+		code, body := a.get("/readyz")
+		return code == http.StatusOK, body
+	})
+	return a
+}
+
+func (a *agentProc) logTail() string {
+	data, _ := os.ReadFile(a.logPath)
+	if len(data) > 4000 {
+		data = data[len(data)-4000:]
+	}
+	return string(data)
+}
+
+// kill ends the agent with SIGKILL, as a crash or an OOM kill would.
+func (a *agentProc) kill() {
+	_ = a.cmd.Process.Signal(syscall.SIGKILL)
+	<-a.exited
+}
+
+// stop ends the agent with SIGTERM, as the kubelet would.
+func (a *agentProc) stop() {
+	select {
+	case <-a.exited:
+		return
+	default:
+	}
+	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-a.exited:
+	case <-time.After(10 * time.Second):
+		a.kill()
+	}
+}
+
+func (a *agentProc) get(path string) (int, string) {
+	resp, err := http.Get("http://" + a.addr + path)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// safeToShutdown asks GET /safe-to-shutdown.
+func (a *agentProc) safeToShutdown(query string) (int, agent.NodeStatus) {
+	a.sc.t.Helper()
+	code, body := a.get("/safe-to-shutdown" + query)
+	var st agent.NodeStatus
+	if code == http.StatusOK || code == http.StatusServiceUnavailable {
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			a.sc.t.Fatalf("/safe-to-shutdown answered %d with a body that is not JSON: %v: %s", code, err, body)
+		}
+	}
+	return code, st
+}
+
+// waitSafe waits until /safe-to-shutdown answers 200.
+func (a *agentProc) waitSafe(timeout time.Duration) agent.NodeStatus {
+	a.sc.t.Helper()
+	var st agent.NodeStatus
+	a.sc.eventually(timeout, "node "+a.node+" to be safe to shut down", func() (bool, string) {
+		var code int
+		code, st = a.safeToShutdown("")
+		raw, _ := json.Marshal(st)
+		return code == http.StatusOK, strconv.Itoa(code) + " " + string(raw)
+	})
+	return st
+}
+
+// vmState returns the state the agent reports for a VM, or "" when it is not listed.
+func vmState(st agent.NodeStatus, ns, name string) (agent.VMState, string) {
+	for _, v := range st.VMs {
+		if v.Namespace == ns && v.Name == name {
+			return v.State, v.Detail
+		}
+	}
+	return "", ""
+}
+
+// migrationsOf lists the migrations of one VMI.
+func (sc *scenario) migrationsOf(vmi string) []kubevirtv1.VirtualMachineInstanceMigration {
+	sc.t.Helper()
+	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
+	if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceMigrations).Do(sc.ctx).Into(list); err != nil {
+		sc.t.Fatalf("listing migrations: %v", err)
+	}
+	var out []kubevirtv1.VirtualMachineInstanceMigration
+	for _, m := range list.Items {
+		if m.Spec.VMIName == vmi {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// launcherPod returns the VMI's virt-launcher pod on node.
+func (sc *scenario) launcherPod(vmi *kubevirtv1.VirtualMachineInstance, node string) *corev1.Pod {
+	sc.t.Helper()
+	pods, err := sc.kube().CoreV1().Pods(sc.ns).List(sc.ctx, metav1.ListOptions{LabelSelector: kubevirtv1.CreatedByLabel + "=" + string(vmi.UID)})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	for i := range pods.Items {
+		if pods.Items[i].Spec.NodeName == node {
+			return &pods.Items[i]
+		}
+	}
+	sc.t.Fatalf("no virt-launcher pod of VMI %s on %s", vmi.Name, node)
+	return nil
+}
+
+func (sc *scenario) podPhase(ns, name string, uid types.UID) (corev1.PodPhase, bool) {
+	p, err := sc.kube().CoreV1().Pods(ns).Get(sc.ctx, name, metav1.GetOptions{})
+	if err != nil || p.UID != uid {
+		return "", false
+	}
+	return p.Status.Phase, true
+}
