@@ -58,7 +58,7 @@ func (s NodeStatus) Counts() map[VMState]int {
 // Summary is the state at a glance, as the node annotation shows it.
 func (s NodeStatus) Summary() string {
 	if !s.Draining {
-		return fmt.Sprintf("idle: %d VMs on the node", len(s.VMs))
+		return fmt.Sprintf("idle: %s on the node", plural(len(s.VMs), "VM"))
 	}
 	if s.Safe {
 		return "drained: no VM left, safe to power off"
@@ -72,7 +72,7 @@ func (s NodeStatus) Summary() string {
 	if s.PodsLeft > 0 {
 		parts = append(parts, fmt.Sprintf("%d other pods", s.PodsLeft))
 	}
-	return fmt.Sprintf("draining (%s): %d VMs left (%s)", s.Trigger, len(s.VMs), strings.Join(parts, ", "))
+	return fmt.Sprintf("draining (%s): %s left (%s)", s.Trigger, plural(len(s.VMs), "VM"), strings.Join(parts, ", "))
 }
 
 type reportOption func(*NodeStatus)
@@ -137,4 +137,11 @@ func (e *Engine) Status() (NodeStatus, <-chan struct{}) {
 	st := e.status
 	st.VMs = append([]VMStatus{}, e.status.VMs...)
 	return st, e.changed
+}
+
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }

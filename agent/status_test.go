@@ -42,7 +42,7 @@ func TestSummary(t *testing.T) {
 		{
 			"draining with other pods left",
 			NodeStatus{Draining: true, Trigger: TriggerShutdown, VMs: vms(StateMigrating), PodsLeft: 3},
-			"draining (shutdown): 1 VMs left (1 migrating, 3 other pods)",
+			"draining (shutdown): 1 VM left (1 migrating, 3 other pods)",
 		},
 		{
 			"draining, only other pods left",

@@ -50,10 +50,9 @@ type View struct {
 	kubevirt  rest.Interface
 	informers map[string]cache.SharedIndexInformer
 
-	mu        sync.Mutex
-	listErrs  map[string]error
-	lastGood  *Config
-	lastError error
+	mu       sync.Mutex
+	listErrs map[string]error
+	lastGood *Config
 }
 
 // NewView creates the informers; Run starts them.
@@ -61,7 +60,9 @@ func NewView(kube kubernetes.Interface, kubevirt rest.Interface, opts ViewOption
 	v := &View{opts: opts, kubevirt: kubevirt, informers: map[string]cache.SharedIndexInformer{}, listErrs: map[string]error{}}
 	core := kube.CoreV1().RESTClient()
 	byName := func(name string) func(*metav1.ListOptions) {
-		return func(o *metav1.ListOptions) { o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String() }
+		return func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+		}
 	}
 	v.add("node", core, "nodes", "", &corev1.Node{}, byName(opts.NodeName))
 	v.add("pods", core, "pods", "", &corev1.Pod{}, func(o *metav1.ListOptions) {

@@ -10,9 +10,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -390,6 +392,42 @@ func (s *Sim) WaitForPod(ctx context.Context, ns, name, what string, cond func(*
 			state = fmt.Sprintf("phase %q node %q", last.Status.Phase, last.Spec.NodeName)
 		}
 		return nil, fmt.Errorf("waiting for pod %s/%s to be %s (last seen: %s): %w", ns, name, what, state, err)
+	}
+	return last, nil
+}
+
+// WaitForVMIs waits until the VMIs of namespace ns matching selector (a label
+// selector such as LabelVMIRS+"=name"; empty for all) satisfy cond, and returns
+// them.
+func (s *Sim) WaitForVMIs(ctx context.Context, ns, selector, what string,
+	cond func([]*kubevirtv1.VirtualMachineInstance) bool) ([]*kubevirtv1.VirtualMachineInstance, error) {
+	sel, err := labels.Parse(selector)
+	if err != nil {
+		return nil, fmt.Errorf("parsing selector %q: %w", selector, err)
+	}
+	ctx, cancel := s.waitCtx(ctx)
+	defer cancel()
+	var last []*kubevirtv1.VirtualMachineInstance
+	err = wait.PollUntilContextCancel(ctx, 50*time.Millisecond, true, func(context.Context) (bool, error) {
+		objs, err := s.vmis.GetIndexer().ByIndex(cache.NamespaceIndex, ns)
+		if err != nil {
+			return false, err
+		}
+		last = last[:0]
+		for _, obj := range objs {
+			v := obj.(*kubevirtv1.VirtualMachineInstance)
+			if sel.Matches(labels.Set(v.Labels)) {
+				last = append(last, v)
+			}
+		}
+		return cond(last), nil
+	})
+	if err != nil {
+		var seen []string
+		for _, v := range last {
+			seen = append(seen, v.Name+": "+describeVMI(v))
+		}
+		return nil, fmt.Errorf("waiting for VMIs %q in %s to be %s (last seen: %v): %w", selector, ns, what, seen, err)
 	}
 	return last, nil
 }

@@ -414,6 +414,31 @@ func (s *Sim) AddNode(ctx context.Context, name string, opts ...NodeOption) (*co
 	if err != nil {
 		return nil, fmt.Errorf("writing the status of node %s: %w", name, err)
 	}
+	// The API server's TaintNodesByCondition admission taints new nodes
+	// not-ready; the node lifecycle controller (kube-controller-manager, not
+	// running here) lifts the taint once the node reports Ready.
+	err = retryOnConflict(ctx, func() error {
+		n, err := nodes.Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		var kept []corev1.Taint
+		for _, t := range n.Spec.Taints {
+			if t.Key != corev1.TaintNodeNotReady && t.Key != corev1.TaintNodeUnreachable {
+				kept = append(kept, t)
+			}
+		}
+		if len(kept) == len(n.Spec.Taints) {
+			node = n
+			return nil
+		}
+		n.Spec.Taints = kept
+		node, err = nodes.Update(ctx, n, metav1.UpdateOptions{})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("lifting the not-ready taint of node %s: %w", name, err)
+	}
 	s.log.WithField("node", name).Info("node added")
 	return node, nil
 }
