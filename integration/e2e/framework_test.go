@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -51,7 +53,8 @@ func newScenario(t *testing.T, nodes int) *scenario {
 	t.Cleanup(cancel)
 	name := strings.Trim(nonAlnum.ReplaceAllString(strings.ToLower(t.Name()), "-"), "-")
 	if len(name) > 40 {
-		name = name[:40]
+		sum := sha256.Sum256([]byte(name))
+		name = strings.Trim(name[:32], "-") + "-" + hex.EncodeToString(sum[:])[:6]
 	}
 	sc := &scenario{t: t, ctx: ctx, ns: name, pool: name, env: shared}
 	if _, err := sc.kube().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sc.ns}}, metav1.CreateOptions{}); err != nil {
@@ -432,4 +435,19 @@ func (sc *scenario) podPhase(ns, name string, uid types.UID) (corev1.PodPhase, b
 		return "", false
 	}
 	return p.Status.Phase, true
+}
+
+// waitStoppedForGood waits until the VMI (a bare one, or one whose owner does not
+// restart it) has ended, Succeeded or Failed or deleted, and checks that no VMI of
+// that name runs again.
+func (sc *scenario) waitStoppedForGood(name string, old *kubevirtv1.VirtualMachineInstance) {
+	sc.t.Helper()
+	if _, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, name, "ended", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v == nil || v.IsFinal()
+	}); err != nil {
+		sc.t.Fatal(err)
+	}
+	if v := sc.vmi(name); v != nil && v.UID != old.UID {
+		sc.t.Errorf("VMI %s was started again (uid %s, phase %s)", name, v.UID, v.Status.Phase)
+	}
 }
