@@ -283,8 +283,11 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 			}
 		}
 	}
-	if ms.TargetNode == "" || targetLabel != ms.TargetNode || ms.SourceNode != v.Status.NodeName {
+	if ms.TargetNode == "" || targetLabel != ms.TargetNode {
 		return 0, nil // not handed over to the handlers (yet)
+	}
+	if ms.EndTimestamp == nil && ms.SourceNode != v.Status.NodeName {
+		return 0, nil // not our source
 	}
 	run := s.migrationRun(v, ms.MigrationUID)
 
