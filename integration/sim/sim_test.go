@@ -11,6 +11,7 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -419,5 +420,49 @@ func cordon(t *testing.T, ctx context.Context, node string) {
 	patch := []byte(`{"spec":{"unschedulable":true}}`)
 	if _, err := env.cluster.Kube.CoreV1().Nodes().Patch(ctx, node, types.StrategicMergePatchType, patch, metav1.PatchOptions{}); err != nil {
 		t.Fatalf("cordoning %s: %v", node, err)
+	}
+}
+
+// TestEvictionEvacuates drives KubeVirt's real drain path: the eviction of a
+// LiveMigrate VM's pod is refused by virt-api, which marks the VMI for
+// evacuation; virt-controller's evacuation and migration controllers migrate it,
+// and the simulated handlers carry the migration out.
+func TestEvictionEvacuates(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	ns, _, pool := setup(t, ctx, 2)
+	vm := sim.NewVM(ns, "vm", pool, sim.WithEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrate))
+	if err := env.sim.Create(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	vmi, err := env.sim.WaitForVMIRunning(ctx, ns, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	source := vmi.Status.NodeName
+	cordon(t, ctx, source)
+	pod, err := env.sim.LauncherPod(ns, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: pod.Name}}
+	err = env.cluster.Kube.CoreV1().Pods(ns).EvictV1(ctx, ev)
+	if !apierrors.IsTooManyRequests(err) {
+		t.Fatalf("evicting %s: %v, want 429 (evacuation triggered)", pod.Name, err)
+	}
+	vmi, err = env.sim.WaitForVMI(ctx, ns, "vm", "evacuated", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.Phase == kubevirtv1.Running && v.Status.NodeName != source &&
+			v.Status.EvacuationNodeName == "" && v.Status.MigrationState != nil && v.Status.MigrationState.Completed
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vmi.Status.MigrationState.SourceNode != source {
+		t.Errorf("migration source %q, want %q", vmi.Status.MigrationState.SourceNode, source)
+	}
+	if _, err := env.sim.WaitForPod(ctx, ns, pod.Name, "Succeeded", func(p *corev1.Pod) bool {
+		return p != nil && p.Status.Phase == corev1.PodSucceeded
+	}); err != nil {
+		t.Error(err)
 	}
 }
