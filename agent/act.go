@@ -25,9 +25,14 @@ const (
 	ReasonShutdownBlockedByVMs = "ShutdownBlocked"
 )
 
-// act does what the decision says for a VM that the drain has not acted on yet. It
-// returns a detail for the status (why it is still pending or blocked).
-func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) (string, error) {
+// outcome is what acting on a VM left it as, for the status, until the cluster shows it.
+type outcome struct {
+	state  VMState
+	detail string
+}
+
+// act does what the decision says for a VM that the drain has not acted on yet.
+func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) (outcome, error) {
 	log := e.vmLog(v).WithFields(map[string]any{"strategy": d.Strategy, "action": d.Action})
 	if d.Action == ActionNone {
 		e.warnOnce(v, ReasonBlocked+d.Reason, func() {
@@ -35,20 +40,20 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) 
 			e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), d.Reason)
 			log.WithField("reason", d.Reason).Warn("VM blocked: it will not be shut down and cannot migrate")
 		})
-		return d.Reason, nil
+		return outcome{StateBlocked, d.Reason}, nil
 	}
 	pod := v.sourcePod()
 	if pod == nil {
-		return "no virt-launcher pod on the node yet", nil
+		return outcome{StatePending, "no virt-launcher pod on the node yet"}, nil
 	}
 	if d.Action == ActionMigrate {
 		migrations, err := e.view.Migrations(ctx, v.vmi.Namespace, v.vmi.Name)
 		if err != nil {
-			return "cannot list its migrations", err
+			return outcome{StatePending, "cannot list its migrations"}, err
 		}
 		if name, ok := hasUnfinishedMigration(v.vmi, migrations); ok {
 			log.WithField("migration", name).Debug("a migration is already under way; not requesting another")
-			return "migration " + name + " under way", nil
+			return outcome{StateMigrating, "migration " + name + " under way"}, nil
 		}
 	}
 	if d.Action == ActionMigrate || d.Action == ActionExternal {
@@ -56,7 +61,7 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) 
 		// the pod, shutting down a VM that must migrate or be left to its controller.
 		res, msg, err := e.evict(ctx, pod, true)
 		if err != nil {
-			return msg, err
+			return outcome{StatePending, msg}, err
 		}
 		switch res {
 		case evicted:
@@ -66,18 +71,18 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) 
 					e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonBlocked, "Cannot leave node %s: %s", node.Name, reason)
 					log.Warn(reason)
 				})
-				return reason, nil
+				return outcome{StateBlocked, reason}, nil
 			}
 			name, err := e.createMigration(ctx, v.vmi)
 			if err != nil {
-				return "creating a migration failed", err
+				return outcome{StatePending, "creating a migration failed"}, err
 			}
 			e.metrics.Requests.WithLabelValues(string(ActionMigrate), "migration-created").Inc()
 			e.recorder.Eventf(v.vmi, corev1.EventTypeNormal, ReasonMigrationCreated, "Eviction not intercepted by KubeVirt; created migration %s to leave node %s", name, node.Name)
 			log.WithField("migration", name).Info("eviction not intercepted by KubeVirt; migration created")
-			return "", nil
+			return outcome{StateMigrating, "migration " + name + " created"}, nil
 		case gone:
-			return "", nil
+			return outcome{}, nil
 		case notMigratable, refused:
 			return e.refused(v, node, msg, res), nil
 		}
@@ -85,7 +90,7 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) 
 	res, msg, err := e.evict(ctx, pod, false)
 	if err != nil {
 		e.metrics.Requests.WithLabelValues(string(d.Action), "error").Inc()
-		return msg, err
+		return outcome{StatePending, msg}, err
 	}
 	switch res {
 	case evacuating:
@@ -96,27 +101,32 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) 
 		}
 		e.recorder.Eventf(v.vmi, corev1.EventTypeNormal, reason, "Eviction from node %s requested: %s", node.Name, what)
 		log.WithField("pod", pod.Name).Info("eviction requested: " + what)
+		if d.Action == ActionExternal {
+			return outcome{StateWaitingExternal, what}, nil
+		}
+		return outcome{StateMigrating, "evacuation requested"}, nil
 	case evicted:
 		e.metrics.Requests.WithLabelValues(string(d.Action), "evicted").Inc()
 		e.recorder.Eventf(v.vmi, corev1.EventTypeNormal, ReasonShutdownRequested, "Evicted from node %s: the guest shuts down (evictionStrategy %s)", node.Name, d.Strategy)
 		log.WithField("pod", pod.Name).Info("virt-launcher pod evicted: the guest shuts down")
+		return outcome{StateShuttingDown, "evicted: the guest shuts down"}, nil
 	case notMigratable, refused:
 		return e.refused(v, node, msg, res), nil
 	}
-	return "", nil
+	return outcome{}, nil
 }
 
-func (e *Engine) refused(v *vm, node *corev1.Node, msg string, res evictionResult) string {
-	outcome := "refused"
+func (e *Engine) refused(v *vm, node *corev1.Node, msg string, res evictionResult) outcome {
+	label, state := "refused", StatePending
 	if res == notMigratable {
-		outcome = "not-migratable"
+		label, state = "not-migratable", StateBlocked
 	}
-	e.metrics.Requests.WithLabelValues("evict", outcome).Inc()
+	e.metrics.Requests.WithLabelValues("evict", label).Inc()
 	e.warnOnce(v, ReasonEvictionRefused+msg, func() {
 		e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonEvictionRefused, "Eviction from node %s refused, retrying: %s", node.Name, msg)
 		e.vmLog(v).WithField("reason", msg).Warn("eviction refused; retrying with a backoff")
 	})
-	return "eviction refused: " + msg
+	return outcome{state, "eviction refused: " + msg}
 }
 
 // warnOnce runs report the first time this VM meets this reason during a drain.

@@ -248,20 +248,20 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 			return false, err
 		}
 	}
-	details := map[string]string{}
+	outcomes := map[string]outcome{}
 	var errs []error
 	for _, v := range pending {
-		detail, err := e.act(ctx, node, v, decisions[v.key])
+		o, err := e.act(ctx, node, v, decisions[v.key])
 		if err != nil {
 			errs = append(errs, err)
 		}
-		details[v.key] = detail
+		outcomes[v.key] = o
 	}
 	podsLeft := 0
 	if e.pods != nil {
 		podsLeft = e.pods.ensure(ctx)
 	}
-	safe := e.report(ctx, node, cfg, rec.Trigger, vms, details, withPods(podsLeft))
+	safe := e.report(ctx, node, cfg, rec.Trigger, vms, outcomes, withPods(podsLeft))
 	if safe && rec.Completed == nil {
 		now := e.opts.Clock.Now().UTC()
 		rec.Completed = &now

@@ -82,7 +82,7 @@ func withPods(n int) reportOption { return func(s *NodeStatus) { s.PodsLeft = n 
 // report publishes the status from what is on the node, keeps the node annotation in
 // step, and says whether the node is safe to power off. trigger is empty when the
 // node is not being drained.
-func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, trigger string, vms []*vm, details map[string]string, opts ...reportOption) bool {
+func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, trigger string, vms []*vm, outcomes map[string]outcome, opts ...reportOption) bool {
 	now := e.opts.Clock.Now().UTC()
 	st := NodeStatus{Node: node.Name, Ready: true, Draining: trigger != "", Trigger: trigger, TaintKey: cfg.DrainTaintKey, VMs: []VMStatus{}}
 	for _, o := range opts {
@@ -94,8 +94,8 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	for _, v := range vms {
 		d := decide(v, cfg)
 		state, detail := observe(v, d, node.Name, st.Draining)
-		if extra := details[v.key]; extra != "" && (state == StatePending || state == StateBlocked) {
-			detail = extra
+		if o := outcomes[v.key]; o.state != "" && (state == StatePending || state == StateBlocked) {
+			state, detail = o.state, o.detail
 		}
 		ns, name, _ := strings.Cut(v.key, "/")
 		seen[v.key] = true
