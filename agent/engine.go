@@ -48,6 +48,8 @@ type Options struct {
 	// AllPods also evicts every other pod of the node during a drain, as
 	// `kubectl drain --ignore-daemonsets --delete-emptydir-data --force` would.
 	AllPods bool
+	// ShutdownAllPods does the same for a drain started by a host shutdown.
+	ShutdownAllPods bool
 	// Resync is how often a drain in progress is looked at again. Default 5s.
 	Resync time.Duration
 	// PodEvictionRetry is the pause between eviction attempts of other pods
@@ -110,7 +112,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		warned:  sets{},
 		status:  NodeStatus{Node: opts.NodeName, Reason: "starting"},
 	}
-	if opts.AllPods {
+	if opts.AllPods || opts.ShutdownAllPods {
 		e.pods = newPodDrainer(clients.Kube, opts.NodeName, opts.PodEvictionRetry, e.log, e.Enqueue)
 	}
 	return e
@@ -193,8 +195,13 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		e.log.WithError(err).Warn("ignoring the unreadable drain record; a new drain starts if one is asked for")
 		e.metrics.ConfigErrors.WithLabelValues("drain-record").Inc()
 	}
-	tainted := hasTaint(node, cfg.DrainTaintKey)
 	shutdown := e.shutdownPending()
+	if !shutdown {
+		if err := e.reenableAfterReboot(ctx, node); err != nil {
+			return false, err
+		}
+	}
+	tainted := hasTaint(node, cfg.DrainTaintKey)
 	if !tainted && !shutdown {
 		if hasRecord {
 			if err := e.withdraw(ctx, node, &rec); err != nil {
@@ -228,7 +235,8 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 	for _, v := range vms {
 		d := decide(v, cfg)
 		decisions[v.key] = d
-		if state, _ := observe(v, d, node.Name, true); state == StatePending {
+		// A blocked VM goes to act too: it is reported there, loudly (events, log).
+		if state, _ := observe(v, d, node.Name, true); state == StatePending || state == StateBlocked {
 			pending = append(pending, v)
 		}
 	}
@@ -258,7 +266,7 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		outcomes[v.key] = o
 	}
 	podsLeft := 0
-	if e.pods != nil {
+	if (rec.Trigger == TriggerTaint && e.opts.AllPods) || (rec.Trigger == TriggerShutdown && e.opts.ShutdownAllPods) {
 		podsLeft = e.pods.ensure(ctx)
 	}
 	safe := e.report(ctx, node, cfg, rec.Trigger, vms, outcomes, withPods(podsLeft))
@@ -347,3 +355,17 @@ func (e *Engine) vmLog(v *vm) logrus.FieldLogger {
 }
 
 func (e *Engine) String() string { return fmt.Sprintf("node-agent engine for %s", e.opts.NodeName) }
+
+// reenableAfterReboot re-enables the node when the agent took it out of service
+// during an earlier boot: the host went down and came back.
+func (e *Engine) reenableAfterReboot(ctx context.Context, node *corev1.Node) error {
+	var own Ownership
+	ok, err := readAnnotation(node, AnnotationOwned, &own)
+	if err != nil {
+		e.log.WithError(err).Warn("unreadable ownership annotation")
+	}
+	if !ok || own.BootID == "" || own.BootID == node.Status.NodeInfo.BootID {
+		return nil
+	}
+	return e.reenable(ctx, fmt.Sprintf("the node rebooted (boot ID %s -> %s)", own.BootID, node.Status.NodeInfo.BootID))
+}

@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -17,6 +19,7 @@ type Metrics struct {
 	DrainsStarted  *prometheus.CounterVec
 	DrainDuration  *prometheus.HistogramVec
 	ConfigErrors   *prometheus.CounterVec
+	ShutdownDelay  prometheus.Histogram
 }
 
 // NewMetrics registers the agent's metrics and the Go and process collectors.
@@ -57,6 +60,12 @@ func NewMetrics() *Metrics {
 			Help: "Configuration problems met (an invalid taint key, a malformed ConfigMap or annotation), by source.",
 		}, []string{"source"}),
 	}
+	m.ShutdownDelay = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "node_agent_shutdown_delay_seconds",
+		Help:    "How long the agent held a host shutdown (from PrepareForShutdown until it released its inhibitor lock).",
+		Buckets: []float64{1, 5, 15, 30, 60, 120, 300, 600, 1200},
+	})
+	m.Registry.MustRegister(m.ShutdownDelay)
 	m.Registry.MustRegister(m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests, m.DrainsStarted, m.DrainDuration, m.ConfigErrors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -77,4 +86,22 @@ func boolFloat(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// RegisterInhibitor exposes the logind inhibitor's state.
+func (m *Metrics) RegisterInhibitor(status func() (held, connected bool, delay time.Duration)) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "node_agent_inhibitor_lock_held",
+			Help: "1 while the agent holds its logind shutdown inhibitor lock, else 0 (no D-Bus, logind down, or released for a shutdown).",
+		}, func() float64 { held, _, _ := status(); return boolFloat(held) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "node_agent_logind_connected",
+			Help: "1 while the agent is connected to logind over the system D-Bus, else 0 (degraded mode).",
+		}, func() float64 { _, connected, _ := status(); return boolFloat(connected) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "node_agent_shutdown_delay_max_seconds",
+			Help: "How long a host shutdown can be held: the smaller of --shutdown-timeout and logind's InhibitDelayMaxSec.",
+		}, func() float64 { _, _, d := status(); return d.Seconds() }),
+	)
 }

@@ -110,3 +110,8 @@ func hasTaint(node *corev1.Node, key string) bool {
 	}
 	return false
 }
+
+func jsonMarshal(v any) (string, error) {
+	raw, err := json.Marshal(v)
+	return string(raw), err
+}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/nodeinfo"
+	"github.com/node-agent/node-agent/systemd"
 )
 
 // newLogger builds the logger the flags ask for.
@@ -99,19 +100,50 @@ func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
 		DrainTaintKey:     a.DrainTaintKey,
 		OnChange:          func() { engine.Enqueue() },
 	})
-	engine = agent.New(view, agent.Clients{Kube: kube, KubeVirt: kv, Subresources: subresources}, recorder, nil, agent.Options{
+	metrics := agent.NewMetrics()
+	engine = agent.New(view, agent.Clients{Kube: kube, KubeVirt: kv, Subresources: subresources}, recorder, metrics, agent.Options{
 		NodeName:         a.NodeName,
 		AllPods:          a.AllPods,
+		ShutdownAllPods:  a.ShutdownAllPods,
 		Resync:           a.Resync,
 		PodEvictionRetry: a.PodEvictionRetry,
 		Log:              log,
 	})
 
+	var checks []agent.ReadinessCheck
+	if a.ShutdownInhibitor {
+		guard := systemd.New(systemd.Options{
+			Who:       "node-agent",
+			Why:       "Draining the VMs of node " + a.NodeName + " before the host goes down",
+			BlockWhy:  "VMs are running on node " + a.NodeName + ": drain it first (kubectl taint nodes " + a.NodeName + " kubevirt.io/drain=:NoSchedule)",
+			Mode:      systemd.Mode(a.InhibitMode),
+			WantDelay: a.ShutdownTimeout,
+			DropInDir: a.LogindDropInDir,
+			Log:       log.WithField("node", a.NodeName),
+		})
+		go func() {
+			if err := guard.Run(ctx); err != nil {
+				log.WithError(err).Error("the logind inhibitor stopped")
+			}
+		}()
+		go engine.RunShutdown(ctx, guard, a.ShutdownTimeout)
+		metrics.RegisterInhibitor(func() (bool, bool, time.Duration) {
+			st := guard.Status()
+			return st.LockHeld, st.Connected, st.EffectiveDelay
+		})
+		checks = append(checks, func() string {
+			if st := guard.Status(); st.Degraded != "" {
+				return "shutdown inhibitor degraded: " + st.Degraded
+			}
+			return ""
+		})
+	}
+
 	listener, err := net.Listen("tcp", a.ListenAddress)
 	if err != nil {
 		return fmt.Errorf("--listen-address: %w", err)
 	}
-	server := &http.Server{Handler: engine.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	server := &http.Server{Handler: engine.Handler(checks...), ReadHeaderTimeout: 10 * time.Second}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- server.Serve(listener) }()
 	log.WithFields(logrus.Fields{"node": a.NodeName, "listen": listener.Addr().String()}).Info("node-agent started")

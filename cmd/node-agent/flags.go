@@ -29,6 +29,11 @@ type runArgs struct {
 	Burst             int
 	LogFormat         string
 	LogLevel          string
+	ShutdownInhibitor bool
+	ShutdownTimeout   time.Duration
+	ShutdownAllPods   bool
+	InhibitMode       string
+	LogindDropInDir   string
 }
 
 // envPrefix: every flag can also be set as NODE_AGENT_<FLAG> (dashes as underscores);
@@ -48,6 +53,11 @@ func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&a.PodEvictionRetry, "pod-eviction-retry", 5*time.Second, "pause before retrying an eviction that a PodDisruptionBudget refused (--all-pods)")
 	fs.Float64Var(&a.QPS, "kube-api-qps", 100, "queries per second to the API server (enough to act on 100 VMs at once)")
 	fs.IntVar(&a.Burst, "kube-api-burst", 300, "burst of queries to the API server")
+	fs.BoolVar(&a.ShutdownInhibitor, "shutdown-inhibitor", true, "hold host shutdowns and reboots with a logind inhibitor lock until the node is drained (needs the host's system D-Bus)")
+	fs.DurationVar(&a.ShutdownTimeout, "shutdown-timeout", 10*time.Minute, "the longest a host shutdown is held for the drain; logind's InhibitDelayMaxSec is raised to it where allowed, and the smaller of the two applies")
+	fs.BoolVar(&a.ShutdownAllPods, "shutdown-all-pods", false, "on a host shutdown, also evict every other pod (as --all-pods does for the drain taint)")
+	fs.StringVar(&a.InhibitMode, "inhibit-mode", "delay", "delay: hold a shutdown until the node is drained; block: also refuse a shutdown while VMs are on the node (a delay lock is kept too)")
+	fs.StringVar(&a.LogindDropInDir, "logind-dropin-dir", "/etc/systemd/logind.conf.d", "logind.conf.d folder of the host, where InhibitDelayMaxSec is raised; empty: never write it")
 	fs.StringVar(&a.LogFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&a.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return fs
@@ -111,6 +121,12 @@ func (a runArgs) validate() error {
 	}
 	if a.LogFormat != "text" && a.LogFormat != "json" {
 		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", a.LogFormat))
+	}
+	if a.ShutdownTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--shutdown-timeout %s: must be positive", a.ShutdownTimeout))
+	}
+	if a.InhibitMode != "delay" && a.InhibitMode != "block" {
+		errs = append(errs, fmt.Errorf("--inhibit-mode %q: want delay or block", a.InhibitMode))
 	}
 	if _, err := logrus.ParseLevel(a.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level: %w: want debug, info, warn or error", err))

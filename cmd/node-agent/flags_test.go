@@ -28,6 +28,10 @@ func defaultArgs(node string) runArgs {
 		Burst:             300,
 		LogFormat:         "text",
 		LogLevel:          "info",
+		ShutdownInhibitor: true,
+		ShutdownTimeout:   10 * time.Minute,
+		InhibitMode:       "delay",
+		LogindDropInDir:   "/etc/systemd/logind.conf.d",
 	}
 }
 
@@ -74,6 +78,7 @@ func TestParseRunArgs(t *testing.T) {
 				Kubeconfig: kubeconfig, NodeName: "node-a", DrainTaintKey: "example.com/drain", KubeVirtNamespace: "kv",
 				AllPods: true, ListenAddress: "127.0.0.1:9000", Resync: time.Minute, PodEvictionRetry: 2 * time.Second,
 				QPS: 5, Burst: 10, LogFormat: "json", LogLevel: "debug",
+				ShutdownInhibitor: true, ShutdownTimeout: 10 * time.Minute, InhibitMode: "delay", LogindDropInDir: "/etc/systemd/logind.conf.d",
 			},
 		},
 		{
@@ -97,6 +102,7 @@ func TestParseRunArgs(t *testing.T) {
 				Kubeconfig: kubeconfig, NodeName: "node-a", DrainTaintKey: "example.com/drain", KubeVirtNamespace: "kv",
 				AllPods: true, ListenAddress: "127.0.0.1:9000", Resync: time.Minute, PodEvictionRetry: 2 * time.Second,
 				QPS: 5, Burst: 10, LogFormat: "json", LogLevel: "debug",
+				ShutdownInhibitor: true, ShutdownTimeout: 10 * time.Minute, InhibitMode: "delay", LogindDropInDir: "/etc/systemd/logind.conf.d",
 			},
 		},
 		{

@@ -286,8 +286,13 @@ func (sc *scenario) startAgent(node string, flags ...string) *agentProc {
 	if err != nil {
 		sc.t.Fatal(err)
 	}
-	args := append([]string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig, "--node-name=" + node,
-		"--listen-address=" + addr, "--resync=1s", "--log-level=debug"}, flags...)
+	args := []string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig, "--node-name=" + node,
+		"--listen-address=" + addr, "--resync=1s", "--log-level=debug"}
+	if !hasFlag(flags, "--shutdown-inhibitor") {
+		// No system bus here: the drain tests run without the logind part.
+		args = append(args, "--shutdown-inhibitor=false")
+	}
+	args = append(args, flags...)
 	cmd := exec.Command(sc.env.agentBin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -450,4 +455,13 @@ func (sc *scenario) waitStoppedForGood(name string, old *kubevirtv1.VirtualMachi
 	if v := sc.vmi(name); v != nil && v.UID != old.UID {
 		sc.t.Errorf("VMI %s was started again (uid %s, phase %s)", name, v.UID, v.Status.Phase)
 	}
+}
+
+func hasFlag(flags []string, name string) bool {
+	for _, f := range flags {
+		if f == name || strings.HasPrefix(f, name+"=") {
+			return true
+		}
+	}
+	return false
 }

@@ -222,7 +222,7 @@ func (d *demo) startAgent(ctx context.Context, bin, node string) (string, error)
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.CommandContext(ctx, bin, "run", "--kubeconfig="+d.c.Kubeconfig, "--node-name="+node, "--listen-address="+addr, "--resync=1s")
+	cmd := exec.CommandContext(ctx, bin, "run", "--kubeconfig="+d.c.Kubeconfig, "--node-name="+node, "--listen-address="+addr, "--resync=1s", "--shutdown-inhibitor=false")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -1,0 +1,225 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/node-agent/node-agent/systemd"
+)
+
+// Inhibitor is what the shutdown path needs from logind (systemd.Guard provides it).
+type Inhibitor interface {
+	Events() <-chan systemd.Event
+	Release()
+	Status() systemd.Status
+}
+
+var _ Inhibitor = (*systemd.Guard)(nil)
+
+// RunShutdown follows logind's shutdown notices until ctx ends: on a shutdown it takes
+// the node out of service (drain taint and cordon, recorded as the agent's own), drains
+// it, and releases the lock as soon as the node is safe or at the deadline; on a
+// cancelled shutdown it undoes what it added and withdraws the drain. timeout is
+// --shutdown-timeout; logind's own deadline, when earlier, wins.
+func (e *Engine) RunShutdown(ctx context.Context, inh Inhibitor, timeout time.Duration) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-inh.Events():
+			if !ok {
+				return
+			}
+			switch ev.Type {
+			case systemd.ShutdownStarted:
+				e.hostShutdown(ctx, inh, ev, timeout)
+			case systemd.ShutdownCancelled:
+				e.SetShutdown(false)
+				if err := e.reenable(ctx, "the host shutdown was cancelled"); err != nil {
+					e.log.WithError(err).Error("cannot re-enable the node after the cancelled shutdown")
+				}
+			}
+		}
+	}
+}
+
+func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Event, timeout time.Duration) {
+	deadline := ev.At.Add(timeout)
+	if !ev.Deadline.IsZero() && ev.Deadline.Before(deadline) {
+		deadline = ev.Deadline
+	}
+	log := e.log.WithField("deadline", deadline.Format(time.RFC3339))
+	log.Info("host shutdown: taking the node out of service and draining it")
+	e.SetShutdown(true)
+	if err := e.takeOutOfService(ctx, deadline); err != nil {
+		log.WithError(err).Error("cannot taint and cordon the node; draining anyway")
+	}
+	safe := e.waitSafe(ctx, deadline)
+	held := e.opts.Clock.Since(ev.At)
+	e.metrics.ShutdownDelay.Observe(held.Seconds())
+	inh.Release()
+	node, err := e.view.Node()
+	if err != nil {
+		log.WithError(err).Warn("shutdown released; cannot read the node for the event")
+		return
+	}
+	if safe {
+		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonShutdownReleased, "Host shutdown released after %s: no VM left on the node", held.Round(time.Second))
+		log.WithField("held", held.Round(time.Millisecond).String()).Info("node is safe: shutdown released")
+		return
+	}
+	st, _ := e.Status()
+	var left []string
+	for _, v := range st.VMs {
+		left = append(left, fmt.Sprintf("%s/%s (%s, %s)", v.Namespace, v.Name, v.Strategy, v.State))
+	}
+	e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonShutdownReleased, "Host shutdown released at the deadline after %s with %d VMs left: %s",
+		held.Round(time.Second), len(left), strings.Join(left, ", "))
+	log.WithFields(logrus.Fields{"held": held.Round(time.Millisecond).String(), "left": left}).Warn("deadline reached: shutdown released with VMs left")
+}
+
+// waitSafe waits until the node is safe to power off or the deadline passes.
+func (e *Engine) waitSafe(ctx context.Context, deadline time.Time) bool {
+	timer := e.opts.Clock.NewTimer(deadline.Sub(e.opts.Clock.Now()))
+	defer timer.Stop()
+	reported := false
+	for {
+		st, changed := e.Status()
+		if st.Draining && st.Trigger == TriggerShutdown && st.Safe {
+			return true
+		}
+		if !reported && st.Draining && len(st.VMs) > 0 {
+			if node, err := e.view.Node(); err == nil {
+				e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonShutdownDelayed, "Host shutdown held until the node is safe (at most until %s): %d VMs left",
+					deadline.Format(time.RFC3339), len(st.VMs))
+				reported = true
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-timer.C():
+			return false
+		case <-changed:
+		}
+	}
+}
+
+// takeOutOfService adds the drain taint and the cordon, recording in the ownership
+// annotation (in the same update) what the agent added and the boot ID.
+func (e *Engine) takeOutOfService(ctx context.Context, deadline time.Time) error {
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	return e.updateNode(ctx, func(node *corev1.Node, cfgKey string) bool {
+		var own Ownership
+		if _, err := readAnnotation(node, AnnotationOwned, &own); err != nil {
+			e.log.WithError(err).Warn("replacing the unreadable ownership annotation")
+		}
+		changed := false
+		if !hasTaint(node, cfgKey) {
+			node.Spec.Taints = append(node.Spec.Taints, corev1.Taint{Key: cfgKey, Value: "shutdown", Effect: corev1.TaintEffectNoSchedule})
+			own.TaintKey, changed = cfgKey, true
+		}
+		if !node.Spec.Unschedulable {
+			node.Spec.Unschedulable = true
+			own.Cordoned, changed = true, true
+		}
+		if !changed {
+			return false
+		}
+		own.BootID, own.Reason, own.Since = node.Status.NodeInfo.BootID, TriggerShutdown, e.opts.Clock.Now().UTC()
+		setOwnership(node, &own)
+		return true
+	})
+}
+
+// reenable removes what the agent itself added to its Node (its taint, its cordon)
+// and says so in an event. An operator's taint or cordon stays.
+func (e *Engine) reenable(ctx context.Context, why string) error {
+	var removed []string
+	err := e.updateNode(ctx, func(node *corev1.Node, _ string) bool {
+		var own Ownership
+		ok, err := readAnnotation(node, AnnotationOwned, &own)
+		if err != nil {
+			e.log.WithError(err).Warn("dropping the unreadable ownership annotation; nothing removed")
+		}
+		if !ok && err == nil {
+			return false
+		}
+		removed = nil
+		if own.TaintKey != "" {
+			var keep []corev1.Taint
+			for _, t := range node.Spec.Taints {
+				if t.Key == own.TaintKey && t.Effect == corev1.TaintEffectNoSchedule {
+					removed = append(removed, "taint "+t.Key)
+					continue
+				}
+				keep = append(keep, t)
+			}
+			node.Spec.Taints = keep
+		}
+		if own.Cordoned && node.Spec.Unschedulable {
+			node.Spec.Unschedulable = false
+			removed = append(removed, "cordon")
+		}
+		setOwnership(node, nil)
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	if len(removed) > 0 {
+		if node, err := e.view.Node(); err == nil {
+			e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonNodeReenabled, "Node re-enabled (%s): removed the agent's own %s", why, strings.Join(removed, " and "))
+		}
+		e.log.WithFields(logrus.Fields{"why": why, "removed": removed}).Info("node re-enabled")
+	}
+	return nil
+}
+
+func setOwnership(node *corev1.Node, own *Ownership) {
+	if own == nil {
+		delete(node.Annotations, AnnotationOwned)
+		return
+	}
+	if node.Annotations == nil {
+		node.Annotations = map[string]string{}
+	}
+	raw, _ := jsonMarshal(own)
+	node.Annotations[AnnotationOwned] = raw
+}
+
+// updateNode reads the Node, lets mutate change it, and writes it back, retrying on
+// conflicts. mutate returns false when there is nothing to write.
+func (e *Engine) updateNode(ctx context.Context, mutate func(node *corev1.Node, taintKey string) bool) error {
+	cfg, _ := e.view.Config()
+	return wait.ExponentialBackoffWithContext(ctx, wait.Backoff{Duration: 100 * time.Millisecond, Factor: 2, Steps: 8, Cap: 5 * time.Second},
+		func(ctx context.Context) (bool, error) {
+			node, err := e.clients.Kube.CoreV1().Nodes().Get(ctx, e.opts.NodeName, metav1.GetOptions{})
+			if err != nil {
+				e.log.WithError(err).Warn("reading the node; retrying")
+				return false, nil
+			}
+			if !mutate(node, cfg.DrainTaintKey) {
+				return true, nil
+			}
+			_, err = e.clients.Kube.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{})
+			switch {
+			case err == nil:
+				return true, nil
+			case apierrors.IsConflict(err):
+				return false, nil
+			default:
+				e.log.WithError(err).Warn("updating the node; retrying")
+				return false, nil
+			}
+		})
+}
