@@ -34,6 +34,9 @@ type Options struct {
 	Dir string
 	// Out receives build progress and start-up messages. Default: os.Stderr.
 	Out io.Writer
+	// WithoutKubeVirt starts only etcd and kube-apiserver: no KubeVirt CRDs, CR,
+	// virt-api or virt-controller, until InstallKubeVirt.
+	WithoutKubeVirt bool
 }
 
 // Cluster is a running control plane: etcd, kube-apiserver, virt-api, virt-controller.
@@ -88,8 +91,10 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err := c.startKubernetes(ctx); err != nil {
 		return nil, err
 	}
-	if err := c.installKubeVirt(ctx, opts.KubeVirtConfiguration); err != nil {
-		return nil, err
+	if !opts.WithoutKubeVirt {
+		if err := c.installKubeVirt(ctx, opts.KubeVirtConfiguration); err != nil {
+			return nil, err
+		}
 	}
 	fmt.Fprintf(out, "node-agent: test cluster up in %s (API server %s, logs in %s)\n",
 		time.Since(start).Round(100*time.Millisecond), c.RESTConfig.Host, c.Dir)

@@ -37,6 +37,15 @@ type kubevirtManifests struct {
 	ValidatingWebhook *admissionregistrationv1.ValidatingWebhookConfiguration `json:"validatingWebhook"`
 }
 
+// InstallKubeVirt installs KubeVirt into a cluster started with
+// Options.WithoutKubeVirt: its CRDs, its CR with cfg, virt-api and virt-controller.
+func (c *Cluster) InstallKubeVirt(ctx context.Context, cfg kubevirtv1.KubeVirtConfiguration) error {
+	if c.virtAPI != nil || c.virtCtrl != nil {
+		return fmt.Errorf("the KubeVirt control plane is already installed")
+	}
+	return c.installKubeVirt(ctx, cfg)
+}
+
 func (c *Cluster) installKubeVirt(ctx context.Context, cfg kubevirtv1.KubeVirtConfiguration) error {
 	raw, err := exec.CommandContext(ctx, c.binaries.KubeVirtManifests, KubeVirtNamespace).Output()
 	if err != nil {
