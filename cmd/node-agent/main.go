@@ -1,6 +1,11 @@
 // Command node-agent takes a KubeVirt node out of service without losing a VM.
 //
-//	node-agent run      the DaemonSet's command: drain this node when asked
+//	node-agent run              the DaemonSet's command: drain this node when asked
+//	node-agent drain NODE       taint and cordon a node, follow its VMs until it is empty
+//	node-agent undrain NODE     untaint and uncordon it, cancel pending evacuations
+//	node-agent status NODE      each VM on a node, its strategy and what happens to it
+//
+// Installed as kubectl-node_agent on PATH it is also `kubectl node-agent ...`.
 //
 // Run `node-agent <command> -h` for a command's flags.
 package main
@@ -19,9 +24,14 @@ import (
 const usage = `node-agent takes a KubeVirt node out of service without losing a VM.
 
 Usage:
-  node-agent run [flags]     drain this node on the drain taint (the DaemonSet's command)
+  node-agent run [flags]             drain this node on the drain taint or a host shutdown (the DaemonSet's command)
+  node-agent drain NODE [flags]      taint (and cordon) NODE, then follow its VMs live until it is empty
+                                     (exit 0), or --timeout (exit 1, with what is left); --all-pods, --dry-run
+  node-agent undrain NODE [flags]    remove the drain taint and the cordon, cancel pending evacuations
+  node-agent status NODE [-o json]   each VM on NODE, its strategy and what is happening to it
 
-Run 'node-agent <command> -h' for the flags of a command.
+Installed on PATH as kubectl-node_agent it also runs as 'kubectl node-agent ...'.
+Run 'node-agent <command> -h' for the flags of a command. Bad usage exits with status 2.
 `
 
 func main() {
@@ -53,6 +63,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return 1
 		}
 		return 0
+	case "drain":
+		return drainCmd(ctx, args[1:], stdout, stderr)
+	case "undrain":
+		return undrainCmd(ctx, args[1:], stdout, stderr)
+	case "status":
+		return statusCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
