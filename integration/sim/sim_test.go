@@ -156,6 +156,16 @@ func TestVMRunsLiveMigratable(t *testing.T) {
 	}); err != nil {
 		t.Error(err)
 	}
+	// Deleting the VM stops the guest; the finalizers go and so do VMI and pod.
+	if err := env.cluster.KubeVirt.Delete().Namespace(ns).Resource(nodeinfo.ResourceVMs).Name("vm").Do(ctx).Error(); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.sim.WaitForVMIGone(ctx, ns, "vm"); err != nil {
+		t.Error(err)
+	}
+	if _, err := env.sim.WaitForPod(ctx, ns, pod.Name, "gone", func(p *corev1.Pod) bool { return p == nil }); err != nil {
+		t.Error(err)
+	}
 }
 
 func TestNotLiveMigratable(t *testing.T) {
@@ -464,5 +474,41 @@ func TestEvictionEvacuates(t *testing.T) {
 		return p != nil && p.Status.Phase == corev1.PodSucceeded
 	}); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestMigrationAbort deletes a running migration: virt-controller asks for the
+// abort through migrationState.abortRequested and the source handler aborts.
+func TestMigrationAbort(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	ns, _, pool := setup(t, ctx, 2)
+	if err := env.sim.Create(ctx, sim.NewVMI(ns, "vmi", pool, sim.WithMigrationDuration(time.Minute))); err != nil {
+		t.Fatal(err)
+	}
+	vmi, err := env.sim.WaitForVMIRunning(ctx, ns, "vmi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	source := vmi.Status.NodeName
+	if err := env.sim.Create(ctx, sim.NewMigration(ns, "slow", "vmi")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.sim.WaitForMigrationPhase(ctx, ns, "slow", kubevirtv1.MigrationRunning); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.cluster.KubeVirt.Delete().Namespace(ns).Resource(nodeinfo.ResourceMigrations).Name("slow").Do(ctx).Error(); err != nil {
+		t.Fatal(err)
+	}
+	vmi, err = env.sim.WaitForVMI(ctx, ns, "vmi", "aborted", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		ms := v.Status.MigrationState
+		return v != nil && ms != nil && ms.AbortStatus == kubevirtv1.MigrationAbortSucceeded &&
+			v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] == ""
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vmi.Status.NodeName != source || vmi.Status.Phase != kubevirtv1.Running {
+		t.Errorf("after the abort: phase %s node %s, want Running on %s", vmi.Status.Phase, vmi.Status.NodeName, source)
 	}
 }
