@@ -224,7 +224,7 @@ func NewMigration(ns, name, vmiName string) *kubevirtv1.VirtualMachineInstanceMi
 			Labels:     map[string]string{kubevirtv1.MigrationSelectorLabel: vmiName},
 			Finalizers: []string{kubevirtv1.VirtualMachineInstanceMigrationFinalizer},
 		},
-		Spec:       kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmiName},
+		Spec: kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmiName},
 	}
 	if name == "" {
 		m.GenerateName = "sim-migration-"

@@ -180,7 +180,8 @@ func TestNotLiveMigratable(t *testing.T) {
 		"hostdev": {sim.WithHostDevice("gpu1", gpu), kubevirtv1.VirtualMachineInstanceReasonHostDeviceNotMigratable},
 		"bridge":  {sim.WithBridgeInterface(), kubevirtv1.VirtualMachineInstanceReasonInterfaceNotMigratable},
 	} {
-		if err := env.sim.Create(ctx, sim.NewVMI(ns, name, pool, c.opt)); err != nil {
+		if err := env.sim.Create(ctx, sim.NewVMI(ns, name, pool, c.opt,
+			sim.WithEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrate))); err != nil {
 			t.Fatal(err)
 		}
 		vmi, err := env.sim.WaitForVMIRunning(ctx, ns, name)
@@ -191,6 +192,41 @@ func TestNotLiveMigratable(t *testing.T) {
 		if cond == nil || cond.Status != corev1.ConditionFalse || cond.Reason != c.reason {
 			t.Errorf("%s: LiveMigratable = %+v, want False/%s", name, cond, c.reason)
 		}
+		// virt-api refuses to evict a LiveMigrate VMI that cannot migrate.
+		pod, err := env.sim.LauncherPod(ns, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: pod.Name}}
+		if err := env.cluster.Kube.CoreV1().Pods(ns).EvictV1(ctx, ev); !apierrors.IsTooManyRequests(err) ||
+			!strings.Contains(err.Error(), "not live-migratable") {
+			t.Errorf("%s: eviction answered %v, want 429 not live-migratable", name, err)
+		}
+	}
+}
+
+// TestUnschedulableUntilNodeAppears: a pod no node fits stays Pending with
+// PodScheduled=False/Unschedulable and is scheduled once a fitting node comes.
+func TestUnschedulableUntilNodeAppears(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	ns, _, pool := setup(t, ctx, 1)
+	zone := map[string]string{"sim.node-agent.test/zone": ns + "-b"}
+	if err := env.sim.Create(ctx, sim.NewVMI(ns, "vmi", pool, sim.WithNodeSelector(zone))); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.sim.WaitForVMI(ctx, ns, "vmi", "unschedulable", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		c := condition(v, kubevirtv1.VirtualMachineInstanceConditionType(corev1.PodScheduled))
+		return c != nil && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable
+	}); err != nil {
+		t.Fatal(err)
+	}
+	node := ns + "-b"
+	if _, err := env.sim.AddNode(ctx, node, sim.WithNodeLabels(map[string]string{poolLabel: ns}), sim.WithNodeLabels(zone)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.sim.WaitForVMIOnNode(ctx, ns, "vmi", node); err != nil {
+		t.Fatal(err)
 	}
 }
 
