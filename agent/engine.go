@@ -95,7 +95,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		opts.Log = logrus.StandardLogger()
 	}
 	if metrics == nil {
-		metrics = NewMetrics()
+		metrics = NewMetrics(opts.NodeName)
 	}
 	e := &Engine{
 		opts:     opts,

@@ -11,19 +11,23 @@ import (
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	VMs            *prometheus.GaugeVec
-	Draining       prometheus.Gauge
-	SafeToShutdown prometheus.Gauge
-	PodsLeft       prometheus.Gauge
-	Requests       *prometheus.CounterVec
-	DrainsStarted  *prometheus.CounterVec
-	DrainDuration  *prometheus.HistogramVec
-	ConfigErrors   *prometheus.CounterVec
-	ShutdownDelay  prometheus.Histogram
+	VMs              *prometheus.GaugeVec
+	Draining         prometheus.Gauge
+	SafeToShutdown   prometheus.Gauge
+	PodsLeft         prometheus.Gauge
+	Requests         *prometheus.CounterVec
+	DrainsStarted    *prometheus.CounterVec
+	DrainDuration    *prometheus.HistogramVec
+	ConfigErrors     *prometheus.CounterVec
+	ShutdownDelay    prometheus.Histogram
+	ShutdownReleases *prometheus.CounterVec
+
+	reg prometheus.Registerer // registers with the node label
 }
 
-// NewMetrics registers the agent's metrics and the Go and process collectors.
-func NewMetrics() *Metrics {
+// NewMetrics registers the agent's metrics, labelled with the node's name, and the Go
+// and process collectors.
+func NewMetrics(node string) *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
 		VMs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -65,9 +69,14 @@ func NewMetrics() *Metrics {
 		Help:    "How long the agent held a host shutdown (from PrepareForShutdown until it released its inhibitor lock).",
 		Buckets: []float64{1, 5, 15, 30, 60, 120, 300, 600, 1200},
 	})
-	m.Registry.MustRegister(m.ShutdownDelay)
-	m.Registry.MustRegister(m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests, m.DrainsStarted, m.DrainDuration, m.ConfigErrors,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.ShutdownReleases = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "node_agent_shutdown_releases_total",
+		Help: "Host shutdowns the agent let go, by outcome: safe (no VM left) or deadline (VMs were left on the node).",
+	}, []string{"outcome"})
+	m.reg = prometheus.WrapRegistererWith(prometheus.Labels{"node": node}, m.Registry)
+	m.reg.MustRegister(m.ShutdownDelay, m.ShutdownReleases, m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests,
+		m.DrainsStarted, m.DrainDuration, m.ConfigErrors)
+	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
@@ -90,7 +99,7 @@ func boolFloat(b bool) float64 {
 
 // RegisterInhibitor exposes the logind inhibitor's state.
 func (m *Metrics) RegisterInhibitor(status func() (held, connected bool, delay time.Duration)) {
-	m.Registry.MustRegister(
+	m.reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "node_agent_inhibitor_lock_held",
 			Help: "1 while the agent holds its logind shutdown inhibitor lock, else 0 (no D-Bus, logind down, or released for a shutdown).",

@@ -66,6 +66,11 @@ func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Eve
 	held := e.opts.Clock.Since(ev.At)
 	e.metrics.ShutdownDelay.Observe(held.Seconds())
 	inh.Release()
+	outcome := "deadline"
+	if safe {
+		outcome = "safe"
+	}
+	e.metrics.ShutdownReleases.WithLabelValues(outcome).Inc()
 	node, err := e.view.Node()
 	if err != nil {
 		log.WithError(err).Warn("shutdown released; cannot read the node for the event")

@@ -348,10 +348,10 @@ func TestMetricsExposeVMs(t *testing.T) {
 		t.Fatalf("/metrics = %d", r.code)
 	}
 	for _, want := range []string{
-		`node_agent_vms{state="migrating",strategy="LiveMigrate"} 2`,
-		`node_agent_vms{state="blocked",strategy="LiveMigrate"} 1`,
-		"node_agent_draining 1",
-		"node_agent_safe_to_shutdown 0",
+		`node_agent_vms{node="node-a",state="migrating",strategy="LiveMigrate"} 2`,
+		`node_agent_vms{node="node-a",state="blocked",strategy="LiveMigrate"} 1`,
+		`node_agent_draining{node="node-a"} 1`,
+		`node_agent_safe_to_shutdown{node="node-a"} 0`,
 	} {
 		if !strings.Contains(r.body, want) {
 			t.Errorf("/metrics lacks %q", want)

@@ -100,7 +100,7 @@ func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
 		DrainTaintKey:     a.DrainTaintKey,
 		OnChange:          func() { engine.Enqueue() },
 	})
-	metrics := agent.NewMetrics()
+	metrics := agent.NewMetrics(a.NodeName)
 	engine = agent.New(view, agent.Clients{Kube: kube, KubeVirt: kv, Subresources: subresources}, recorder, metrics, agent.Options{
 		NodeName:         a.NodeName,
 		AllPods:          a.AllPods,
