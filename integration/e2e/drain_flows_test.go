@@ -414,8 +414,10 @@ func TestDrainLiveMigrateIfPossible(t *testing.T) {
 // acts; the node is not safe meanwhile.
 func TestDrainExternal(t *testing.T) {
 	sc := newScenario(t, 2)
-	node := sc.nodes[0]
+	node, other := sc.nodes[0], sc.nodes[1]
 	vmi := sc.createVMI("capk", external, onNode(node))
+	// Its slow migration lets the agent look at the node a few times meanwhile.
+	slow := sc.pinned("slow", node, liveMigrate, sim.WithMigrationDuration(3*time.Second))
 	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
 
 	sc.taint(node, agentOnlyKey)
@@ -424,14 +426,18 @@ func TestDrainExternal(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	st := a.waitStatus(30*time.Second, "the VM waiting for the external controller", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+	sc.waitMigrated(slow, other)
+	st := a.waitStatus(30*time.Second, "only the VM waiting for the external controller", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
 		v := vmStatus(st, sc.ns, "capk")
-		return v != nil && v.State == agent.StateWaitingExternal
+		return len(st.VMs) == 1 && v != nil && v.State == agent.StateWaitingExternal
 	})
 	if v := vmStatus(st, sc.ns, "capk"); v.Strategy != string(kubevirtv1.EvictionStrategyExternal) {
 		t.Errorf("strategy %q, want External", v.Strategy)
 	}
-	sc.waitEvent(sc.ns, "VirtualMachineInstance", "capk", agent.ReasonExternalRequested, 30*time.Second)
+	// Requested once, not again at each look while the VM waits.
+	if n := sc.eventCount(sc.ns, "VirtualMachineInstance", "capk", agent.ReasonExternalRequested); n != 1 {
+		t.Errorf("%d %s events, want 1", n, agent.ReasonExternalRequested)
+	}
 	after := sc.vmi("capk")
 	if after.UID != vmi.UID || after.Status.Phase != kubevirtv1.Running || after.Status.NodeName != node {
 		t.Errorf("the External VM did not stay: uid %s phase %s node %s", after.UID, after.Status.Phase, after.Status.NodeName)
