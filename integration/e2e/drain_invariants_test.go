@@ -15,8 +15,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/agent"
@@ -167,7 +170,7 @@ func TestDrainNoSecondUnfinishedMigration(t *testing.T) {
 // The agent keeps its state in the cluster: killed with SIGKILL right after the
 // DrainStarted event, right after the first MigrationRequested event and after the
 // drain completed, and restarted each time, it finishes the drain with every action
-// done exactly once.
+// done exactly once, including a shutdown that a budget held back across the kills.
 func TestDrainSurvivesAgentKill(t *testing.T) {
 	sc := newScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
@@ -179,6 +182,18 @@ func TestDrainSurvivesAgentKill(t *testing.T) {
 	}
 	before["always"] = sc.pinned("always", node, noneStrategy, sim.WithShutdownDuration(2*time.Second), sim.WithTerminationGracePeriod(10))
 	before["bridged"] = sc.pinned("bridged", node, ifPossible, notMigratable)
+	// A budget on its virt-launcher pod refuses the eviction of "always" until the
+	// test deletes it, after the kills: that action must survive them.
+	pdb, err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Create(sc.ctx, &policyv1.PodDisruptionBudget{
+		ObjectMeta: metav1.ObjectMeta{Name: "always"},
+		Spec: policyv1.PodDisruptionBudgetSpec{
+			MinAvailable: ptr.To(intstr.FromInt32(1)),
+			Selector:     &metav1.LabelSelector{MatchLabels: map[string]string{kubevirtv1.CreatedByLabel: string(before["always"].UID)}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	a := sc.startAgent(node, flag)
 
 	sc.taint(node, agentOnlyKey)
@@ -196,6 +211,10 @@ func TestDrainSurvivesAgentKill(t *testing.T) {
 	a.kill()
 	a = sc.startAgent(node, flag)
 
+	sc.waitEvent(sc.ns, "VirtualMachineInstance", "always", agent.ReasonEvictionRefused, time.Minute)
+	if err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Delete(sc.ctx, pdb.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	a.waitSafe(3 * time.Minute)
 	sc.nodeEvent(node, agent.ReasonDrainCompleted)
 	a.kill()
