@@ -81,14 +81,14 @@ func (s *Sim) startGuest(ctx context.Context, vmi *kubevirtv1.VirtualMachineInst
 	if pod == nil {
 		return nil // virt-controller fails the VMI if its pod is really gone
 	}
-	rt := s.runtime(pod)
-	if vmi.DeletionTimestamp != nil || pod.DeletionTimestamp != nil || podTerminal(pod) || (rt != nil && rt.exited) {
+	started, exited := s.processes(pod)
+	if vmi.DeletionTimestamp != nil || pod.DeletionTimestamp != nil || podTerminal(pod) || exited {
 		// virt-launcher went away before the guest started.
 		return s.updateVMI(ctx, vmi, func(v *kubevirtv1.VirtualMachineInstance) {
 			setPhase(v, kubevirtv1.Failed)
 		})
 	}
-	if rt == nil {
+	if !started {
 		return nil // the kubelet has not started it yet; its pod event requeues us
 	}
 	s.mu.Lock()
@@ -135,11 +135,12 @@ func (s *Sim) runGuest(ctx context.Context, key string, vmi *kubevirtv1.VirtualM
 		return s.updateVMI(ctx, vmi, func(v *kubevirtv1.VirtualMachineInstance) { setPhase(v, kubevirtv1.Failed) })
 	}
 	pod := s.getPod(vmi.Namespace, d.podName)
-	var rt *podRuntime
+	running := false
 	if pod != nil && pod.UID == d.podUID {
-		rt = s.runtime(pod)
+		started, exited := s.processes(pod)
+		running = started && !exited
 	}
-	if rt == nil || rt.exited {
+	if !running {
 		// virt-launcher died under the guest.
 		log.Info("virt-handler: virt-launcher is gone, VMI failed")
 		s.dropDomain(vmi.UID)
@@ -218,7 +219,7 @@ func (s *Sim) guestGone(vmi *kubevirtv1.VirtualMachineInstance) {
 		if s.managed(pod.Spec.NodeName) == nil || podTerminal(pod) {
 			continue
 		}
-		if rt := s.runtime(pod); rt != nil && !rt.exited {
+		if started, exited := s.processes(pod); started && !exited {
 			s.launcherExited(pod.UID, 0, reasonCompleted)
 		}
 	}
@@ -303,8 +304,8 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 	target := s.getPod(v.Namespace, ms.TargetPod)
 	targetUp := false
 	if target != nil && target.DeletionTimestamp == nil && !podTerminal(target) {
-		rt := s.runtime(target)
-		targetUp = rt != nil && !rt.exited
+		started, exited := s.processes(target)
+		targetUp = started && !exited
 	}
 
 	switch {

@@ -134,6 +134,18 @@ func (s *Sim) runtime(pod *corev1.Pod) *podRuntime {
 	return s.runtimes[pod.UID]
 }
 
+// processes reports whether the kubelet started the pod's containers and
+// whether they have all exited since.
+func (s *Sim) processes(pod *corev1.Pod) (started, exited bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rt := s.runtimes[pod.UID]
+	if rt == nil {
+		return false, false
+	}
+	return true, rt.exited
+}
+
 // startPod starts the pod's containers (no image is pulled) and gives it an IP.
 func (s *Sim) startPod(pod *corev1.Pod) (*podRuntime, error) {
 	s.mu.Lock()

@@ -101,6 +101,9 @@ func testCtx(t *testing.T) context.Context {
 }
 
 func condition(v *kubevirtv1.VirtualMachineInstance, t kubevirtv1.VirtualMachineInstanceConditionType) *kubevirtv1.VirtualMachineInstanceCondition {
+	if v == nil {
+		return nil
+	}
 	for i := range v.Status.Conditions {
 		if v.Status.Conditions[i].Type == t {
 			return &v.Status.Conditions[i]
@@ -309,7 +312,8 @@ func TestMigrationFailure(t *testing.T) {
 		t.Fatalf("first migration %s, want Failed", m.Status.Phase)
 	}
 	vmi, err = env.sim.WaitForVMI(ctx, ns, "vmi", "failed migration cleaned up", func(v *kubevirtv1.VirtualMachineInstance) bool {
-		return v != nil && v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] == ""
+		return v != nil && v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] == "" &&
+			v.Status.MigrationState != nil && v.Status.MigrationState.Failed
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -537,8 +541,11 @@ func TestMigrationAbort(t *testing.T) {
 		t.Fatal(err)
 	}
 	vmi, err = env.sim.WaitForVMI(ctx, ns, "vmi", "aborted", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		if v == nil {
+			return false
+		}
 		ms := v.Status.MigrationState
-		return v != nil && ms != nil && ms.AbortStatus == kubevirtv1.MigrationAbortSucceeded &&
+		return ms != nil && ms.AbortStatus == kubevirtv1.MigrationAbortSucceeded &&
 			v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] == ""
 	})
 	if err != nil {
