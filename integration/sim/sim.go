@@ -10,8 +10,12 @@
 //     affinity, required pod (anti-)affinity, resources); otherwise it sets
 //     PodScheduled=False/Unschedulable and retries when nodes or pods change.
 //   - kubelet: runs the pods bound to simulated nodes (phase Running, containers
-//     running and ready, a pod IP), terminates deleted pods within their grace
-//     period and then deletes them with grace 0, reports exited containers.
+//     running and ready, readiness gates honoured, a pod IP), reports exited
+//     containers (phase Succeeded/Failed) and deletes terminated pods with grace
+//     0. On deletion a virt-launcher pod whose guest runs exits when the guest
+//     is off (or is killed at the end of its grace period); other pods' processes
+//     exit on SIGTERM at once. It also lifts the not-ready taint of new nodes, as
+//     the node lifecycle controller would.
 //   - virt-handler: starts the guest of a Scheduled VMI (phase Running,
 //     LiveMigratable, selinuxContext "none"), drives live migrations through
 //     status.migrationState, and shuts the guest down when its virt-launcher pod
