@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
@@ -216,7 +217,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		if shutdown {
 			rec.Trigger = TriggerShutdown
 		}
-		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: rec}); err != nil {
+		if err := e.writeRecord(ctx, node.Name, &rec); err != nil {
 			return false, err
 		}
 		e.warned = sets{}
@@ -252,7 +253,7 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		}
 	}
 	if added {
-		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: rec}); err != nil {
+		if err := e.writeRecord(ctx, node.Name, rec); err != nil {
 			return false, err
 		}
 	}
@@ -265,15 +266,22 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		}
 		outcomes[v.key] = o
 	}
+	// While a host shutdown is pending the drain serves it, whatever started it (an
+	// operator's taint before the shutdown): the status says so, which is what the
+	// shutdown waits for, and --shutdown-all-pods applies.
+	trigger := rec.Trigger
+	if e.shutdownPending() {
+		trigger = TriggerShutdown
+	}
 	podsLeft := 0
-	if (rec.Trigger == TriggerTaint && e.opts.AllPods) || (rec.Trigger == TriggerShutdown && e.opts.ShutdownAllPods) {
+	if (rec.Trigger == TriggerTaint && e.opts.AllPods) || (trigger == TriggerShutdown && e.opts.ShutdownAllPods) {
 		podsLeft = e.pods.ensure(ctx)
 	}
-	safe := e.report(ctx, node, cfg, rec.Trigger, vms, outcomes, withPods(podsLeft))
+	safe := e.report(ctx, node, cfg, trigger, vms, outcomes, withPods(podsLeft))
 	if safe && rec.Completed == nil {
 		now := e.opts.Clock.Now().UTC()
 		rec.Completed = &now
-		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: rec}); err != nil {
+		if err := e.writeRecord(ctx, node.Name, rec); err != nil {
 			return false, err
 		}
 		took := now.Sub(rec.Started)
@@ -311,7 +319,7 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 		e.recorder.Eventf(vmi, corev1.EventTypeNormal, ReasonEvacuationCancelled, "Drain of node %s withdrawn: evacuation cancelled", node.Name)
 		e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name}).Info("evacuation cancelled")
 	}
-	if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationDrain: nil}); err != nil {
+	if err := e.writeRecord(ctx, node.Name, nil); err != nil {
 		return err
 	}
 	if e.pods != nil {
@@ -368,4 +376,30 @@ func (e *Engine) reenableAfterReboot(ctx context.Context, node *corev1.Node) err
 		return nil
 	}
 	return e.reenable(ctx, fmt.Sprintf("the node rebooted (boot ID %s -> %s)", own.BootID, node.Status.NodeInfo.BootID))
+}
+
+// writeRecord writes the drain record (nil removes it) and waits until the node's
+// informer shows it, so that the next look at the node does not act on a stale record
+// (and start or complete the same drain twice).
+func (e *Engine) writeRecord(ctx context.Context, node string, rec *DrainRecord) error {
+	var want any
+	wantRaw := ""
+	if rec != nil {
+		raw, err := jsonMarshal(rec)
+		if err != nil {
+			return fmt.Errorf("encoding the drain record: %w", err)
+		}
+		want, wantRaw = raw, raw
+	}
+	if err := patchAnnotations(ctx, e.clients.Kube, node, map[string]any{AnnotationDrain: want}); err != nil {
+		return err
+	}
+	err := wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		n, err := e.view.Node()
+		return err == nil && n.Annotations[AnnotationDrain] == wantRaw, nil
+	})
+	if err != nil {
+		return fmt.Errorf("waiting to see the drain record on node %s: %w", node, err)
+	}
+	return nil
 }

@@ -61,10 +61,12 @@ func restConfig(kubeconfig string, qps float64, burst int) (*rest.Config, error)
 
 // runAgent runs the drain engine and its HTTP endpoints until ctx ends.
 func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
-	log, err := newLogger(a.LogFormat, a.LogLevel, logOut)
+	logger, err := newLogger(a.LogFormat, a.LogLevel, logOut)
 	if err != nil {
 		return err
 	}
+	log := logger.WithField("node", a.NodeName)
+	routeKlog(log)
 	cfg, err := restConfig(a.Kubeconfig, a.QPS, a.Burst)
 	if err != nil {
 		return err
@@ -107,7 +109,7 @@ func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
 		ShutdownAllPods:  a.ShutdownAllPods,
 		Resync:           a.Resync,
 		PodEvictionRetry: a.PodEvictionRetry,
-		Log:              log,
+		Log:              logger,
 	})
 
 	var checks []agent.ReadinessCheck
@@ -119,7 +121,7 @@ func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
 			Mode:      systemd.Mode(a.InhibitMode),
 			WantDelay: a.ShutdownTimeout,
 			DropInDir: a.LogindDropInDir,
-			Log:       log.WithField("node", a.NodeName),
+			Log:       log,
 		})
 		go func() {
 			if err := guard.Run(ctx); err != nil {
@@ -146,7 +148,7 @@ func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
 	server := &http.Server{Handler: engine.Handler(checks...), ReadHeaderTimeout: 10 * time.Second}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- server.Serve(listener) }()
-	log.WithFields(logrus.Fields{"node": a.NodeName, "listen": listener.Addr().String()}).Info("node-agent started")
+	log.WithField("listen", listener.Addr().String()).Info("node-agent started")
 
 	view.Run(ctx)
 	engineDone := make(chan error, 1)

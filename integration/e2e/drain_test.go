@@ -67,7 +67,7 @@ func TestDrainEvictsVMsOnly(t *testing.T) {
 	sc.patchVMIRSNodeSelector("rs", map[string]string{poolLabel: sc.pool})
 	app := sc.plainPod("app", node)
 
-	a := sc.startAgent(node)
+	a := sc.startAgent(node, "--log-format=json")
 	if code, st := a.safeToShutdown(""); code != http.StatusServiceUnavailable || len(st.VMs) != 4 || st.Draining {
 		t.Fatalf("before the drain: /safe-to-shutdown %d, %d VMs, draining %v; want 503, 4 VMs, not draining", code, len(st.VMs), st.Draining)
 	}
@@ -101,6 +101,14 @@ func TestDrainEvictsVMsOnly(t *testing.T) {
 	if !hasEvent(sc.events(sc.ns, "VirtualMachineInstance", "always"), agent.ReasonShutdownRequested) {
 		t.Errorf("no %s event on the VMI it shut down", agent.ReasonShutdownRequested)
 	}
+	a.checkMetrics(map[string]float64{
+		`node_agent_drains_started_total{node="` + node + `",trigger="taint"}`:                        1,
+		`node_agent_drain_duration_seconds_count{node="` + node + `",trigger="taint"}`:                1,
+		`node_agent_safe_to_shutdown{node="` + node + `"}`:                                            1,
+		`node_agent_draining{node="` + node + `"}`:                                                    1,
+		`node_agent_eviction_requests_total{action="shutdown",node="` + node + `",outcome="evicted"}`: 3,
+	})
+	a.checkJSONLogs(sc.ns, "always", "bare")
 }
 
 // waitReplaced waits until the VMIRS has a running VMI other than old on node.

@@ -275,6 +275,13 @@ type agentProc struct {
 // until it is ready.
 func (sc *scenario) startAgent(node string, flags ...string) *agentProc {
 	sc.t.Helper()
+	return sc.startAgentEnv(node, nil, flags...)
+}
+
+// startAgentEnv is startAgent with extra environment for the agent (NAME=value), such
+// as DBUS_SYSTEM_BUS_ADDRESS for a private system bus.
+func (sc *scenario) startAgentEnv(node string, env []string, flags ...string) *agentProc {
+	sc.t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		sc.t.Fatal(err)
@@ -294,6 +301,7 @@ func (sc *scenario) startAgent(node string, flags ...string) *agentProc {
 	}
 	args = append(args, flags...)
 	cmd := exec.Command(sc.env.agentBin, args...)
+	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -464,4 +472,66 @@ func hasFlag(flags []string, name string) bool {
 		}
 	}
 	return false
+}
+
+// checkMetrics scrapes /metrics and checks the value of each series named.
+func (a *agentProc) checkMetrics(want map[string]float64) {
+	a.sc.t.Helper()
+	code, body := a.get("/metrics")
+	if code != http.StatusOK {
+		a.sc.t.Fatalf("/metrics answered %d", code)
+	}
+	got := map[string]string{}
+	for _, line := range strings.Split(body, "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if i := strings.LastIndexByte(line, ' '); i > 0 {
+			got[line[:i]] = line[i+1:]
+		}
+	}
+	for series, value := range want {
+		raw, ok := got[series]
+		if !ok {
+			a.sc.t.Errorf("/metrics has no series %s", series)
+			continue
+		}
+		if v, err := strconv.ParseFloat(raw, 64); err != nil || v != value {
+			a.sc.t.Errorf("/metrics: %s = %s, want %v", series, raw, value)
+		}
+	}
+}
+
+// checkJSONLogs checks that every log line is a JSON object with the node field, and
+// that there is a decision line with namespace and vmi fields for each VMI named.
+func (a *agentProc) checkJSONLogs(namespace string, vmis ...string) {
+	a.sc.t.Helper()
+	data, err := os.ReadFile(a.logPath)
+	if err != nil {
+		a.sc.t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		var entry map[string]any
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			a.sc.t.Errorf("a log line is not JSON: %q", line)
+			continue
+		}
+		if _, ok := entry["msg"]; !ok {
+			a.sc.t.Errorf("a log line has no msg: %q", line)
+		}
+		if entry["node"] != a.node && entry["msg"] != "node-agent stopped" {
+			a.sc.t.Errorf("a log line lacks node=%s: %q", a.node, line)
+		}
+		if entry["namespace"] == namespace {
+			if vmi, ok := entry["vmi"].(string); ok {
+				seen[vmi] = true
+			}
+		}
+	}
+	for _, vmi := range vmis {
+		if !seen[vmi] {
+			a.sc.t.Errorf("no log line with namespace=%s vmi=%s", namespace, vmi)
+		}
+	}
 }
