@@ -36,7 +36,7 @@ const poolLabel = "e2e.node-agent.test/pool"
 
 // scenario is one test's own namespace and nodes on the shared cluster.
 type scenario struct {
-	t     *testing.T
+	t     testing.TB
 	ctx   context.Context
 	ns    string
 	pool  string
@@ -47,7 +47,7 @@ type scenario struct {
 var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 
 // newScenario creates a namespace and n nodes for the test; they are deleted when it ends.
-func newScenario(t *testing.T, nodes int) *scenario {
+func newScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	t.Cleanup(cancel)
