@@ -36,7 +36,9 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) 
 	log := e.vmLog(v).WithFields(map[string]any{"strategy": d.Strategy, "action": d.Action})
 	if d.Action == ActionNone {
 		e.warnOnce(v, ReasonBlocked+d.Reason, func() {
-			e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonBlocked, "Cannot leave node %s: %s", node.Name, d.Reason)
+			if v.vmi != nil {
+				e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonBlocked, "Cannot leave node %s: %s", node.Name, d.Reason)
+			}
 			e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), d.Reason)
 			log.WithField("reason", d.Reason).Warn("VM blocked: it will not be shut down and cannot migrate")
 		})
