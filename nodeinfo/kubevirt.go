@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
 	kubevirtv1 "kubevirt.io/api/core/v1"
@@ -32,33 +33,22 @@ func NewKubeVirtScheme() (*runtime.Scheme, error) {
 // migrations, the KubeVirt CR). It is the typed client-go REST client, without
 // kubevirt.io/client-go, which pins an older Kubernetes.
 func NewKubeVirtClient(cfg *rest.Config) (rest.Interface, error) {
-	scheme, err := NewKubeVirtScheme()
-	if err != nil {
-		return nil, err
-	}
-	c := rest.CopyConfig(cfg)
-	c.GroupVersion = &kubevirtv1.SchemeGroupVersion
-	c.APIPath = "/apis"
-	c.NegotiatedSerializer = serializer.WithoutConversionCodecFactory{CodecFactory: serializer.NewCodecFactory(scheme)}
-	if c.UserAgent == "" {
-		c.UserAgent = rest.DefaultKubernetesUserAgent()
-	}
-	client, err := rest.RESTClientFor(c)
-	if err != nil {
-		return nil, fmt.Errorf("creating the kubevirt.io/v1 client: %w", err)
-	}
-	return client, nil
+	return newRESTClient(cfg, kubevirtv1.SchemeGroupVersion)
 }
 
 // NewKubeVirtSubresourceClient returns a REST client for subresources.kubevirt.io/v1,
 // which virt-api serves (evacuate/cancel, migrate, ...).
 func NewKubeVirtSubresourceClient(cfg *rest.Config) (rest.Interface, error) {
+	return newRESTClient(cfg, kubevirtv1.SubresourceStorageGroupVersion)
+}
+
+func newRESTClient(cfg *rest.Config, gv schema.GroupVersion) (rest.Interface, error) {
 	scheme, err := NewKubeVirtScheme()
 	if err != nil {
 		return nil, err
 	}
 	c := rest.CopyConfig(cfg)
-	c.GroupVersion = &kubevirtv1.SubresourceStorageGroupVersion
+	c.GroupVersion = &gv
 	c.APIPath = "/apis"
 	c.NegotiatedSerializer = serializer.WithoutConversionCodecFactory{CodecFactory: serializer.NewCodecFactory(scheme)}
 	if c.UserAgent == "" {
@@ -66,7 +56,7 @@ func NewKubeVirtSubresourceClient(cfg *rest.Config) (rest.Interface, error) {
 	}
 	client, err := rest.RESTClientFor(c)
 	if err != nil {
-		return nil, fmt.Errorf("creating the subresources.kubevirt.io/v1 client: %w", err)
+		return nil, fmt.Errorf("creating the %s client: %w", gv, err)
 	}
 	return client, nil
 }
