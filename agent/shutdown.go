@@ -42,12 +42,18 @@ func (e *Engine) RunShutdown(ctx context.Context, inh Inhibitor, timeout time.Du
 			case systemd.ShutdownStarted:
 				e.hostShutdown(ctx, inh, ev, timeout)
 			case systemd.ShutdownCancelled:
-				e.SetShutdown(false)
-				if err := e.reenable(ctx, "the host shutdown was cancelled"); err != nil {
-					e.log.WithError(err).Error("cannot re-enable the node after the cancelled shutdown")
-				}
+				e.shutdownCancelled(ctx)
 			}
 		}
+	}
+}
+
+// shutdownCancelled undoes a host shutdown that will not happen: the drain is withdrawn
+// and what the agent added to its node is removed.
+func (e *Engine) shutdownCancelled(ctx context.Context) {
+	e.SetShutdown(false)
+	if err := e.reenable(ctx, "the host shutdown was cancelled"); err != nil {
+		e.log.WithError(err).Error("cannot re-enable the node after the cancelled shutdown")
 	}
 }
 
@@ -62,7 +68,14 @@ func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Eve
 	if err := e.takeOutOfService(ctx, deadline); err != nil {
 		log.WithError(err).Error("cannot taint and cordon the node; draining anyway")
 	}
-	safe := e.waitSafe(ctx, deadline)
+	safe, cancelled := e.waitSafe(ctx, inh.Events(), deadline)
+	if cancelled {
+		// logind will not shut down (it restarted and forgot the shutdown, say): there is
+		// nothing to release, and the Guard holds its lock again.
+		log.Info("host shutdown cancelled while it was held")
+		e.shutdownCancelled(ctx)
+		return
+	}
 	held := e.opts.Clock.Since(ev.At)
 	e.metrics.ShutdownDelay.Observe(held.Seconds())
 	inh.Release()
@@ -91,15 +104,16 @@ func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Eve
 	log.WithFields(logrus.Fields{"held": held.Round(time.Millisecond).String(), "left": left}).Warn("deadline reached: shutdown released with VMs left")
 }
 
-// waitSafe waits until the node is safe to power off or the deadline passes.
-func (e *Engine) waitSafe(ctx context.Context, deadline time.Time) bool {
+// waitSafe waits until the node is safe to power off or the deadline passes, or until
+// events says the shutdown was cancelled (cancelled is true then).
+func (e *Engine) waitSafe(ctx context.Context, events <-chan systemd.Event, deadline time.Time) (safe, cancelled bool) {
 	timer := e.opts.Clock.NewTimer(deadline.Sub(e.opts.Clock.Now()))
 	defer timer.Stop()
 	reported := false
 	for {
 		st, changed := e.Status()
 		if st.Draining && st.Trigger == TriggerShutdown && st.Safe {
-			return true
+			return true, false
 		}
 		if !reported && st.Draining && len(st.VMs) > 0 {
 			if node, err := e.view.Node(); err == nil {
@@ -110,9 +124,16 @@ func (e *Engine) waitSafe(ctx context.Context, deadline time.Time) bool {
 		}
 		select {
 		case <-ctx.Done():
-			return false
+			return false, false
 		case <-timer.C():
-			return false
+			return false, false
+		case ev, ok := <-events:
+			if !ok {
+				return false, false
+			}
+			if ev.Type == systemd.ShutdownCancelled {
+				return false, true
+			}
 		case <-changed:
 		}
 	}

@@ -683,3 +683,46 @@ func TestShutdownSafeToShutdownDuringTheDrain(t *testing.T) {
 		t.Errorf("logind started the poweroff job before the last VM left")
 	}
 }
+
+// logind restarted while the agent holds a shutdown: the new logind knows no shutdown,
+// so the host is not going down. The agent hears it as a cancelled shutdown at once
+// (not at its deadline): it re-enables the node, holds the lock again, and does not
+// report a release.
+func TestShutdownForgottenByARestartedLogindIsCancelled(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	sc.createVM("blocked", liveMigrate, notMigratable, onNode(node))
+	env := sc.startLogind()
+	a := sc.startShutdownAgent(node, env, "--shutdown-timeout=3m", "--logind-dropin-dir="+env.DropInDir)
+	sc.waitInhibitDelayMax(env, 3*time.Minute)
+	bootID := sc.node(node).Status.NodeInfo.BootID
+
+	asked := sc.powerOff(env)
+	sc.waitOutOfService(node, bootID)
+	a.waitStatus(time.Minute, "the blocked VM holding the shutdown", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, "blocked")
+		return st.Draining && st.Trigger == agent.TriggerShutdown && v != nil && v.State == agent.StateBlocked
+	})
+	if err := env.RestartLogind(sc.ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	restarted := time.Now()
+	sc.eventually(time.Minute, "the agent to re-enable the node", func() (bool, string) {
+		n := sc.node(node)
+		_, owned := n.Annotations[agent.AnnotationOwned]
+		return !hasTaintKey(n, nodeinfo.DefaultDrainTaintKey) && !n.Spec.Unschedulable && !owned,
+			fmt.Sprintf("taints %v, unschedulable %v, annotations %v", n.Spec.Taints, n.Spec.Unschedulable, n.Annotations)
+	})
+	t.Logf("node re-enabled %v after logind restarted", time.Since(restarted).Round(time.Millisecond))
+	if ev := sc.nodeEvent(node, agent.ReasonNodeReenabled); !strings.Contains(ev.Message, "cancelled") {
+		t.Errorf("%s event %q does not say the shutdown was cancelled", ev.Reason, ev.Message)
+	}
+	sc.waitLock(env, a)
+	a.waitStatus(30*time.Second, "the agent to stop draining", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool { return !st.Draining })
+	if hasEvent(sc.events(metav1.NamespaceDefault, "Node", node), agent.ReasonShutdownReleased) {
+		t.Errorf("a %s event for a shutdown that logind forgot", agent.ReasonShutdownReleased)
+	}
+	if _, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
+		t.Errorf("logind started %s (%v, %v) although the shutdown was forgotten", powerOffUnit, ok, err)
+	}
+}
