@@ -51,6 +51,9 @@ type Cluster struct {
 	Kubeconfig string
 	// Dir holds the certificates, data and logs.
 	Dir string
+	// AuditLog is the API server's audit log: the requests of service accounts only
+	// (audit.go).
+	AuditLog string
 
 	ca        *authority
 	caPEM     []byte
@@ -214,6 +217,10 @@ func (c *Cluster) startKubernetes(ctx context.Context) error {
 		return err
 	}
 
+	auditPolicy, err := c.writeAuditPolicy(pki)
+	if err != nil {
+		return err
+	}
 	c.apiserver, err = startProcess(c.Dir, "kube-apiserver", c.binaries.KubeAPIServer,
 		"--etcd-servers="+etcdURL,
 		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
@@ -235,6 +242,7 @@ func (c *Cluster) startKubernetes(ctx context.Context) error {
 		"--requestheader-extra-headers-prefix=X-Remote-Extra-",
 		"--proxy-client-cert-file="+proxyCert, "--proxy-client-key-file="+proxyKey,
 		"--profiling=false",
+		"--audit-policy-file="+auditPolicy, "--audit-log-path="+c.AuditLog, "--audit-log-format=json",
 		"--v=1")
 	if err != nil {
 		return err
