@@ -1,0 +1,227 @@
+package e2e
+
+// What the agent's service account may do, rule by rule, with the code path that needs
+// each rule; and what the agent really did, from the API server's audit log.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+
+	rbacv1 "k8s.io/api/rbac/v1"
+)
+
+// permission is one verb on one resource (resource/subresource), in one namespace ("":
+// every namespace, from the ClusterRole) and for one object name ("": any).
+type permission struct {
+	ns, group, resource, name, verb string
+}
+
+func (p permission) String() string {
+	s := p.verb + " " + p.resource
+	if p.group != "" {
+		s += "." + p.group
+	}
+	if p.name != "" {
+		s += " named " + p.name
+	}
+	if p.ns != "" {
+		s += " in " + p.ns
+	}
+	return s
+}
+
+// neededRule is a rule the agent needs, and why.
+type neededRule struct {
+	ns       string // "" for the ClusterRole, else the Role's namespace
+	group    string
+	resource string
+	names    []string
+	verbs    []string
+	// why names the code path that makes these requests.
+	why string
+	// notInDrain lists the verbs that the deployment test's drain does not make, and why:
+	// every other verb must show in the audit log.
+	notInDrain map[string]string
+}
+
+// watchListFallback says why an informer's list does not show: client-go (v0.35+) starts
+// an informer with a streaming list (a watch with sendInitialEvents=true, audited as
+// "watch"), and lists only where the API server does not serve that (older servers, or
+// the WatchList feature off), as its reflector's fallback.
+const watchListFallback = "informers list only as client-go's fallback where the API server serves no streaming list; this one does"
+
+// agentNeeds is every permission `node-agent run` needs; manifests/rbac.yaml must grant
+// exactly these. A rule added to the manifests without a line here fails the test.
+var agentNeeds = []neededRule{
+	{group: "", resource: "nodes", verbs: []string{"get", "update"},
+		why: "agent/shutdown.go updateNode: the drain taint and the cordon on a host shutdown, removed again when the node is re-enabled"},
+	{group: "", resource: "nodes", verbs: []string{"patch"},
+		why: "agent/record.go patchAnnotations: the drain record and the state annotation"},
+	{group: "", resource: "nodes", verbs: []string{"list", "watch"},
+		why:        "nodeinfo/view.go: the informer of its own Node (fieldSelector metadata.name)",
+		notInDrain: map[string]string{"list": watchListFallback}},
+	{group: "", resource: "pods", verbs: []string{"list", "watch"},
+		why: "nodeinfo/view.go: the node's virt-launcher pods (fieldSelector spec.nodeName); kubectl's drain.GetPodsForDeletion (--all-pods)"},
+	{group: "", resource: "pods", verbs: []string{"get"},
+		why: "kubectl's drain helper waits for each evicted pod to be gone (--all-pods)"},
+	{group: "", resource: "pods/eviction", verbs: []string{"create"},
+		why: "agent/actions.go evict and its dry-run probe; kubectl's drain.EvictPod (--all-pods)"},
+	{group: "", resource: "events", verbs: []string{"create", "patch"},
+		why:        "client-go's event recorder (cmd/node-agent/agent.go): create, and patch for a repeated event",
+		notInDrain: map[string]string{"patch": "only a repeated event is patched"}},
+	{group: "apps", resource: "daemonsets", verbs: []string{"get"},
+		why: "kubectl's drain daemonSetFilter: a DaemonSet's pod stays if its DaemonSet exists (--all-pods)"},
+	{group: "kubevirt.io", resource: "virtualmachineinstances", verbs: []string{"list", "watch"},
+		why:        "nodeinfo/view.go: the informer of the node's VMIs (labelSelector kubevirt.io/nodeName)",
+		notInDrain: map[string]string{"list": watchListFallback}},
+	{group: "kubevirt.io", resource: "virtualmachineinstancemigrations", verbs: []string{"list", "create"},
+		why:        "nodeinfo/view.go Migrations (one unfinished migration per VMI); agent/actions.go createMigration where no eviction webhook intercepts",
+		notInDrain: map[string]string{"create": "the fallback for a cluster without KubeVirt's eviction webhook; this cluster has it"}},
+	{group: "subresources.kubevirt.io", resource: "virtualmachineinstances/evacuate", verbs: []string{"update"},
+		why: "agent/actions.go cancelEvacuation: PUT .../evacuate/cancel when a drain is withdrawn"},
+	{ns: "kubevirt", group: "", resource: "configmaps", names: []string{"kubevirt-config"}, verbs: []string{"list", "watch"},
+		why:        "nodeinfo/view.go: the legacy kubevirt-config ConfigMap (fieldSelector metadata.name)",
+		notInDrain: map[string]string{"list": watchListFallback}},
+	{ns: "kubevirt", group: "kubevirt.io", resource: "kubevirts", verbs: []string{"list", "watch"},
+		why:        "nodeinfo/view.go: the KubeVirt CR (migrations.nodeDrainTaintKey, evictionStrategy)",
+		notInDrain: map[string]string{"list": watchListFallback}},
+}
+
+// neededPermissions flattens agentNeeds, each permission with its rule.
+func neededPermissions() map[permission]neededRule {
+	out := map[permission]neededRule{}
+	for _, r := range agentNeeds {
+		names := r.names
+		if len(names) == 0 {
+			names = []string{""}
+		}
+		for _, v := range r.verbs {
+			for _, n := range names {
+				out[permission{ns: r.ns, group: r.group, resource: r.resource, name: n, verb: v}] = r
+			}
+		}
+	}
+	return out
+}
+
+// grantedPermissions flattens RBAC rules; ns is "" for a ClusterRole. It returns an
+// error for what this flattening cannot express: wildcards and non-resource URLs.
+func grantedPermissions(ns string, rules []rbacv1.PolicyRule) (map[permission]bool, error) {
+	out := map[permission]bool{}
+	var errs []string
+	for _, r := range rules {
+		if len(r.NonResourceURLs) > 0 {
+			errs = append(errs, fmt.Sprintf("non-resource URLs %v", r.NonResourceURLs))
+		}
+		names := r.ResourceNames
+		if len(names) == 0 {
+			names = []string{""}
+		}
+		for _, g := range r.APIGroups {
+			for _, res := range r.Resources {
+				for _, v := range r.Verbs {
+					if g == "*" || res == "*" || strings.HasPrefix(res, "*/") || strings.HasSuffix(res, "/*") || v == "*" {
+						errs = append(errs, fmt.Sprintf("wildcard in %q %q %q", g, res, v))
+					}
+					for _, n := range names {
+						out[permission{ns: ns, group: g, resource: res, name: n, verb: v}] = true
+					}
+				}
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return out, fmt.Errorf("%s", strings.Join(errs, "; "))
+	}
+	return out, nil
+}
+
+// auditEvent is the part of an audit.k8s.io/v1 Event the test reads.
+type auditEvent struct {
+	AuditID    string `json:"auditID"`
+	Stage      string `json:"stage"`
+	RequestURI string `json:"requestURI"`
+	Verb       string `json:"verb"`
+	User       struct {
+		Username string `json:"username"`
+	} `json:"user"`
+	UserAgent string `json:"userAgent"`
+	ObjectRef *struct {
+		Resource    string `json:"resource"`
+		Namespace   string `json:"namespace"`
+		Name        string `json:"name"`
+		APIGroup    string `json:"apiGroup"`
+		Subresource string `json:"subresource"`
+	} `json:"objectRef"`
+	ResponseStatus *struct {
+		Code    int    `json:"code"`
+		Message string `json:"message"`
+	} `json:"responseStatus"`
+}
+
+// agentRequests reads the audit log: the requests of user made with userAgent, one per
+// audit ID (the last stage seen).
+func agentRequests(path, user, userAgent string) ([]auditEvent, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	byID := map[string]auditEvent{}
+	var order []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		var ev auditEvent
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		if ev.User.Username != user || ev.UserAgent != userAgent {
+			continue
+		}
+		if _, ok := byID[ev.AuditID]; !ok {
+			order = append(order, ev.AuditID)
+		}
+		byID[ev.AuditID] = ev
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	out := make([]auditEvent, 0, len(order))
+	for _, id := range order {
+		out = append(out, byID[id])
+	}
+	return out, nil
+}
+
+// covers says whether a needed permission allows an audited request.
+func (p permission) covers(ev auditEvent) bool {
+	ref := ev.ObjectRef
+	res := ref.Resource
+	if ref.Subresource != "" {
+		res += "/" + ref.Subresource
+	}
+	return p.verb == ev.Verb && p.group == ref.APIGroup && p.resource == res &&
+		(p.ns == "" || p.ns == ref.Namespace) && (p.name == "" || p.name == ref.Name)
+}
+
+// discoveryPath says whether a non-resource request is API discovery, which every
+// authenticated user may read (system:discovery): kubectl's drain helper asks /api/v1
+// whether the Eviction API is served.
+func discoveryPath(uri string) bool {
+	path, _, _ := strings.Cut(uri, "?")
+	return path == "/api" || path == "/apis" || strings.HasPrefix(path, "/api/") || strings.HasPrefix(path, "/apis/") || path == "/version"
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
