@@ -400,15 +400,6 @@ func (a *agentProc) waitSafe(timeout time.Duration) agent.NodeStatus {
 	return st
 }
 
-// vmState returns the state the agent reports for a VM, or "" when it is not listed.
-func vmState(st agent.NodeStatus, ns, name string) (agent.VMState, string) {
-	for _, v := range st.VMs {
-		if v.Namespace == ns && v.Name == name {
-			return v.State, v.Detail
-		}
-	}
-	return "", ""
-}
 
 // migrationsOf lists the migrations of one VMI.
 func (sc *scenario) migrationsOf(vmi string) []kubevirtv1.VirtualMachineInstanceMigration {

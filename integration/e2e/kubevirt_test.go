@@ -92,11 +92,10 @@ func TestKubeVirtEvictionShutsDownNoneVMs(t *testing.T) {
 			t.Fatalf("evicting the pod of %s (strategy None): %v, want it allowed", v.Name, err)
 		}
 	}
-	restarted, err := sc.env.sim.WaitForNewVMI(sc.ctx, sc.ns, "always", vm.UID)
-	if err != nil {
+	if _, err := sc.env.sim.WaitForNewVMI(sc.ctx, sc.ns, "always", vm.UID); err != nil {
 		t.Fatal(err)
 	}
-	restarted = sc.waitVMIOn("always", sc.nodes[1])
+	restarted := sc.waitVMIOn("always", sc.nodes[1])
 	if restarted.UID == vm.UID {
 		t.Error("the runStrategy Always VM was not restarted as a new VMI")
 	}

@@ -98,7 +98,7 @@ func buildStub(ctx context.Context) (string, error) {
 	defer os.Remove(tmp.Name())
 	goBin, err := exec.LookPath("go")
 	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+		return "", fmt.Errorf("the go command is needed to build the systemd1 stub: %w", err)
 	}
 	cmd := exec.CommandContext(ctx, goBin, "build", "-o", tmp.Name(), stubPkg)
 	cmd.Dir = root

@@ -50,7 +50,7 @@ func (e *Env) connect(ctx context.Context) (*dbus.Conn, error) {
 	}
 	if err := conn.Hello(); err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("Hello on %s: %w", e.Address, err)
+		return nil, fmt.Errorf("saying Hello on %s: %w", e.Address, err)
 	}
 	return conn, nil
 }
