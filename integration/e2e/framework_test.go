@@ -400,7 +400,6 @@ func (a *agentProc) waitSafe(timeout time.Duration) agent.NodeStatus {
 	return st
 }
 
-
 // migrationsOf lists the migrations of one VMI.
 func (sc *scenario) migrationsOf(vmi string) []kubevirtv1.VirtualMachineInstanceMigration {
 	sc.t.Helper()
