@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -124,7 +124,6 @@ func (e *Engine) Enqueue() { e.queue.Add(e.opts.NodeName) }
 
 // Run works the queue until ctx ends.
 func (e *Engine) Run(ctx context.Context) error {
-	defer utilruntime.HandleCrash()
 	go func() {
 		<-ctx.Done()
 		e.queue.ShutDown()
@@ -144,7 +143,7 @@ func (e *Engine) processNext(ctx context.Context) bool {
 		return false
 	}
 	defer e.queue.Done(key)
-	requeue, err := e.sync(ctx)
+	requeue, err := e.syncSafely(ctx)
 	switch {
 	case err != nil:
 		e.log.WithError(err).Warn("sync failed; retrying")
@@ -156,6 +155,19 @@ func (e *Engine) processNext(ctx context.Context) bool {
 		e.queue.Forget(key)
 	}
 	return true
+}
+
+// syncSafely runs sync, turning a panic (a bug met on some object in the cluster)
+// into an error that is logged and retried with a backoff, so that one bad object
+// cannot crash-loop the agent and stop it draining everything else.
+func (e *Engine) syncSafely(ctx context.Context) (requeue bool, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			e.log.WithField("panic", r).WithField("stack", string(debug.Stack())).Error("sync panicked; retrying")
+			requeue, err = false, fmt.Errorf("sync panicked: %v", r)
+		}
+	}()
+	return e.sync(ctx)
 }
 
 // SetShutdown marks a host shutdown as pending (true) or cancelled (false).
