@@ -205,13 +205,57 @@ func (v *View) Config() (Config, error) {
 	cfg, err := ResolveConfig(v.opts.DrainTaintKey, kv, cm)
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if err != nil && v.lastGood != nil {
-		return *v.lastGood, err
+	var use Config
+	use, v.lastGood = keepLastGood(cfg, err, v.lastGood)
+	return use, err
+}
+
+// keepLastGood decides which configuration to use when err says some source is
+// unusable: when that source would decide the key (it comes before the one the key was
+// taken from), the last good key stays in force; the cluster's eviction strategy is
+// taken as it is now (it is checked per VM). It returns the configuration to use and
+// the new last good one.
+func keepLastGood(cfg Config, err error, lastGood *Config) (Config, *Config) {
+	if err == nil || !outranks(err, cfg.DrainTaintKeySource) {
+		return cfg, &cfg
 	}
-	if err == nil {
-		v.lastGood = &cfg
+	if lastGood == nil {
+		return cfg, nil
 	}
-	return cfg, err
+	kept := *lastGood
+	kept.ClusterEvictionStrategy = cfg.ClusterEvictionStrategy
+	return kept, lastGood
+}
+
+// sourceRank orders the configuration sources, the first winning.
+func sourceRank(source string) int {
+	switch source {
+	case SourceFlag:
+		return 0
+	case SourceKubeVirt:
+		return 1
+	case SourceConfigMap:
+		return 2
+	default:
+		return 3
+	}
+}
+
+// outranks says whether an unusable source in err comes before the source the key was
+// taken from: then the key in use is a fallback the operator did not ask for.
+func outranks(err error, used string) bool {
+	var joined interface{ Unwrap() []error }
+	errs := []error{err}
+	if errors.As(err, &joined) {
+		errs = joined.Unwrap()
+	}
+	for _, e := range errs {
+		var ce *ConfigError
+		if errors.As(e, &ce) && sourceRank(ce.Source) < sourceRank(used) {
+			return true
+		}
+	}
+	return false
 }
 
 // Migrations lists the migrations of one VMI, by spec.vmiName in its namespace
