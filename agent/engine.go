@@ -74,8 +74,9 @@ type Engine struct {
 	status   NodeStatus
 	changed  chan struct{} // closed and replaced when status changes
 	since    since
-	shutdown bool // a host shutdown is pending
-	warned   sets // events already sent this drain, by key
+	shutdown bool      // a host shutdown is pending
+	deadline time.Time // when the pending shutdown is released at the latest
+	warned   sets      // events already sent this drain, by key
 	pods     *podDrainer
 }
 

@@ -64,6 +64,9 @@ func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Eve
 	}
 	log := e.log.WithField("deadline", deadline.Format(time.RFC3339))
 	log.Info("host shutdown: taking the node out of service and draining it")
+	e.mu.Lock()
+	e.deadline = deadline
+	e.mu.Unlock()
 	e.SetShutdown(true)
 	if err := e.takeOutOfService(ctx, deadline); err != nil {
 		log.WithError(err).Error("cannot taint and cordon the node; draining anyway")
@@ -102,6 +105,34 @@ func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Eve
 	e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonShutdownReleased, "Host shutdown released at the deadline after %s with %d VMs left: %s",
 		held.Round(time.Second), len(left), strings.Join(left, ", "))
 	log.WithFields(logrus.Fields{"held": held.Round(time.Millisecond).String(), "left": left}).Warn("deadline reached: shutdown released with VMs left")
+}
+
+// ShuttingDown says whether a host shutdown is being held.
+func (e *Engine) ShuttingDown() bool { return e.shutdownPending() }
+
+// HoldWhileShuttingDown blocks, while a host shutdown is held, until the node is safe,
+// the shutdown's deadline passes, the shutdown is cancelled, or ctx ends; it returns at
+// once otherwise. The agent calls it on SIGTERM, so that the kubelet's graceful node
+// shutdown waits on the agent's pod before it reaches the VMs' pods.
+func (e *Engine) HoldWhileShuttingDown(ctx context.Context) {
+	e.mu.Lock()
+	deadline := e.deadline
+	e.mu.Unlock()
+	timer := e.opts.Clock.NewTimer(deadline.Sub(e.opts.Clock.Now()))
+	defer timer.Stop()
+	for e.shutdownPending() && e.opts.Clock.Now().Before(deadline) {
+		st, changed := e.Status()
+		if st.Draining && st.Trigger == TriggerShutdown && st.Safe {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C():
+			return
+		case <-changed:
+		}
+	}
 }
 
 // waitSafe waits until the node is safe to power off or the deadline passes, or until

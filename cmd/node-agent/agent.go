@@ -59,8 +59,14 @@ func restConfig(kubeconfig string, qps float64, burst int) (*rest.Config, error)
 	return cfg, nil
 }
 
-// runAgent runs the drain engine and its HTTP endpoints until ctx ends.
-func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
+// runAgent runs the drain engine and its HTTP endpoints until stopping is closed (the
+// first SIGTERM) or ctx ends (the second). A SIGTERM that comes while a host shutdown
+// is being held (the kubelet's graceful node shutdown stopping the agent's pod) is held
+// too, until the node is safe or the shutdown's deadline: the kubelet then waits on the
+// agent before it reaches the VMs' pods.
+func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOut io.Writer) error {
+	ctx, stop := context.WithCancel(parent)
+	defer stop()
 	logger, err := newLogger(a.LogFormat, a.LogLevel, logOut)
 	if err != nil {
 		return err
@@ -156,6 +162,12 @@ func runAgent(ctx context.Context, a runArgs, logOut io.Writer) error {
 
 	select {
 	case <-ctx.Done():
+	case <-stopping:
+		if engine.ShuttingDown() {
+			log.Info("SIGTERM during a host shutdown: holding it until the node is safe or the deadline")
+			engine.HoldWhileShuttingDown(parent)
+		}
+		stop()
 	case err := <-serveErr:
 		return fmt.Errorf("serving HTTP: %w", err)
 	}

@@ -239,7 +239,7 @@ func TestRun(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			var stdout, stderr bytes.Buffer
-			if got := run(ctx, tt.args, env(tt.env), &stdout, &stderr); got != tt.want {
+			if got := run(ctx, nil, tt.args, env(tt.env), &stdout, &stderr); got != tt.want {
 				t.Errorf("run(%q) = %d, want %d; stderr:\n%s", tt.args, got, tt.want, stderr.String())
 			}
 			if !strings.Contains(stdout.String(), tt.stdoutHas) {

@@ -35,18 +35,40 @@ Run 'node-agent <command> -h' for the flags of a command. Bad usage exits with s
 `
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
-	stop()
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancel(context.Background())
+	stopping := make(chan struct{})
+	go func() {
+		<-signals
+		close(stopping)
+		<-signals // a second signal ends everything at once
+		cancel()
+	}()
+	code := run(ctx, stopping, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	cancel()
 	os.Exit(code)
 }
 
 // run is main without the process around it; it returns the exit status: 0 done,
-// 1 failed, 2 bad usage.
-func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+// 1 failed, 2 bad usage. stopping is closed on the first SIGTERM or interrupt; ctx ends
+// on the second.
+func run(ctx context.Context, stopping <-chan struct{}, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
+	}
+	if args[0] != "run" {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		go func() {
+			select {
+			case <-stopping:
+				cancel()
+			case <-ctx.Done():
+			}
+		}()
 	}
 	switch args[0] {
 	case "run":
@@ -58,7 +80,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			fmt.Fprintf(stderr, "node-agent run: %v\n", err)
 			return 2
 		}
-		if err := runAgent(ctx, a, stderr); err != nil {
+		if err := runAgent(ctx, stopping, a, stderr); err != nil {
 			fmt.Fprintf(stderr, "node-agent run: %v\n", err)
 			return 1
 		}
