@@ -134,9 +134,11 @@ func (e *Engine) refused(v *vm, node *corev1.Node, msg string, res evictionResul
 // warnOnce runs report the first time this VM meets this reason during a drain.
 func (e *Engine) warnOnce(v *vm, reason string, report func()) {
 	key := v.key + "\x00" + reason
-	if _, done := e.warned[key]; done {
-		return
-	}
+	e.warnedMu.Lock()
+	_, done := e.warned[key]
 	e.warned[key] = struct{}{}
-	report()
+	e.warnedMu.Unlock()
+	if !done {
+		report()
+	}
 }

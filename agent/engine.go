@@ -76,7 +76,8 @@ type Engine struct {
 	since    since
 	shutdown bool      // a host shutdown is pending
 	deadline time.Time // when the pending shutdown is released at the latest
-	warned   sets      // events already sent this drain, by key
+	warnedMu sync.Mutex
+	warned   sets // events already sent this drain, by key
 	pods     *podDrainer
 }
 
@@ -233,7 +234,9 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		if err := e.writeRecord(ctx, node.Name, &rec); err != nil {
 			return false, err
 		}
+		e.warnedMu.Lock()
 		e.warned = sets{}
+		e.warnedMu.Unlock()
 		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainStarted, "Drain started (%s, taint key %s)", rec.Trigger, cfg.DrainTaintKey)
 		e.log.WithFields(logrus.Fields{"trigger": rec.Trigger, "taintKey": cfg.DrainTaintKey}).Info("drain started")
 		e.metrics.DrainsStarted.WithLabelValues(rec.Trigger).Inc()
@@ -270,15 +273,7 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 			return false, err
 		}
 	}
-	outcomes := map[string]outcome{}
-	var errs []error
-	for _, v := range pending {
-		o, err := e.act(ctx, node, v, decisions[v.key])
-		if err != nil {
-			errs = append(errs, err)
-		}
-		outcomes[v.key] = o
-	}
+	outcomes, errs := e.actAll(ctx, node, pending, decisions)
 	// While a host shutdown is pending the drain serves it, whatever started it (an
 	// operator's taint before the shutdown): the status says so, which is what the
 	// shutdown waits for, and --shutdown-all-pods applies.
@@ -303,6 +298,35 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		e.log.WithField("took", took.Round(time.Millisecond).String()).Info("drain completed: no VM left on the node")
 	}
 	return true, errors.Join(errs...)
+}
+
+// actConcurrency bounds the evictions in flight at once: a node's hundred VMs are acted
+// on together, not one round trip (through KubeVirt's webhook) after another.
+const actConcurrency = 16
+
+// actAll acts on the VMs, actConcurrency at a time.
+func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decisions map[string]Decision) (map[string]outcome, []error) {
+	var mu sync.Mutex
+	outcomes := map[string]outcome{}
+	var errs []error
+	sem := make(chan struct{}, actConcurrency)
+	var wg sync.WaitGroup
+	for _, v := range vms {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			o, err := e.act(ctx, node, v, decisions[v.key])
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+			}
+			outcomes[v.key] = o
+		}()
+	}
+	wg.Wait()
+	return outcomes, errs
 }
 
 func decide(v *vm, cfg nodeinfo.Config) Decision {
