@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs, once per machine, what the tests and the demo need: Debian packages (a real
-# dbus-daemon and systemd-logind for the shutdown path), the pinned linters, and the
+# dbus-daemon and systemd-logind for the shutdown path; systemd-nspawn, to boot systemd
+# in a container for the shutdown path's most real tier; curl, which measures the
+# container's way to the API server), the pinned linters, and the
 # pinned control plane (kube-apiserver, etcd, virt-api, virt-controller), built from
 # the Go module proxy into the cache folder (the first build takes 10-20 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(dbus systemd util-linux prometheus)
+packages=(dbus systemd util-linux mount systemd-container curl prometheus)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
