@@ -76,9 +76,11 @@ type Engine struct {
 	since    since
 	shutdown bool      // a host shutdown is pending
 	deadline time.Time // when the pending shutdown is released at the latest
-	warnedMu sync.Mutex
-	warned   sets // events already sent this drain, by key
-	pods     *podDrainer
+	// expectations are the actions taken that the cache does not show yet.
+	expectations expectations
+	warnedMu     sync.Mutex
+	warned       sets // events already sent this drain, by key
+	pods         *podDrainer
 }
 
 type sets map[string]struct{}
@@ -237,6 +239,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		e.warnedMu.Lock()
 		e.warned = sets{}
 		e.warnedMu.Unlock()
+		e.expectations.reset()
 		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainStarted, "Drain started (%s, taint key %s)", rec.Trigger, cfg.DrainTaintKey)
 		e.log.WithFields(logrus.Fields{"trigger": rec.Trigger, "taintKey": cfg.DrainTaintKey}).Info("drain started")
 		e.metrics.DrainsStarted.WithLabelValues(rec.Trigger).Inc()
@@ -249,13 +252,22 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 	vms := vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods())
 	var pending []*vm
 	decisions := map[string]Decision{}
+	awaited := map[string]outcome{}
 	for _, v := range vms {
 		d := decide(v, cfg)
 		decisions[v.key] = d
+		state, _ := observe(v, d, node.Name, true)
 		// A blocked VM goes to act too: it is reported there, loudly (events, log).
-		if state, _ := observe(v, d, node.Name, true); state == StatePending || state == StateBlocked {
-			pending = append(pending, v)
+		if state != StatePending && state != StateBlocked {
+			e.expectations.seen(v.key)
+			continue
 		}
+		if o, ok := e.expectations.awaiting(v, e.opts.Clock.Now()); ok {
+			// Acted on already; the cache has not shown it yet.
+			awaited[v.key] = o
+			continue
+		}
+		pending = append(pending, v)
 	}
 	// Record the intent before acting, so that a restarted agent can withdraw it.
 	added := false
@@ -274,6 +286,9 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		}
 	}
 	outcomes, errs := e.actAll(ctx, node, pending, decisions)
+	for key, o := range awaited {
+		outcomes[key] = o
+	}
 	// While a host shutdown is pending the drain serves it, whatever started it (an
 	// operator's taint before the shutdown): the status says so, which is what the
 	// shutdown waits for, and --shutdown-all-pods applies.
@@ -317,6 +332,9 @@ func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decis
 		go func() {
 			defer func() { <-sem; wg.Done() }()
 			o, err := e.act(ctx, node, v, decisions[v.key])
+			if o.state == StateMigrating || o.state == StateShuttingDown || o.state == StateWaitingExternal {
+				e.expectations.expect(v, o, e.opts.Clock.Now())
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {

@@ -201,12 +201,16 @@ func TestDrainSurvivesAgentKill(t *testing.T) {
 	a.kill()
 	a = sc.startAgent(node, flag)
 
-	sc.eventually(time.Minute, "a first MigrationRequested event", func() (bool, string) {
-		list, err := sc.kube().CoreV1().Events(sc.ns).List(sc.ctx, metav1.ListOptions{FieldSelector: "reason=" + agent.ReasonMigrationRequested})
-		if err != nil {
-			return false, err.Error()
+	// The second kill point: the first evacuation requested (a VMI marked by KubeVirt's
+	// webhook). Its event may not have left the agent yet: events are sent in the
+	// background and a SIGKILL loses what is queued.
+	sc.eventually(time.Minute, "a first VMI marked for evacuation", func() (bool, string) {
+		for _, name := range migrate {
+			if v := sc.vmi(name); v != nil && (v.Status.EvacuationNodeName != "" || v.Status.NodeName != node) {
+				return true, ""
+			}
 		}
-		return len(list.Items) > 0, ""
+		return false, "none marked"
 	})
 	a.kill()
 	a = sc.startAgent(node, flag)
@@ -225,8 +229,9 @@ func TestDrainSurvivesAgentKill(t *testing.T) {
 
 	for _, name := range migrate {
 		sc.waitMigrated(before[name], other)
-		if n := sc.eventCount(sc.ns, "VirtualMachineInstance", name, agent.ReasonMigrationRequested); n != 1 {
-			t.Errorf("VMI %s: %d %s events, want 1", name, n, agent.ReasonMigrationRequested)
+		// At most one: a second would be a repeated action; none, an event lost to a kill.
+		if n := sc.eventCount(sc.ns, "VirtualMachineInstance", name, agent.ReasonMigrationRequested); n > 1 {
+			t.Errorf("VMI %s: %d %s events, want at most 1", name, n, agent.ReasonMigrationRequested)
 		}
 		if ms := sc.migrationsOf(name); len(ms) != 1 {
 			t.Errorf("VMI %s: %d migrations, want 1", name, len(ms))
@@ -234,8 +239,11 @@ func TestDrainSurvivesAgentKill(t *testing.T) {
 	}
 	for _, name := range []string{"always", "bridged"} {
 		sc.waitRestarted(before[name], other)
-		if n := sc.eventCount(sc.ns, "VirtualMachineInstance", name, agent.ReasonShutdownRequested); n != 1 {
-			t.Errorf("VMI %s: %d %s events, want 1", name, n, agent.ReasonShutdownRequested)
+		// "always" is evicted after the kills: exactly one event. "bridged" may have been
+		// evicted just before one, and its event lost with it: at most one.
+		n := sc.eventCount(sc.ns, "VirtualMachineInstance", name, agent.ReasonShutdownRequested)
+		if n > 1 || (name == "always" && n != 1) {
+			t.Errorf("VMI %s: %d %s events", name, n, agent.ReasonShutdownRequested)
 		}
 	}
 	for _, reason := range []string{agent.ReasonDrainStarted, agent.ReasonDrainCompleted} {
