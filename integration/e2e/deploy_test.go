@@ -21,7 +21,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -420,52 +419,12 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, ext
 			sc.t.Fatalf("env %s: a source this test does not know", e.Name)
 		}
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		sc.t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeAddr(sc.t)
 	args := append(append([]string{}, c.Args...), "--kubeconfig="+d.kubeconfig, "--listen-address="+addr, "--shutdown-inhibitor=false")
 	args = append(args, extra...)
-	logPath := filepath.Join(sc.t.TempDir(), "node-agent-"+node+".log")
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		sc.t.Fatal(err)
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Env = env
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		sc.t.Fatalf("starting node-agent: %v", err)
-	}
 	sc.t.Logf("node-agent %s (env %s)", strings.Join(args, " "), strings.Join(env, " "))
-	a := &agentProc{sc: sc, node: node, cmd: cmd, addr: addr, logPath: logPath, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logFile.Close()
-		close(a.exited)
-	}()
-	sc.t.Cleanup(func() {
-		a.stop()
-		if sc.t.Failed() {
-			data, _ := os.ReadFile(logPath)
-			if len(data) > 20000 {
-				data = data[len(data)-20000:]
-			}
-			sc.t.Logf("node-agent log for %s:\n%s", node, data)
-		}
-	})
-	sc.eventually(60*time.Second, "node-agent on "+node+" to be ready", func() (bool, string) {
-		select {
-		case <-a.exited:
-			sc.t.Fatalf("node-agent exited at start: %s", a.logTail())
-		default:
-		}
-		code, body := a.get("/readyz")
-		return code == http.StatusOK, body
-	})
+	a := sc.spawnAgent(bin, node, addr, args, env)
+	a.waitServing("/readyz", 60*time.Second)
 	return a
 }
 

@@ -9,13 +9,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"net"
 	"net/http"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -246,45 +242,10 @@ func TestAgentWithoutKubeVirtCRDs(t *testing.T) {
 // it to be ready; it is stopped when the test ends.
 func (sc *scenario) launchAgent(node string, flags ...string) *agentProc {
 	sc.t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		sc.t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	logPath := filepath.Join(sc.t.TempDir(), "node-agent-"+node+".log")
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		sc.t.Fatal(err)
-	}
+	addr := freeAddr(sc.t)
 	args := append([]string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig, "--node-name=" + node,
 		"--listen-address=" + addr, "--resync=1s", "--log-level=debug", "--shutdown-inhibitor=false"}, flags...)
-	cmd := exec.Command(sc.env.agentBin, args...)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		sc.t.Fatalf("starting node-agent: %v", err)
-	}
-	a := &agentProc{sc: sc, node: node, cmd: cmd, addr: addr, logPath: logPath, exited: make(chan struct{})}
-	go func() {
-		_ = cmd.Wait()
-		logFile.Close()
-		close(a.exited)
-	}()
-	sc.t.Cleanup(func() {
-		a.stop()
-		if sc.t.Failed() {
-			sc.t.Logf("node-agent log for %s:\n%s", node, a.logTail())
-		}
-	})
-	sc.eventually(30*time.Second, "node-agent on "+node+" to serve /healthz", func() (bool, string) {
-		select {
-		case <-a.exited:
-			sc.t.Fatalf("node-agent exited at start: %s", a.logTail())
-		default:
-		}
-		code, body := a.get("/healthz")
-		return code == http.StatusOK, body
-	})
+	a := sc.spawnAgent(sc.env.agentBin, node, addr, args, nil)
+	a.waitServing("/healthz", 30*time.Second)
 	return a
 }

@@ -282,25 +282,40 @@ func (sc *scenario) startAgent(node string, flags ...string) *agentProc {
 // as DBUS_SYSTEM_BUS_ADDRESS for a private system bus.
 func (sc *scenario) startAgentEnv(node string, env []string, flags ...string) *agentProc {
 	sc.t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		sc.t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	logPath := filepath.Join(sc.t.TempDir(), "node-agent-"+node+".log")
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		sc.t.Fatal(err)
-	}
+	addr := freeAddr(sc.t)
 	args := []string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig, "--node-name=" + node,
 		"--listen-address=" + addr, "--resync=1s", "--log-level=debug"}
 	if !hasFlag(flags, "--shutdown-inhibitor") {
 		// No system bus here: the drain tests run without the logind part.
 		args = append(args, "--shutdown-inhibitor=false")
 	}
-	args = append(args, flags...)
-	cmd := exec.Command(sc.env.agentBin, args...)
+	a := sc.spawnAgent(sc.env.agentBin, node, addr, append(args, flags...), env)
+	a.waitServing("/readyz", 60*time.Second)
+	return a
+}
+
+// freeAddr returns a free local address for an agent's --listen-address.
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// spawnAgent runs bin with args (its --listen-address is addr) and extra environment,
+// logging to a file that the test prints when it fails; the process is stopped when
+// the test ends.
+func (sc *scenario) spawnAgent(bin, node, addr string, args, env []string) *agentProc {
+	sc.t.Helper()
+	logPath := filepath.Join(sc.t.TempDir(), "node-agent-"+node+".log")
+	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -323,16 +338,22 @@ func (sc *scenario) startAgentEnv(node string, env []string, flags ...string) *a
 			sc.t.Logf("node-agent log for %s:\n%s", node, data)
 		}
 	})
-	sc.eventually(60*time.Second, "node-agent on "+node+" to be ready", func() (bool, string) {
+	return a
+}
+
+// waitServing waits until the agent answers 200 on path; it fails the test if the
+// agent exits first.
+func (a *agentProc) waitServing(path string, timeout time.Duration) {
+	a.sc.t.Helper()
+	a.sc.eventually(timeout, "node-agent on "+a.node+" to answer "+path, func() (bool, string) {
 		select {
 		case <-a.exited:
-			sc.t.Fatalf("node-agent exited at start: %s", a.logTail())
+			a.sc.t.Fatalf("node-agent exited at start: %s", a.logTail())
 		default:
 		}
-		code, body := a.get("/readyz")
+		code, body := a.get(path)
 		return code == http.StatusOK, body
 	})
-	return a
 }
 
 func (a *agentProc) logTail() string {
