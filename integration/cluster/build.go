@@ -50,10 +50,10 @@ func builds() []build {
 		{module: "etcd", version: EtcdVersion, packages: []string{"./cmd/etcd"},
 			why: "etcd " + EtcdVersion},
 		{module: "kube-apiserver", version: KubernetesVersion, packages: []string{"k8s.io/kubernetes/cmd/kube-apiserver"},
-			ldflags: kubeVersionLDFlags, why: "kube-apiserver " + KubernetesVersion + " (the first build takes 8-15 minutes on 2 cores)"},
+			ldflags: kubeVersionLDFlags, why: "kube-apiserver " + KubernetesVersion + " (the first build takes 4-15 minutes on 2 cores)"},
 		{module: "kubevirt", version: KubeVirtVersion,
 			packages: []string{"kubevirt.io/kubevirt/cmd/virt-api", "kubevirt.io/kubevirt/cmd/virt-controller", "./cmd/kubevirt-manifests"},
-			why:      "KubeVirt " + KubeVirtVersion + " virt-api and virt-controller (the first build takes about 4 minutes)"},
+			why:      "KubeVirt " + KubeVirtVersion + " virt-api and virt-controller (the first build takes 2-4 minutes)"},
 	}
 }
 
