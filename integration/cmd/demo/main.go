@@ -61,16 +61,22 @@ type demo struct {
 	started time.Time
 }
 
-func run(ctx context.Context, out io.Writer) error {
+func run(ctx context.Context, out io.Writer) (err error) {
 	d := &demo{out: out, agents: map[string]string{}, started: time.Now()}
 	d.say("Starting a local test cluster: real etcd, kube-apiserver %s, KubeVirt %s virt-api and virt-controller;\n"+
-		"the scheduler, kubelets and virt-handlers are simulated. The first run builds them (10-20 minutes, once).", cluster.KubernetesVersion, cluster.KubeVirtVersion)
+		"the scheduler, kubelets and virt-handlers are simulated. The first run on a machine builds them (about 6 minutes here, up to 20 on a slower machine; once).", cluster.KubernetesVersion, cluster.KubeVirtVersion)
 	dir, err := os.MkdirTemp("", "node-agent-demo-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
 	d.dir = dir
+	defer func() {
+		if err != nil {
+			fmt.Fprintf(out, "\nThe cluster's and the agents' logs are kept in %s\n", dir)
+			return
+		}
+		os.RemoveAll(dir)
+	}()
 	agentBin := filepath.Join(dir, "node-agent")
 	build := exec.CommandContext(ctx, "go", "build", "-o", agentBin, "github.com/node-agent/node-agent/cmd/node-agent")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
@@ -81,7 +87,7 @@ func run(ctx context.Context, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	defer d.c.Stop(false)
+	defer func() { d.c.Stop(err != nil) }()
 	log := logrus.New()
 	log.SetLevel(logrus.ErrorLevel)
 	if d.sim, err = sim.Start(ctx, d.c.RESTConfig, sim.Options{Log: log, MigrationDuration: 2 * time.Second}); err != nil {
@@ -136,7 +142,7 @@ func run(ctx context.Context, out io.Writer) error {
 		return err
 	}
 	d.say("%s is schedulable again (taints %v); the agent's annotation reads %q.", node, n.Spec.Taints, n.Annotations[agent.AnnotationState])
-	d.say("Done in %s. Agent logs were in %s.", time.Since(d.started).Round(time.Second), dir)
+	d.say("Done in %s.", time.Since(d.started).Round(time.Second))
 	return nil
 }
 
