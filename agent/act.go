@@ -3,7 +3,9 @@ package agent
 import (
 	"context"
 
+	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
 // Event reasons.
@@ -141,4 +143,37 @@ func (e *Engine) warnOnce(v *vm, reason string, report func()) {
 	if !done {
 		report()
 	}
+}
+
+// withdraw ends a drain whose trigger went away: nothing new is started, and the
+// evacuations this drain requested are cancelled.
+func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainRecord) error {
+	vmis := map[string]*kubevirtv1.VirtualMachineInstance{}
+	for _, vmi := range e.view.VMIs() {
+		vmis[vmi.Namespace+"/"+vmi.Name] = vmi
+	}
+	cancelled := 0
+	for key, action := range rec.Requested {
+		vmi, ok := vmis[key]
+		if !ok || (action != ActionMigrate && action != ActionExternal) || vmi.Status.EvacuationNodeName != node.Name {
+			continue
+		}
+		if err := e.cancelEvacuation(ctx, vmi.Namespace, vmi.Name); err != nil {
+			return err
+		}
+		cancelled++
+		e.recorder.Eventf(vmi, corev1.EventTypeNormal, ReasonEvacuationCancelled, "Drain of node %s withdrawn: evacuation cancelled", node.Name)
+		e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name}).Info("evacuation cancelled")
+	}
+	if err := e.writeRecord(ctx, node.Name, nil); err != nil {
+		return err
+	}
+	if e.pods != nil {
+		e.pods.stop()
+	}
+	if rec.Completed == nil {
+		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainWithdrawn, "Drain withdrawn: %d evacuations cancelled", cancelled)
+		e.log.WithField("cancelled", cancelled).Info("drain withdrawn")
+	}
+	return nil
 }

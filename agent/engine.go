@@ -11,7 +11,6 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
@@ -354,39 +353,6 @@ func decide(v *vm, cfg nodeinfo.Config) Decision {
 	return Decide(v.vmi, cfg.ClusterEvictionStrategy)
 }
 
-// withdraw ends a drain whose trigger went away: nothing new is started, and the
-// evacuations this drain requested are cancelled.
-func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainRecord) error {
-	vmis := map[string]*kubevirtv1.VirtualMachineInstance{}
-	for _, vmi := range e.view.VMIs() {
-		vmis[vmi.Namespace+"/"+vmi.Name] = vmi
-	}
-	cancelled := 0
-	for key, action := range rec.Requested {
-		vmi, ok := vmis[key]
-		if !ok || (action != ActionMigrate && action != ActionExternal) || vmi.Status.EvacuationNodeName != node.Name {
-			continue
-		}
-		if err := e.cancelEvacuation(ctx, vmi.Namespace, vmi.Name); err != nil {
-			return err
-		}
-		cancelled++
-		e.recorder.Eventf(vmi, corev1.EventTypeNormal, ReasonEvacuationCancelled, "Drain of node %s withdrawn: evacuation cancelled", node.Name)
-		e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name}).Info("evacuation cancelled")
-	}
-	if err := e.writeRecord(ctx, node.Name, nil); err != nil {
-		return err
-	}
-	if e.pods != nil {
-		e.pods.stop()
-	}
-	if rec.Completed == nil {
-		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainWithdrawn, "Drain withdrawn: %d evacuations cancelled", cancelled)
-		e.log.WithField("cancelled", cancelled).Info("drain withdrawn")
-	}
-	return nil
-}
-
 // reportConfig says, once per distinct error, that a configuration source is unusable.
 func (e *Engine) reportConfig(node *corev1.Node, cfg nodeinfo.Config, err error) {
 	e.mu.Lock()
@@ -431,30 +397,4 @@ func (e *Engine) reenableAfterReboot(ctx context.Context, node *corev1.Node) err
 		return nil
 	}
 	return e.reenable(ctx, fmt.Sprintf("the node rebooted (boot ID %s -> %s)", own.BootID, node.Status.NodeInfo.BootID))
-}
-
-// writeRecord writes the drain record (nil removes it) and waits until the node's
-// informer shows it, so that the next look at the node does not act on a stale record
-// (and start or complete the same drain twice).
-func (e *Engine) writeRecord(ctx context.Context, node string, rec *DrainRecord) error {
-	var want any
-	wantRaw := ""
-	if rec != nil {
-		raw, err := jsonMarshal(rec)
-		if err != nil {
-			return fmt.Errorf("encoding the drain record: %w", err)
-		}
-		want, wantRaw = raw, raw
-	}
-	if err := patchAnnotations(ctx, e.clients.Kube, node, map[string]any{AnnotationDrain: want}); err != nil {
-		return err
-	}
-	err := wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
-		n, err := e.view.Node()
-		return err == nil && n.Annotations[AnnotationDrain] == wantRaw, nil
-	})
-	if err != nil {
-		return fmt.Errorf("waiting to see the drain record on node %s: %w", node, err)
-	}
-	return nil
 }

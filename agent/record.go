@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 )
 
@@ -114,4 +115,30 @@ func hasTaint(node *corev1.Node, key string) bool {
 func jsonMarshal(v any) (string, error) {
 	raw, err := json.Marshal(v)
 	return string(raw), err
+}
+
+// writeRecord writes the drain record (nil removes it) and waits until the node's
+// informer shows it, so that the next look at the node does not act on a stale record
+// (and start or complete the same drain twice).
+func (e *Engine) writeRecord(ctx context.Context, node string, rec *DrainRecord) error {
+	var want any
+	wantRaw := ""
+	if rec != nil {
+		raw, err := jsonMarshal(rec)
+		if err != nil {
+			return fmt.Errorf("encoding the drain record: %w", err)
+		}
+		want, wantRaw = raw, raw
+	}
+	if err := patchAnnotations(ctx, e.clients.Kube, node, map[string]any{AnnotationDrain: want}); err != nil {
+		return err
+	}
+	err := wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		n, err := e.view.Node()
+		return err == nil && n.Annotations[AnnotationDrain] == wantRaw, nil
+	})
+	if err != nil {
+		return fmt.Errorf("waiting to see the drain record on node %s: %w", node, err)
+	}
+	return nil
 }
