@@ -60,10 +60,24 @@ func newScenario(t testing.TB, nodes int) *scenario {
 	if _, err := sc.kube().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sc.ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("creating namespace %s: %v", sc.ns, err)
 	}
+	t.Cleanup(sc.deleteKubeVirtObjects)
 	for i := 0; i < nodes; i++ {
 		sc.addNode()
 	}
 	return sc
+}
+
+// deleteKubeVirtObjects deletes the scenario's migrations, VMs, VMIRSs and VMIs when
+// the test ends: migrations left unfinished (a VM with nowhere to go) would count
+// against KubeVirt's cluster-wide limit of parallel migrations in the tests after it.
+func (sc *scenario) deleteKubeVirtObjects() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, res := range []string{nodeinfo.ResourceMigrations, nodeinfo.ResourceVMs, nodeinfo.ResourceVMIRSs, nodeinfo.ResourceVMIs} {
+		if err := sc.env.cluster.KubeVirt.Delete().Namespace(sc.ns).Resource(res).Do(ctx).Error(); err != nil {
+			sc.t.Logf("cleaning up the %s of %s: %v", res, sc.ns, err)
+		}
+	}
 }
 
 func (sc *scenario) kube() kubernetes.Interface { return sc.env.cluster.Kube }
