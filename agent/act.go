@@ -158,7 +158,7 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 		if !ok || (action != ActionMigrate && action != ActionExternal) || vmi.Status.EvacuationNodeName != node.Name {
 			continue
 		}
-		if err := e.cancelEvacuation(ctx, vmi.Namespace, vmi.Name); err != nil {
+		if err := CancelEvacuation(ctx, e.clients.Subresources, vmi.Namespace, vmi.Name, node.Name); err != nil {
 			return err
 		}
 		cancelled++

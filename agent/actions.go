@@ -11,6 +11,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/nodeinfo"
@@ -91,14 +92,15 @@ func (e *Engine) createMigration(ctx context.Context, vmi *kubevirtv1.VirtualMac
 	return created.Name, nil
 }
 
-// cancelEvacuation asks virt-api to clear the VMI's evacuation mark
-// (virtualmachineinstances/NAME/evacuate/cancel, KubeVirt v1.8+).
-func (e *Engine) cancelEvacuation(ctx context.Context, namespace, name string) error {
-	body, err := json.Marshal(&kubevirtv1.EvacuateCancelOptions{EvacuationNodeName: e.opts.NodeName})
+// CancelEvacuation asks virt-api to clear the VMI's evacuation mark for node
+// (virtualmachineinstances/NAME/evacuate/cancel, KubeVirt v1.8+); subresources is a
+// subresources.kubevirt.io/v1 client (nodeinfo.NewKubeVirtSubresourceClient).
+func CancelEvacuation(ctx context.Context, subresources rest.Interface, namespace, name, node string) error {
+	body, err := json.Marshal(&kubevirtv1.EvacuateCancelOptions{EvacuationNodeName: node})
 	if err != nil {
 		return fmt.Errorf("encoding the cancel request: %w", err)
 	}
-	err = e.clients.Subresources.Put().Namespace(namespace).Resource(nodeinfo.ResourceVMIs).Name(name).
+	err = subresources.Put().Namespace(namespace).Resource(nodeinfo.ResourceVMIs).Name(name).
 		SubResource("evacuate", "cancel").SetHeader("Content-Type", "application/json").Body(body).Do(ctx).Error()
 	if err != nil {
 		return fmt.Errorf("cancelling the evacuation of VMI %s/%s: %w", namespace, name, err)

@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"io"
 
-	kubevirtv1 "kubevirt.io/api/core/v1"
-
-	"github.com/node-agent/node-agent/nodeinfo"
+	"github.com/node-agent/node-agent/agent"
 )
 
 // statusCmd is `node-agent status NODE [-o json]`: each VM on the node, its strategy
@@ -99,7 +97,7 @@ func undrainCmd(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		if vmi.Status.EvacuationNodeName != node {
 			continue
 		}
-		if err := c.cancelEvacuation(ctx, vmi, node); err != nil {
+		if err := agent.CancelEvacuation(ctx, c.subresources, vmi.Namespace, vmi.Name, node); err != nil {
 			fmt.Fprintf(stderr, "node-agent undrain: %v\n", err)
 			failed = true
 			continue
@@ -110,14 +108,4 @@ func undrainCmd(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		return exitTimeout
 	}
 	return exitOK
-}
-
-func (c *ctl) cancelEvacuation(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance, node string) error {
-	body := fmt.Sprintf(`{"evacuationNodeName":%q}`, node)
-	err := c.subresources.Put().Namespace(vmi.Namespace).Resource(nodeinfo.ResourceVMIs).Name(vmi.Name).
-		SubResource("evacuate", "cancel").SetHeader("Content-Type", "application/json").Body([]byte(body)).Do(ctx).Error()
-	if err != nil {
-		return fmt.Errorf("cancelling the evacuation of %s/%s: %w", vmi.Namespace, vmi.Name, err)
-	}
-	return nil
 }
