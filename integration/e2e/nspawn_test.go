@@ -630,6 +630,12 @@ func TestShutdownInContainerRebootCommands(t *testing.T) {
 		if errors.As(err, &be) && i == 0 {
 			t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container: %v", be)
 		}
+		if errors.As(err, &be) {
+			// The machine booted containers before: a boot that stalls once (seen: one in
+			// about thirty) is the container's start, not the command under test. Boot anew.
+			t.Logf("%s: the container did not boot, booting a new one: %v", strings.Join(cmd.argv, " "), be)
+			run, err = sc.runInContainer(cmd.argv, cmd.exitWait, checks)
+		}
 		if err != nil {
 			t.Fatalf("%s: %v", strings.Join(cmd.argv, " "), err)
 		}
