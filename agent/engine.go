@@ -90,7 +90,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		opts.Resync = 5 * time.Second
 	}
 	if opts.PodEvictionRetry <= 0 {
-		opts.PodEvictionRetry = 5 * time.Second
+		opts.PodEvictionRetry = DefaultPodEvictionRetry
 	}
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
@@ -217,7 +217,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 			return false, err
 		}
 	}
-	tainted := hasTaint(node, cfg.DrainTaintKey)
+	tainted := HasDrainTaint(node, cfg.DrainTaintKey)
 	if !tainted && !shutdown {
 		if hasRecord {
 			if err := e.withdraw(ctx, node, &rec); err != nil {

@@ -2,12 +2,15 @@ package agent
 
 import (
 	"context"
+	"io"
 	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/kubectl/pkg/drain"
+
+	"github.com/node-agent/node-agent/nodeinfo"
 )
 
 // podDrainer evicts the node's other pods (--all-pods) as
@@ -25,23 +28,41 @@ type podDrainer struct {
 	running bool
 }
 
+// DefaultPodEvictionRetry is the pause before a refused eviction of another pod is
+// tried again (a PodDisruptionBudget's 429).
+const DefaultPodEvictionRetry = 5 * time.Second
+
+// OtherPodsHelper is kubectl's drain helper set up as the agent evicts a node's other
+// pods (--all-pods): as `kubectl drain --ignore-daemonsets --delete-emptydir-data
+// --force`, each pod's own grace period, virt-launcher pods left out (a drain decides
+// per VM), a refused eviction retried after retry. `node-agent drain --all-pods` uses
+// the same helper. Set Ctx before use.
+func OtherPodsHelper(kube kubernetes.Interface, retry time.Duration, out, errOut io.Writer) *drain.Helper {
+	if retry <= 0 {
+		retry = DefaultPodEvictionRetry
+	}
+	return &drain.Helper{
+		Client:              kube,
+		Force:               true,
+		IgnoreAllDaemonSets: true,
+		DeleteEmptyDirData:  true,
+		GracePeriodSeconds:  -1,
+		PodSelector:         nodeinfo.NotLauncherLabelSelector,
+		// Zero would retry a refused eviction in a busy loop.
+		EvictErrorRetryDelay: retry,
+		Out:                  out,
+		ErrOut:               errOut,
+	}
+}
+
 func newPodDrainer(kube kubernetes.Interface, node string, retry time.Duration, log logrus.FieldLogger, notify func()) *podDrainer {
 	return &podDrainer{
 		node:   node,
 		log:    log,
 		notify: notify,
-		helper: &drain.Helper{
-			Client:              kube,
-			Force:               true,
-			IgnoreAllDaemonSets: true,
-			DeleteEmptyDirData:  true,
-			GracePeriodSeconds:  -1,
-			PodSelector:         "kubevirt.io!=virt-launcher",
-			// Zero would retry a refused eviction in a busy loop.
-			EvictErrorRetryDelay: retry,
-			Out:                  log.WithField("drain", "pods").WriterLevel(logrus.InfoLevel),
-			ErrOut:               log.WithField("drain", "pods").WriterLevel(logrus.WarnLevel),
-		},
+		helper: OtherPodsHelper(kube, retry,
+			log.WithField("drain", "pods").WriterLevel(logrus.InfoLevel),
+			log.WithField("drain", "pods").WriterLevel(logrus.WarnLevel)),
 	}
 }
 

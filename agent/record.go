@@ -102,8 +102,9 @@ func patchAnnotations(ctx context.Context, kube kubernetes.Interface, node strin
 	return nil
 }
 
-// hasTaint says whether the node has a NoSchedule taint with this key.
-func hasTaint(node *corev1.Node, key string) bool {
+// HasDrainTaint says whether the node has the drain taint: a NoSchedule taint with
+// this key (its value is ignored). The agent and `node-agent status` both ask it.
+func HasDrainTaint(node *corev1.Node, key string) bool {
 	for _, t := range node.Spec.Taints {
 		if t.Key == key && t.Effect == corev1.TaintEffectNoSchedule {
 			return true

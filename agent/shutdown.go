@@ -181,7 +181,7 @@ func (e *Engine) takeOutOfService(ctx context.Context, deadline time.Time) error
 			e.log.WithError(err).Warn("replacing the unreadable ownership annotation")
 		}
 		changed := false
-		if !hasTaint(node, cfgKey) {
+		if !HasDrainTaint(node, cfgKey) {
 			node.Spec.Taints = append(node.Spec.Taints, corev1.Taint{Key: cfgKey, Value: "shutdown", Effect: corev1.TaintEffectNoSchedule})
 			own.TaintKey, changed = cfgKey, true
 		}

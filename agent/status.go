@@ -110,7 +110,7 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		}
 	}
 	e.mu.Unlock()
-	st.Safe = len(st.VMs) == 0 && st.PodsLeft == 0
+	st.Safe = SafeToPowerOff(st.VMs, st.PodsLeft)
 	e.setStatus(func(s *NodeStatus) { *s = st })
 	e.metrics.observe(st)
 	if summary := st.Summary(); node.Annotations[AnnotationState] != summary {
@@ -137,6 +137,13 @@ func (e *Engine) Status() (NodeStatus, <-chan struct{}) {
 	st := e.status
 	st.VMs = append([]VMStatus{}, e.status.VMs...)
 	return st, e.changed
+}
+
+// SafeToPowerOff says whether a node is safe to power off: no VM is left on it and
+// (with all-pods) no other evictable pod. /safe-to-shutdown answers it; `node-agent
+// drain` follows the node until it holds.
+func SafeToPowerOff(vms []VMStatus, podsLeft int) bool {
+	return len(vms) == 0 && podsLeft == 0
 }
 
 func plural(n int, noun string) string {

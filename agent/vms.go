@@ -132,15 +132,30 @@ func observe(v *vm, d Decision, node string, draining bool) (VMState, string) {
 // hasUnfinishedMigration says whether the VMI has a migration that has not ended, from
 // its migration objects and its status (either may lag the other).
 func hasUnfinishedMigration(vmi *kubevirtv1.VirtualMachineInstance, migrations []kubevirtv1.VirtualMachineInstanceMigration) (string, bool) {
-	for _, m := range migrations {
-		if !m.IsFinal() && m.DeletionTimestamp == nil {
-			return m.Name, true
-		}
+	if m := UnfinishedMigration(migrations); m != nil {
+		return m.Name, true
 	}
 	if ms := vmi.Status.MigrationState; ms != nil && !ms.Completed && !ms.Failed && ms.StartTimestamp != nil {
 		return string(ms.MigrationUID), true
 	}
 	return "", false
+}
+
+// UnfinishedMigration returns the newest of the migrations that has not ended and is
+// not being deleted, nil if there is none. The agent asks it before it requests a
+// migration; `node-agent status` shows it.
+func UnfinishedMigration(migrations []kubevirtv1.VirtualMachineInstanceMigration) *kubevirtv1.VirtualMachineInstanceMigration {
+	var found *kubevirtv1.VirtualMachineInstanceMigration
+	for i := range migrations {
+		m := &migrations[i]
+		if m.IsFinal() || m.DeletionTimestamp != nil {
+			continue
+		}
+		if found == nil || found.CreationTimestamp.Before(&m.CreationTimestamp) {
+			found = m
+		}
+	}
+	return found
 }
 
 // since keeps, per VM, when it entered its current state (for "since when").

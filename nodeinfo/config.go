@@ -94,6 +94,18 @@ func ResolveConfig(flagKey string, kv *kubevirtv1.KubeVirt, cm *corev1.ConfigMap
 	return cfg, errors.Join(errs...)
 }
 
+// OldestKubeVirt is the KubeVirt CR that node-agent reads the configuration from when
+// there are several: the oldest. nil when there is none.
+func OldestKubeVirt(kvs []*kubevirtv1.KubeVirt) *kubevirtv1.KubeVirt {
+	var oldest *kubevirtv1.KubeVirt
+	for _, kv := range kvs {
+		if oldest == nil || kv.CreationTimestamp.Before(&oldest.CreationTimestamp) {
+			oldest = kv
+		}
+	}
+	return oldest
+}
+
 func kubeVirtDrainKey(kv *kubevirtv1.KubeVirt) (string, error) {
 	if kv == nil || kv.Spec.Configuration.MigrationConfiguration == nil || kv.Spec.Configuration.MigrationConfiguration.NodeDrainTaintKey == nil {
 		return "", nil

@@ -5,8 +5,10 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
@@ -265,5 +267,20 @@ func TestConfigErrorUnwraps(t *testing.T) {
 	}
 	if err.Error() != "KubeVirt CR: boom" {
 		t.Errorf("Error() = %q", err)
+	}
+}
+
+func TestOldestKubeVirtConfigures(t *testing.T) {
+	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	kv := func(name string, age time.Duration) *kubevirtv1.KubeVirt {
+		k := &kubevirtv1.KubeVirt{}
+		k.Name, k.CreationTimestamp = name, metav1.NewTime(t0.Add(-age))
+		return k
+	}
+	if got := OldestKubeVirt(nil); got != nil {
+		t.Errorf("OldestKubeVirt(nil) = %v, want nil", got.Name)
+	}
+	if got := OldestKubeVirt([]*kubevirtv1.KubeVirt{kv("new", time.Minute), kv("old", time.Hour), kv("mid", 30*time.Minute)}); got == nil || got.Name != "old" {
+		t.Errorf("OldestKubeVirt() = %v, want old", got)
 	}
 }

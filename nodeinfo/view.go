@@ -26,6 +26,8 @@ const (
 	NodeNameLabel = kubevirtv1.NodeNameLabel
 	// LauncherLabelSelector selects virt-launcher pods.
 	LauncherLabelSelector = kubevirtv1.AppLabel + "=virt-launcher"
+	// NotLauncherLabelSelector selects the other pods.
+	NotLauncherLabelSelector = kubevirtv1.AppLabel + "!=virt-launcher"
 )
 
 // ViewOptions scope a View to one node.
@@ -191,13 +193,11 @@ func (v *View) LauncherPods() []*corev1.Pod {
 // Config resolves the configuration from what the View holds. When a source is
 // unusable, the last good configuration is kept and the error is returned with it.
 func (v *View) Config() (Config, error) {
-	var kv *kubevirtv1.KubeVirt
+	var kvs []*kubevirtv1.KubeVirt
 	for _, obj := range v.informers["kubevirt"].GetStore().List() {
-		k := obj.(*kubevirtv1.KubeVirt)
-		if kv == nil || k.CreationTimestamp.Before(&kv.CreationTimestamp) {
-			kv = k
-		}
+		kvs = append(kvs, obj.(*kubevirtv1.KubeVirt))
 	}
+	kv := OldestKubeVirt(kvs)
 	var cm *corev1.ConfigMap
 	if objs := v.informers["configmap"].GetStore().List(); len(objs) > 0 {
 		cm = objs[0].(*corev1.ConfigMap)
@@ -261,8 +261,14 @@ func outranks(err error, used string) bool {
 // Migrations lists the migrations of one VMI, by spec.vmiName in its namespace
 // (KubeVirt labels them with kubevirt.io/vmi-name only once its controller saw them).
 func (v *View) Migrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return MigrationsOf(ctx, v.kubevirt, namespace, vmi)
+}
+
+// MigrationsOf lists the migrations of one VMI, by spec.vmiName in its namespace, with
+// a kubevirt.io/v1 client.
+func MigrationsOf(ctx context.Context, kubevirt rest.Interface, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
-	if err := v.kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).Do(ctx).Into(list); err != nil {
+	if err := kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).Do(ctx).Into(list); err != nil {
 		return nil, fmt.Errorf("listing the migrations in %s: %w", namespace, err)
 	}
 	var out []kubevirtv1.VirtualMachineInstanceMigration
