@@ -22,6 +22,7 @@ const (
 	ReasonEvictionRefused      = "EvictionRefused"
 	ReasonEvacuationCancelled  = "EvacuationCancelled"
 	ReasonNodeReenabled        = "NodeReenabled"
+	ReasonNodeUpdateFailed     = "NodeUpdateFailed"
 	ReasonShutdownDelayed      = "ShutdownDelayed"
 	ReasonShutdownReleased     = "ShutdownReleased"
 	ReasonShutdownBlockedByVMs = "ShutdownBlocked"

@@ -69,12 +69,21 @@ type Engine struct {
 	queue    workqueue.TypedRateLimitingInterface[string]
 	log      logrus.FieldLogger
 
-	mu       sync.Mutex
-	status   NodeStatus
-	changed  chan struct{} // closed and replaced when status changes
-	since    since
-	shutdown bool      // a host shutdown is pending
-	deadline time.Time // when the pending shutdown is released at the latest
+	mu      sync.Mutex
+	status  NodeStatus
+	changed chan struct{} // closed and replaced when status changes
+	since   since
+	// intent is what the shutdown path asked for; sync carries it out on the Node.
+	intent shutdownIntent
+	gen    int                // counts the shutdown notices, so sync clears only what it carried out
+	loaded bool               // sync has read the shutdown record an earlier agent left
+	abort  context.CancelFunc // ends a sync's drain that only a pending shutdown asked for
+	// adopted is set when the pending shutdown was read from the Node, not notified.
+	adopted bool
+	// Writes of the Node that failed: the error reported, when to try again.
+	nodeErr     map[string]string
+	nodeRetry   map[string]time.Time
+	nodeBackoff workqueue.TypedRateLimiter[string]
 	// expectations are the actions taken that the cache does not show yet.
 	expectations expectations
 	warnedMu     sync.Mutex
@@ -111,10 +120,13 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "node-agent", Clock: opts.Clock}),
-		changed: make(chan struct{}),
-		since:   since{},
-		warned:  sets{},
-		status:  NodeStatus{Node: opts.NodeName, Reason: "starting"},
+		changed:     make(chan struct{}),
+		since:       since{},
+		nodeErr:     map[string]string{},
+		nodeRetry:   map[string]time.Time{},
+		nodeBackoff: workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, 2*time.Minute),
+		warned:      sets{},
+		status:      NodeStatus{Node: opts.NodeName, Reason: "starting"},
 	}
 	if opts.AllPods || opts.ShutdownAllPods {
 		e.pods = newPodDrainer(clients.Kube, opts.NodeName, opts.PodEvictionRetry, e.log, e.Enqueue)
@@ -173,18 +185,42 @@ func (e *Engine) syncSafely(ctx context.Context) (requeue bool, err error) {
 	return e.sync(ctx)
 }
 
-// SetShutdown marks a host shutdown as pending (true) or cancelled (false).
-func (e *Engine) SetShutdown(pending bool) {
+// ShutdownStarted records that a host shutdown is under way (at, and released at the
+// latest at deadline) and asks for a look at the node: sync records it on the Node,
+// takes the node out of service (drain taint and cordon, recorded as the agent's own)
+// and drains it. The shutdown path calls it; it never writes the Node itself.
+func (e *Engine) ShutdownStarted(at, deadline time.Time) {
 	e.mu.Lock()
-	e.shutdown = pending
+	e.intent = shutdownIntent{pending: true, at: at, deadline: deadline}
+	e.adopted = false
+	e.gen++
 	e.mu.Unlock()
+	e.Enqueue()
+}
+
+// ShutdownCancelled records that no host shutdown is pending (PrepareForShutdown(false),
+// or a logind that forgot it) and asks for a look at the node: sync records the cancel
+// on the Node before anything else, gives the node back (retrying with a backoff until
+// it can) and withdraws the drain. A drain under way for the shutdown alone stops at
+// once: no VM is evicted for a cancelled shutdown. Calling it with no shutdown pending
+// is harmless: it gives back only what a shutdown recorded on the Node took.
+func (e *Engine) ShutdownCancelled() {
+	e.mu.Lock()
+	e.intent = shutdownIntent{cancelled: true}
+	e.adopted = false
+	e.gen++
+	abort := e.abort
+	e.mu.Unlock()
+	if abort != nil {
+		abort()
+	}
 	e.Enqueue()
 }
 
 func (e *Engine) shutdownPending() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.shutdown
+	return e.intent.pending
 }
 
 // sync is one look at the node: start, continue or withdraw a drain. It reports
@@ -211,13 +247,11 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		e.log.WithError(err).Warn("ignoring the unreadable drain record; a new drain starts if one is asked for")
 		e.metrics.ConfigErrors.WithLabelValues("drain-record").Inc()
 	}
-	shutdown := e.shutdownPending()
-	if !shutdown {
-		if err := e.reenableAfterReboot(ctx, node); err != nil {
-			return false, err
-		}
-	}
-	tainted := HasDrainTaint(node, cfg.DrainTaintKey)
+	shutdown := e.reconcileShutdown(ctx, node, cfg.DrainTaintKey).pending
+	// The drain taint is a trigger when someone else put it there: the agent's own, added
+	// for a host shutdown, serves that shutdown only, and no VM is evicted for a
+	// shutdown that was cancelled (the taint is on its way off then).
+	tainted := HasDrainTaint(node, cfg.DrainTaintKey) && !ownTaintOnly(node, cfg.DrainTaintKey)
 	if !tainted && !shutdown {
 		if hasRecord {
 			if err := e.withdraw(ctx, node, &rec); err != nil {
@@ -227,6 +261,40 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil)
 		return false, nil
 	}
+	if !tainted {
+		// A drain for the shutdown alone: a cancel ends it where it stands.
+		parent := ctx
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		e.mu.Lock()
+		stillPending := e.intent.pending
+		e.abort = cancel
+		e.mu.Unlock()
+		defer func() {
+			e.mu.Lock()
+			e.abort = nil
+			e.mu.Unlock()
+		}()
+		if !stillPending {
+			e.Enqueue()
+			return false, nil
+		}
+		requeue, err := e.startOrDrain(ctx, node, cfg, rec, hasRecord)
+		if ctx.Err() != nil && parent.Err() == nil {
+			// Cancelled while it ran: look again, now to withdraw.
+			e.log.Info("host shutdown cancelled during the drain: stopping it")
+			e.Enqueue()
+			return false, nil
+		}
+		return requeue, err
+	}
+	return e.startOrDrain(ctx, node, cfg, rec, hasRecord)
+}
+
+// startOrDrain starts a drain (writing its record) unless one is recorded, and goes on with it.
+func (e *Engine) startOrDrain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, rec DrainRecord, hasRecord bool) (bool, error) {
+	shutdown := e.shutdownPending()
 	if !hasRecord {
 		rec = DrainRecord{Trigger: TriggerTaint, TaintKey: cfg.DrainTaintKey, Started: e.opts.Clock.Now().UTC()}
 		if shutdown {
@@ -384,17 +452,3 @@ func (e *Engine) vmLog(v *vm) logrus.FieldLogger {
 }
 
 func (e *Engine) String() string { return fmt.Sprintf("node-agent engine for %s", e.opts.NodeName) }
-
-// reenableAfterReboot re-enables the node when the agent took it out of service
-// during an earlier boot: the host went down and came back.
-func (e *Engine) reenableAfterReboot(ctx context.Context, node *corev1.Node) error {
-	var own Ownership
-	ok, err := readAnnotation(node, AnnotationOwned, &own)
-	if err != nil {
-		e.log.WithError(err).Warn("unreadable ownership annotation")
-	}
-	if !ok || own.BootID == "" || own.BootID == node.Status.NodeInfo.BootID {
-		return nil
-	}
-	return e.reenable(ctx, fmt.Sprintf("the node rebooted (boot ID %s -> %s)", own.BootID, node.Status.NodeInfo.BootID))
-}

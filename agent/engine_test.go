@@ -36,7 +36,7 @@ func TestHoldWhileShuttingDown(t *testing.T) {
 	e.HoldWhileShuttingDown(context.Background())
 
 	e.mu.Lock()
-	e.shutdown, e.deadline = true, clk.Now().Add(time.Minute)
+	e.intent = shutdownIntent{pending: true, deadline: clk.Now().Add(time.Minute)}
 	e.mu.Unlock()
 	e.setStatus(func(s *NodeStatus) {
 		*s = NodeStatus{Ready: true, Draining: true, Trigger: TriggerShutdown, VMs: []VMStatus{{Name: "vm", State: StateMigrating}}}

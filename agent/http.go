@@ -29,6 +29,10 @@ func (e *Engine) Handler(checks ...ReadinessCheck) http.Handler {
 			http.Error(w, "not ready: "+st.Reason, http.StatusServiceUnavailable)
 			return
 		}
+		if st.NodeError != "" {
+			http.Error(w, "not ready: "+st.NodeError, http.StatusServiceUnavailable)
+			return
+		}
 		for _, check := range checks {
 			if reason := check(); reason != "" {
 				http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)

@@ -21,6 +21,10 @@ type Metrics struct {
 	ConfigErrors     *prometheus.CounterVec
 	ShutdownDelay    prometheus.Histogram
 	ShutdownReleases *prometheus.CounterVec
+	// NodeUpdateFailures counts failed writes of the Node, by write.
+	NodeUpdateFailures *prometheus.CounterVec
+	// ReenableFailing is 1 while giving the node back keeps failing.
+	ReenableFailing prometheus.Gauge
 
 	reg prometheus.Registerer // registers with the node label
 }
@@ -73,9 +77,17 @@ func NewMetrics(node string) *Metrics {
 		Name: "node_agent_shutdown_releases_total",
 		Help: "Host shutdowns the agent let go, by outcome: safe (no VM left) or deadline (VMs were left on the node).",
 	}, []string{"outcome"})
+	m.NodeUpdateFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "node_agent_node_update_failures_total",
+		Help: "Writes of the agent's own Node that the API server refused or that failed, by write: reenable (giving the node back after a cancelled shutdown or a reboot), take-out-of-service (taint and cordon for a host shutdown), cancel-mark (recording a cancelled shutdown). Each is retried with a backoff.",
+	}, []string{"write"})
+	m.ReenableFailing = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "node_agent_reenable_failing",
+		Help: "1 while the agent cannot give its node back (remove its own taint and cordon after a cancelled shutdown or a reboot) and keeps retrying, else 0.",
+	})
 	m.reg = prometheus.WrapRegistererWith(prometheus.Labels{"node": node}, m.Registry)
 	m.reg.MustRegister(m.ShutdownDelay, m.ShutdownReleases, m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests,
-		m.DrainsStarted, m.DrainDuration, m.ConfigErrors)
+		m.DrainsStarted, m.DrainDuration, m.ConfigErrors, m.NodeUpdateFailures, m.ReenableFailing)
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

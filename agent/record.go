@@ -22,6 +22,9 @@ const (
 	AnnotationDrain = AnnotationPrefix + "drain"
 	// AnnotationOwned holds what the agent itself added to the Node (an Ownership, JSON).
 	AnnotationOwned = AnnotationPrefix + "owned"
+	// AnnotationShutdown holds the host shutdown the agent serves or gives the node back
+	// from (a ShutdownRecord, JSON), so that a restarted agent carries on with it.
+	AnnotationShutdown = AnnotationPrefix + "shutdown"
 	// AnnotationState is the agent's state at a glance, for `kubectl get node -o yaml`.
 	AnnotationState = AnnotationPrefix + "state"
 )
@@ -55,6 +58,18 @@ type Ownership struct {
 	// Reason says why (for example "shutdown").
 	Reason string    `json:"reason"`
 	Since  time.Time `json:"since"`
+}
+
+// ShutdownRecord is a host shutdown of this node, recorded before the node is taken out
+// of service, and marked cancelled before the node is given back. It is removed when
+// the node is given back (the cancel, or the reboot: BootID differs).
+type ShutdownRecord struct {
+	// BootID is the node's boot ID when the shutdown started.
+	BootID   string    `json:"bootID"`
+	Started  time.Time `json:"started"`
+	Deadline time.Time `json:"deadline,omitempty"`
+	// Cancelled is set when the shutdown was cancelled: the node is to be given back.
+	Cancelled *time.Time `json:"cancelled,omitempty"`
 }
 
 // readAnnotation decodes a JSON annotation; absent is (false, nil).

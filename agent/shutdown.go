@@ -8,9 +8,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/node-agent/node-agent/systemd"
 )
@@ -42,18 +39,9 @@ func (e *Engine) RunShutdown(ctx context.Context, inh Inhibitor, timeout time.Du
 			case systemd.ShutdownStarted:
 				e.hostShutdown(ctx, inh, ev, timeout)
 			case systemd.ShutdownCancelled:
-				e.shutdownCancelled(ctx)
+				e.ShutdownCancelled()
 			}
 		}
-	}
-}
-
-// shutdownCancelled undoes a host shutdown that will not happen: the drain is withdrawn
-// and what the agent added to its node is removed.
-func (e *Engine) shutdownCancelled(ctx context.Context) {
-	e.SetShutdown(false)
-	if err := e.reenable(ctx, "the host shutdown was cancelled"); err != nil {
-		e.log.WithError(err).Error("cannot re-enable the node after the cancelled shutdown")
 	}
 }
 
@@ -64,19 +52,13 @@ func (e *Engine) hostShutdown(ctx context.Context, inh Inhibitor, ev systemd.Eve
 	}
 	log := e.log.WithField("deadline", deadline.Format(time.RFC3339))
 	log.Info("host shutdown: taking the node out of service and draining it")
-	e.mu.Lock()
-	e.deadline = deadline
-	e.mu.Unlock()
-	e.SetShutdown(true)
-	if err := e.takeOutOfService(ctx, deadline); err != nil {
-		log.WithError(err).Error("cannot taint and cordon the node; draining anyway")
-	}
+	e.ShutdownStarted(ev.At, deadline)
 	safe, cancelled := e.waitSafe(ctx, inh.Events(), deadline)
 	if cancelled {
 		// logind will not shut down (it restarted and forgot the shutdown, say): there is
 		// nothing to release, and the Guard holds its lock again.
 		log.Info("host shutdown cancelled while it was held")
-		e.shutdownCancelled(ctx)
+		e.ShutdownCancelled()
 		return
 	}
 	held := e.opts.Clock.Since(ev.At)
@@ -116,7 +98,7 @@ func (e *Engine) ShuttingDown() bool { return e.shutdownPending() }
 // shutdown waits on the agent's pod before it reaches the VMs' pods.
 func (e *Engine) HoldWhileShuttingDown(ctx context.Context) {
 	e.mu.Lock()
-	deadline := e.deadline
+	deadline := e.intent.deadline
 	e.mu.Unlock()
 	timer := e.opts.Clock.NewTimer(deadline.Sub(e.opts.Clock.Now()))
 	defer timer.Stop()
@@ -168,115 +150,4 @@ func (e *Engine) waitSafe(ctx context.Context, events <-chan systemd.Event, dead
 		case <-changed:
 		}
 	}
-}
-
-// takeOutOfService adds the drain taint and the cordon, recording in the ownership
-// annotation (in the same update) what the agent added and the boot ID.
-func (e *Engine) takeOutOfService(ctx context.Context, deadline time.Time) error {
-	ctx, cancel := context.WithDeadline(ctx, deadline)
-	defer cancel()
-	return e.updateNode(ctx, func(node *corev1.Node, cfgKey string) bool {
-		var own Ownership
-		if _, err := readAnnotation(node, AnnotationOwned, &own); err != nil {
-			e.log.WithError(err).Warn("replacing the unreadable ownership annotation")
-		}
-		changed := false
-		if !HasDrainTaint(node, cfgKey) {
-			node.Spec.Taints = append(node.Spec.Taints, corev1.Taint{Key: cfgKey, Value: "shutdown", Effect: corev1.TaintEffectNoSchedule})
-			own.TaintKey, changed = cfgKey, true
-		}
-		if !node.Spec.Unschedulable {
-			node.Spec.Unschedulable = true
-			own.Cordoned, changed = true, true
-		}
-		if !changed {
-			return false
-		}
-		own.BootID, own.Reason, own.Since = node.Status.NodeInfo.BootID, TriggerShutdown, e.opts.Clock.Now().UTC()
-		setOwnership(node, &own)
-		return true
-	})
-}
-
-// reenable removes what the agent itself added to its Node (its taint, its cordon)
-// and says so in an event. An operator's taint or cordon stays.
-func (e *Engine) reenable(ctx context.Context, why string) error {
-	var removed []string
-	err := e.updateNode(ctx, func(node *corev1.Node, _ string) bool {
-		var own Ownership
-		ok, err := readAnnotation(node, AnnotationOwned, &own)
-		if err != nil {
-			e.log.WithError(err).Warn("dropping the unreadable ownership annotation; nothing removed")
-		}
-		if !ok && err == nil {
-			return false
-		}
-		removed = nil
-		if own.TaintKey != "" {
-			var keep []corev1.Taint
-			for _, t := range node.Spec.Taints {
-				if t.Key == own.TaintKey && t.Effect == corev1.TaintEffectNoSchedule {
-					removed = append(removed, "taint "+t.Key)
-					continue
-				}
-				keep = append(keep, t)
-			}
-			node.Spec.Taints = keep
-		}
-		if own.Cordoned && node.Spec.Unschedulable {
-			node.Spec.Unschedulable = false
-			removed = append(removed, "cordon")
-		}
-		setOwnership(node, nil)
-		return true
-	})
-	if err != nil {
-		return err
-	}
-	if len(removed) > 0 {
-		if node, err := e.view.Node(); err == nil {
-			e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonNodeReenabled, "Node re-enabled (%s): removed the agent's own %s", why, strings.Join(removed, " and "))
-		}
-		e.log.WithFields(logrus.Fields{"why": why, "removed": removed}).Info("node re-enabled")
-	}
-	return nil
-}
-
-func setOwnership(node *corev1.Node, own *Ownership) {
-	if own == nil {
-		delete(node.Annotations, AnnotationOwned)
-		return
-	}
-	if node.Annotations == nil {
-		node.Annotations = map[string]string{}
-	}
-	raw, _ := jsonMarshal(own)
-	node.Annotations[AnnotationOwned] = raw
-}
-
-// updateNode reads the Node, lets mutate change it, and writes it back, retrying on
-// conflicts. mutate returns false when there is nothing to write.
-func (e *Engine) updateNode(ctx context.Context, mutate func(node *corev1.Node, taintKey string) bool) error {
-	cfg, _ := e.view.Config()
-	return wait.ExponentialBackoffWithContext(ctx, wait.Backoff{Duration: 100 * time.Millisecond, Factor: 2, Steps: 8, Cap: 5 * time.Second},
-		func(ctx context.Context) (bool, error) {
-			node, err := e.clients.Kube.CoreV1().Nodes().Get(ctx, e.opts.NodeName, metav1.GetOptions{})
-			if err != nil {
-				e.log.WithError(err).Warn("reading the node; retrying")
-				return false, nil
-			}
-			if !mutate(node, cfg.DrainTaintKey) {
-				return true, nil
-			}
-			_, err = e.clients.Kube.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{})
-			switch {
-			case err == nil:
-				return true, nil
-			case apierrors.IsConflict(err):
-				return false, nil
-			default:
-				e.log.WithError(err).Warn("updating the node; retrying")
-				return false, nil
-			}
-		})
 }

@@ -44,6 +44,10 @@ type NodeStatus struct {
 	PodsLeft int `json:"podsLeft,omitempty"`
 	// ConfigError is the configuration problem in force, if any.
 	ConfigError string `json:"configError,omitempty"`
+	// NodeError says which write of the Node keeps failing (giving the node back after
+	// a cancelled shutdown or a reboot, taking it out of service): retried with a
+	// backoff, and a readiness reason meanwhile.
+	NodeError string `json:"nodeError,omitempty"`
 }
 
 // Counts summarises the VMs by state.
@@ -89,7 +93,7 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		o(&st)
 	}
 	e.mu.Lock()
-	st.ConfigError = e.status.ConfigError
+	st.ConfigError, st.NodeError = e.status.ConfigError, e.status.NodeError
 	seen := map[string]bool{}
 	for _, v := range vms {
 		d := decide(v, cfg)
@@ -129,6 +133,9 @@ func (e *Engine) setStatus(change func(*NodeStatus)) {
 	close(e.changed)
 	e.changed = make(chan struct{})
 }
+
+// statusChanged wakes whoever waits on the status, after a change made under e.mu.
+func (e *Engine) statusChanged() { e.setStatus(func(*NodeStatus) {}) }
 
 // Status returns the current status and a channel closed at its next change.
 func (e *Engine) Status() (NodeStatus, <-chan struct{}) {

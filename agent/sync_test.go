@@ -1,0 +1,621 @@
+package agent
+
+// Unit tests of the sync path (sync, drain, withdraw, reenable and the shutdown intent),
+// in the manner of sample-controller's controller_test.go: the informers' indexers are
+// preloaded with the node's VMIs and pods, the Node lives in a fake clientset (the
+// view reads it back, as the agent's informer shows its own writes), and the API
+// actions the sync takes are asserted. The e2e tests prove the same across the real API.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/kubernetes/scheme"
+	restfake "k8s.io/client-go/rest/fake"
+	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	clocktesting "k8s.io/utils/clock/testing"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+const bootID = "boot-1"
+
+var t0 = time.Date(2030, 1, 2, 3, 0, 0, 0, time.UTC)
+
+// fixture is the engine of thisNode with its informers' indexers and its clients.
+type fixture struct {
+	t        *testing.T
+	kube     *fake.Clientset
+	vmis     cache.Indexer
+	pods     cache.Indexer
+	clock    *clocktesting.FakeClock
+	recorder *record.FakeRecorder
+	engine   *Engine
+
+	mu       sync.Mutex
+	cancels  []string // evacuate/cancel requests to virt-api: namespace/name
+	refusing func(old, updated *corev1.Node) error
+}
+
+func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixture {
+	t.Helper()
+	f := &fixture{
+		t:        t,
+		kube:     fake.NewClientset(node),
+		vmis:     cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{}),
+		pods:     cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{}),
+		clock:    clocktesting.NewFakeClock(t0),
+		recorder: record.NewFakeRecorder(100),
+	}
+	for _, o := range objs {
+		var err error
+		switch o := o.(type) {
+		case *kubevirtv1.VirtualMachineInstance:
+			err = f.vmis.Add(o)
+		case *corev1.Pod:
+			err = f.pods.Add(o)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// An admission policy or RBAC that refuses some updates of the Node, while set.
+	f.kube.PrependReactor("update", "nodes", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		f.mu.Lock()
+		refusing := f.refusing
+		f.mu.Unlock()
+		if refusing == nil {
+			return false, nil, nil
+		}
+		updated := a.(k8stesting.UpdateAction).GetObject().(*corev1.Node)
+		old, err := f.kube.Tracker().Get(schema.GroupVersionResource{Version: "v1", Resource: "nodes"}, "", updated.Name)
+		if err != nil {
+			return true, nil, err
+		}
+		if err := refusing(old.(*corev1.Node), updated); err != nil {
+			return true, nil, err
+		}
+		return false, nil, nil
+	})
+	subresources := &restfake.RESTClient{
+		NegotiatedSerializer: scheme.Codecs.WithoutConversion(),
+		GroupVersion:         schema.GroupVersion{Group: "subresources.kubevirt.io", Version: "v1"},
+		Client: restfake.CreateHTTPClient(func(r *http.Request) (*http.Response, error) {
+			// PUT .../namespaces/NS/virtualmachineinstances/NAME/evacuate/cancel
+			parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
+			if r.Method != http.MethodPut || len(parts) < 6 || parts[len(parts)-1] != "cancel" {
+				return &http.Response{StatusCode: http.StatusNotFound, Body: io.NopCloser(strings.NewReader(""))}, nil
+			}
+			f.mu.Lock()
+			f.cancels = append(f.cancels, parts[len(parts)-5]+"/"+parts[len(parts)-3])
+			f.mu.Unlock()
+			return &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {"application/json"}}, Body: io.NopCloser(strings.NewReader("{}"))}, nil
+		}),
+	}
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	f.engine = New(fixtureView{f}, Clients{Kube: f.kube, Subresources: subresources}, f.recorder, nil,
+		Options{NodeName: thisNode, Clock: f.clock, Log: log})
+	t.Cleanup(f.engine.queue.ShutDown)
+	return f
+}
+
+// fixtureView is the engine's NodeView over the fixture.
+type fixtureView struct{ f *fixture }
+
+func (fixtureView) Synced() (bool, string) { return true, "" }
+func (v fixtureView) Node() (*corev1.Node, error) {
+	return v.f.kube.CoreV1().Nodes().Get(context.Background(), thisNode, metav1.GetOptions{})
+}
+func (v fixtureView) VMIs() []*kubevirtv1.VirtualMachineInstance {
+	var out []*kubevirtv1.VirtualMachineInstance
+	for _, o := range v.f.vmis.List() {
+		out = append(out, o.(*kubevirtv1.VirtualMachineInstance))
+	}
+	return out
+}
+func (v fixtureView) LauncherPods() []*corev1.Pod {
+	var out []*corev1.Pod
+	for _, o := range v.f.pods.List() {
+		out = append(out, o.(*corev1.Pod))
+	}
+	return out
+}
+func (fixtureView) Config() (nodeinfo.Config, error) {
+	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
+}
+func (fixtureView) Migrations(context.Context, string, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return nil, nil
+}
+
+// sync runs one look at the node, as the queue's worker does.
+func (f *fixture) sync() (bool, error) {
+	f.t.Helper()
+	f.kube.ClearActions()
+	return f.engine.syncSafely(context.Background())
+}
+
+// writes are the API writes of the last sync, as "verb resource[/subresource]".
+func (f *fixture) writes() []string {
+	var out []string
+	for _, a := range f.kube.Actions() {
+		switch a.GetVerb() {
+		case "get", "list", "watch":
+			continue
+		}
+		what := a.GetVerb() + " " + a.GetResource().Resource
+		if a.GetSubresource() != "" {
+			what += "/" + a.GetSubresource()
+		}
+		out = append(out, what)
+	}
+	return out
+}
+
+// updates are the Nodes written by update in the last sync.
+func (f *fixture) updates() []*corev1.Node {
+	var out []*corev1.Node
+	for _, a := range f.kube.Actions() {
+		if u, ok := a.(k8stesting.UpdateAction); ok && a.GetResource().Resource == "nodes" {
+			out = append(out, u.GetObject().(*corev1.Node))
+		}
+	}
+	return out
+}
+
+func (f *fixture) node() *corev1.Node {
+	f.t.Helper()
+	n, err := fixtureView{f}.Node()
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return n
+}
+
+// events drains the recorded events.
+func (f *fixture) events() []string {
+	var out []string
+	for {
+		select {
+		case e := <-f.recorder.Events:
+			out = append(out, e)
+		default:
+			return out
+		}
+	}
+}
+
+func hasEventLike(events []string, prefix string) bool {
+	for _, e := range events {
+		if strings.HasPrefix(e, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+func (f *fixture) refuse(rule func(old, updated *corev1.Node) error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.refusing = rule
+}
+
+// refuseGivingBack refuses every update that uncordons the node, as the test's
+// admission policy does.
+func refuseGivingBack(old, updated *corev1.Node) error {
+	if old.Spec.Unschedulable && !updated.Spec.Unschedulable {
+		return apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, updated.Name, fmt.Errorf("uncordoning is not allowed now"))
+	}
+	return nil
+}
+
+func testNode() *corev1.Node {
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: thisNode, Annotations: map[string]string{}}}
+	n.Status.NodeInfo.BootID = bootID
+	return n
+}
+
+func annotate(n *corev1.Node, key string, v any) {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	n.Annotations[key] = string(raw)
+}
+
+// outOfService is the node as the agent leaves it during a host shutdown: the
+// shutdown recorded, its own taint and cordon, and a drain record.
+func outOfService(cancelled *time.Time, deadline time.Time) *corev1.Node {
+	n := testNode()
+	n.Spec.Unschedulable = true
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Value: "shutdown", Effect: corev1.TaintEffectNoSchedule}}
+	annotate(n, AnnotationShutdown, ShutdownRecord{BootID: bootID, Started: t0, Deadline: deadline, Cancelled: cancelled})
+	annotate(n, AnnotationOwned, Ownership{TaintKey: nodeinfo.DefaultDrainTaintKey, Cordoned: true, BootID: bootID, Reason: TriggerShutdown, Since: t0})
+	annotate(n, AnnotationDrain, DrainRecord{Trigger: TriggerShutdown, TaintKey: nodeinfo.DefaultDrainTaintKey, Started: t0})
+	return n
+}
+
+func givenBack(n *corev1.Node) bool {
+	_, owned := n.Annotations[AnnotationOwned]
+	_, recorded := n.Annotations[AnnotationShutdown]
+	return !n.Spec.Unschedulable && !HasDrainTaint(n, nodeinfo.DefaultDrainTaintKey) && !owned && !recorded
+}
+
+// noneVM is a running VM with evictionStrategy None and its virt-launcher pod on the node.
+func noneVM(name string) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod) {
+	vmi := newVMI(name, thisNode, kubevirtv1.Running)
+	none := kubevirtv1.EvictionStrategyNone
+	vmi.Spec.EvictionStrategy = &none
+	return vmi, launcherPod("virt-launcher-"+name, string(vmi.UID), thisNode, corev1.PodRunning)
+}
+
+func TestSyncShutdownRecordsItAndTakesTheNodeOutOfService(t *testing.T) {
+	f := newFixture(t, testNode())
+	deadline := t0.Add(10 * time.Minute)
+	f.engine.ShutdownStarted(t0, deadline)
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	ups := f.updates()
+	if len(ups) != 1 {
+		t.Fatalf("writes %v, want the shutdown record, taint and cordon in one update first", f.writes())
+	}
+	if w := f.writes(); w[0] != "update nodes" {
+		t.Errorf("first write %q, want the update that takes the node out of service", w[0])
+	}
+	n := ups[0]
+	var sd ShutdownRecord
+	if ok, err := readAnnotation(n, AnnotationShutdown, &sd); !ok || err != nil || sd.BootID != bootID || !sd.Deadline.Equal(deadline) || sd.Cancelled != nil {
+		t.Errorf("shutdown record %q (%v), want boot %s and deadline %s", n.Annotations[AnnotationShutdown], err, bootID, deadline)
+	}
+	var own Ownership
+	if ok, _ := readAnnotation(n, AnnotationOwned, &own); !ok || !own.Cordoned || own.TaintKey != nodeinfo.DefaultDrainTaintKey || own.BootID != bootID {
+		t.Errorf("ownership %q, want the taint and the cordon recorded with the boot ID", n.Annotations[AnnotationOwned])
+	}
+	if !n.Spec.Unschedulable || !HasDrainTaint(n, nodeinfo.DefaultDrainTaintKey) {
+		t.Errorf("node not tainted and cordoned: %v %v", n.Spec.Unschedulable, n.Spec.Taints)
+	}
+	st, _ := f.engine.Status()
+	if !st.Draining || st.Trigger != TriggerShutdown || !st.Safe {
+		t.Errorf("status %+v, want a shutdown drain, safe (no VM)", st)
+	}
+	if ev := f.events(); !hasEventLike(ev, "Normal "+ReasonDrainStarted) || !hasEventLike(ev, "Normal "+ReasonDrainCompleted) {
+		t.Errorf("events %v", ev)
+	}
+
+	// The next look writes nothing more to take the node out of service.
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if ups := f.updates(); len(ups) != 0 {
+		t.Errorf("a second sync updated the node again: %v", f.writes())
+	}
+}
+
+func TestSyncCancelIsRecordedFirstThenTheNodeGivenBack(t *testing.T) {
+	f := newFixture(t, testNode())
+	f.engine.ShutdownStarted(t0, t0.Add(time.Minute))
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.events()
+	f.engine.ShutdownCancelled()
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	ups := f.updates()
+	if len(ups) != 2 {
+		t.Fatalf("writes %v, want the cancel mark, then the update that gives the node back", f.writes())
+	}
+	var sd ShutdownRecord
+	if ok, _ := readAnnotation(ups[0], AnnotationShutdown, &sd); !ok || sd.Cancelled == nil || !ups[0].Spec.Unschedulable {
+		t.Errorf("first update: shutdown record %q, unschedulable %v; want the cancel recorded before anything is undone",
+			ups[0].Annotations[AnnotationShutdown], ups[0].Spec.Unschedulable)
+	}
+	if !givenBack(ups[1]) {
+		t.Errorf("second update did not give the node back: %+v", ups[1])
+	}
+	if n := f.node(); !givenBack(n) || n.Annotations[AnnotationDrain] != "" {
+		t.Errorf("node after the cancel: %+v", n)
+	}
+	ev := f.events()
+	if !hasEventLike(ev, "Normal "+ReasonNodeReenabled+" Node re-enabled (the host shutdown was cancelled)") {
+		t.Errorf("events %v, want NodeReenabled saying the shutdown was cancelled", ev)
+	}
+	if st, _ := f.engine.Status(); st.Draining || f.engine.ShuttingDown() {
+		t.Errorf("still draining after the cancel: %+v", st)
+	}
+}
+
+// An agent killed after recording the cancel: the next one finds the mark and gives the
+// node back, though it heard of no shutdown.
+func TestSyncRestartedAgentFinishesTheCancel(t *testing.T) {
+	cancelled := t0.Add(30 * time.Second)
+	vmi, pod := noneVM("guest")
+	f := newFixture(t, outOfService(&cancelled, t0.Add(10*time.Minute)), vmi, pod)
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.node(); !givenBack(n) || n.Annotations[AnnotationDrain] != "" {
+		t.Errorf("node not given back: %+v", n)
+	}
+	for _, w := range f.writes() {
+		if strings.Contains(w, "eviction") {
+			t.Errorf("%s for a cancelled shutdown", w)
+		}
+	}
+	if f.engine.ShuttingDown() {
+		t.Error("the restarted agent takes the cancelled shutdown as pending")
+	}
+}
+
+// An agent restarted during a pending shutdown carries on with it until its deadline.
+func TestSyncRestartedAgentCarriesOnWithThePendingShutdown(t *testing.T) {
+	f := newFixture(t, outOfService(nil, t0.Add(10*time.Minute)))
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !f.engine.ShuttingDown() {
+		t.Error("the shutdown recorded on the node is not taken as pending")
+	}
+	if st, _ := f.engine.Status(); !st.Draining || st.Trigger != TriggerShutdown {
+		t.Errorf("status %+v, want the shutdown's drain", st)
+	}
+	if ups := f.updates(); len(ups) != 0 {
+		t.Errorf("writes %v, want none: the node is out of service already", f.writes())
+	}
+
+	// Well past its deadline on the same boot, the shutdown did not happen.
+	f.clock.SetTime(t0.Add(10*time.Minute + staleShutdown + time.Second))
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !givenBack(f.node()) || f.engine.ShuttingDown() {
+		t.Errorf("a shutdown long past its deadline on the same boot: node %+v, shutting down %v", f.node(), f.engine.ShuttingDown())
+	}
+}
+
+func TestSyncRebootGivesBackOnlyTheAgentsOwn(t *testing.T) {
+	n := outOfService(nil, t0.Add(time.Minute))
+	n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: "example.com/maintenance", Effect: corev1.TaintEffectNoSchedule})
+	n.Status.NodeInfo.BootID = "boot-2"
+	f := newFixture(t, n)
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := f.node()
+	if !givenBack(got) || !HasDrainTaint(got, "example.com/maintenance") {
+		t.Errorf("after the reboot: %+v", got)
+	}
+	if ev := f.events(); !hasEventLike(ev, "Normal "+ReasonNodeReenabled+" Node re-enabled (the node rebooted (boot ID boot-1 -> boot-2))") {
+		t.Errorf("events %v", ev)
+	}
+}
+
+// cancelledWhileRefused is a node out of service for a host shutdown that was just
+// cancelled, with a None VM on it, while the API server refuses to uncordon it.
+func cancelledWhileRefused(t *testing.T) *fixture {
+	vmi, pod := noneVM("guest")
+	n := outOfService(nil, t0.Add(time.Hour))
+	delete(n.Annotations, AnnotationDrain)
+	f := newFixture(t, n, vmi, pod)
+	f.refuse(refuseGivingBack)
+	f.engine.ShutdownCancelled()
+	return f
+}
+
+// Giving the node back is refused for a while: the refusal is reported (event, metric,
+// readiness), retried with a backoff that informer events do not bypass, and the VM is
+// never evicted meanwhile; once allowed, the node is given back.
+func TestSyncRefusedReenableIsReportedAndRetried(t *testing.T) {
+	f := cancelledWhileRefused(t)
+
+	if _, err := f.sync(); err != nil {
+		t.Fatalf("sync returned %v: a refused re-enable must not fail the sync", err)
+	}
+	if w := strings.Join(f.writes(), ","); strings.Contains(w, "eviction") || f.node().Annotations[AnnotationDrain] != "" {
+		t.Errorf("writes %s: a drain for the cancelled shutdown", w)
+	}
+	var sd ShutdownRecord
+	if ok, _ := readAnnotation(f.node(), AnnotationShutdown, &sd); !ok || sd.Cancelled == nil {
+		t.Errorf("the cancel is not recorded on the node: %q", f.node().Annotations[AnnotationShutdown])
+	}
+	ev := f.events()
+	if !hasEventLike(ev, "Warning "+ReasonNodeUpdateFailed+" cannot re-enable the node after the cancelled host shutdown") {
+		t.Errorf("events %v, want a Warning %s", ev, ReasonNodeUpdateFailed)
+	}
+	if v := value(t, f.engine.metrics.ReenableFailing); v != 1 {
+		t.Errorf("node_agent_reenable_failing %v, want 1", v)
+	}
+	if v := value(t, f.engine.metrics.NodeUpdateFailures.WithLabelValues("reenable")); v != 1 {
+		t.Errorf("node_agent_node_update_failures_total{write=reenable} %v, want 1", v)
+	}
+	st, _ := f.engine.Status()
+	if !strings.Contains(st.NodeError, "Forbidden") && !strings.Contains(st.NodeError, "forbidden") {
+		t.Errorf("status nodeError %q, want the refusal", st.NodeError)
+	}
+	if r := get(t, f.engine.Handler(), "/readyz"); r.code != http.StatusServiceUnavailable || !strings.Contains(r.body, "re-enable") {
+		t.Errorf("/readyz %d %q, want 503 naming the re-enable", r.code, r.body)
+	}
+	if st.Draining {
+		t.Errorf("status %+v: draining for a cancelled shutdown", st)
+	}
+
+	// An informer event within the backoff: no new attempt.
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if ups := f.updates(); len(ups) != 0 {
+		t.Errorf("retried within the backoff: %v", f.writes())
+	}
+	// After the backoff: tried again, refused again, reported once.
+	f.clock.Step(time.Second)
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if ups := f.updates(); len(ups) != 1 {
+		t.Errorf("writes after the backoff %v, want one more attempt", f.writes())
+	}
+	if ev := f.events(); hasEventLike(ev, "Warning "+ReasonNodeUpdateFailed) {
+		t.Errorf("the same refusal reported again: %v", ev)
+	}
+	// Allowed again: given back, the report cleared.
+	f.refuse(nil)
+	f.clock.Step(time.Minute)
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !givenBack(f.node()) {
+		t.Errorf("node not given back once allowed: %+v", f.node())
+	}
+	if v := value(t, f.engine.metrics.ReenableFailing); v != 0 {
+		t.Errorf("node_agent_reenable_failing %v after success, want 0", v)
+	}
+	if r := get(t, f.engine.Handler(), "/readyz"); r.code != http.StatusOK {
+		t.Errorf("/readyz %d %q after success", r.code, r.body)
+	}
+}
+
+// The agent's own taint for a cancelled shutdown starts no drain, even while it cannot
+// be removed: no VM is evicted for a shutdown that was cancelled. (Before the fix the
+// taint drained the node as an operator's would.)
+func TestSyncOwnTaintOfACancelledShutdownEvictsNothing(t *testing.T) {
+	f := cancelledWhileRefused(t)
+	if _, err := f.sync(); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+	for _, w := range f.writes() {
+		if strings.Contains(w, "eviction") {
+			t.Errorf("%s for a cancelled shutdown", w)
+		}
+	}
+	if _, ok := f.node().Annotations[AnnotationDrain]; ok {
+		t.Errorf("a drain started for a cancelled shutdown: %s", f.node().Annotations[AnnotationDrain])
+	}
+	if st, _ := f.engine.Status(); st.Draining || len(st.VMs) != 1 || st.VMs[0].State != StateRunning {
+		t.Errorf("status %+v, want not draining and the VM running", st)
+	}
+}
+
+// An operator's drain taint is a trigger whatever the shutdown does.
+func TestSyncOperatorTaintDrains(t *testing.T) {
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	f := newFixture(t, n)
+	f.engine.ShutdownCancelled()
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	var rec DrainRecord
+	if ok, _ := readAnnotation(f.node(), AnnotationDrain, &rec); !ok || rec.Trigger != TriggerTaint || rec.Completed == nil {
+		t.Errorf("drain record %q, want a completed taint drain", f.node().Annotations[AnnotationDrain])
+	}
+	if w := f.writes(); len(w) == 0 || w[0] != "patch nodes" {
+		t.Errorf("writes %v, want the drain record patched first", w)
+	}
+	if !HasDrainTaint(f.node(), nodeinfo.DefaultDrainTaintKey) {
+		t.Error("the operator's taint was removed")
+	}
+}
+
+// withdraw: the taint went away; the evacuations this drain requested are cancelled
+// through virt-api, the record removed, DrainWithdrawn sent.
+func TestSyncWithdrawCancelsTheDrainsEvacuations(t *testing.T) {
+	n := testNode()
+	annotate(n, AnnotationDrain, DrainRecord{Trigger: TriggerTaint, TaintKey: nodeinfo.DefaultDrainTaintKey, Started: t0,
+		Requested: map[string]Action{"ns/moving": ActionMigrate, "ns/other": ActionMigrate, "ns/stopped": ActionShutdown}})
+	moving := newVMI("moving", thisNode, kubevirtv1.Running)
+	moving.Status.EvacuationNodeName = thisNode
+	other := newVMI("other", thisNode, kubevirtv1.Running) // not marked: nothing to cancel
+	f := newFixture(t, n, moving, other, launcherPod("virt-launcher-moving", string(moving.UID), thisNode, corev1.PodRunning),
+		launcherPod("virt-launcher-other", string(other.UID), thisNode, corev1.PodRunning))
+	requeue, err := f.sync()
+	if err != nil || requeue {
+		t.Fatalf("sync = %v, %v", requeue, err)
+	}
+	f.mu.Lock()
+	cancels := f.cancels
+	f.mu.Unlock()
+	if len(cancels) != 1 || cancels[0] != "ns/moving" {
+		t.Errorf("evacuate/cancel requests %v, want ns/moving only", cancels)
+	}
+	if _, ok := f.node().Annotations[AnnotationDrain]; ok {
+		t.Error("the drain record is still there")
+	}
+	ev := f.events()
+	if !hasEventLike(ev, "Normal "+ReasonEvacuationCancelled) || !hasEventLike(ev, "Normal "+ReasonDrainWithdrawn+" Drain withdrawn: 1 evacuations cancelled") {
+		t.Errorf("events %v", ev)
+	}
+	if st, _ := f.engine.Status(); st.Draining || len(st.VMs) != 2 {
+		t.Errorf("status %+v", st)
+	}
+}
+
+// updateNode: a conflict is retried with a fresh read; any other error is returned.
+func TestUpdateNodeRetriesConflictsOnly(t *testing.T) {
+	f := newFixture(t, testNode())
+	conflicts := 1
+	f.kube.PrependReactor("update", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if conflicts > 0 {
+			conflicts--
+			return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "nodes"}, thisNode, fmt.Errorf("the object has been modified"))
+		}
+		return false, nil, nil
+	})
+	err := f.engine.updateNode(context.Background(), func(n *corev1.Node) bool { n.Spec.Unschedulable = true; return true })
+	gets := 0
+	for _, a := range f.kube.Actions() {
+		if a.GetVerb() == "get" {
+			gets++
+		}
+	}
+	if err != nil || !f.node().Spec.Unschedulable {
+		t.Fatalf("updateNode after a conflict: %v, unschedulable %v", err, f.node().Spec.Unschedulable)
+	}
+	if gets != 2 {
+		t.Errorf("%d reads, want a fresh read after the conflict", gets)
+	}
+	f.refuse(func(_, _ *corev1.Node) error {
+		return apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, thisNode, fmt.Errorf("no"))
+	})
+	start := time.Now()
+	err = f.engine.updateNode(context.Background(), func(n *corev1.Node) bool { n.Spec.Unschedulable = false; return true })
+	if !apierrors.IsForbidden(err) {
+		t.Errorf("updateNode refused: %v, want the Forbidden returned", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("a Forbidden took %v to return: retried", d)
+	}
+}
+
+// value reads a gauge or counter.
+func value(t *testing.T, c prometheus.Metric) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if m.Gauge != nil {
+		return m.Gauge.GetValue()
+	}
+	return m.Counter.GetValue()
+}
