@@ -26,12 +26,28 @@ var _ Inhibitor = (*systemd.Guard)(nil)
 // it, and releases the lock as soon as the node is safe or at the deadline; on a
 // cancelled shutdown it undoes what it added and withdraws the drain. timeout is
 // --shutdown-timeout; logind's own deadline, when earlier, wins.
+//
+// Until the inhibitor first reaches logind it also watches its status: when logind then
+// prepares no shutdown, the engine is told (ShutdownCancelled), so that a shutdown an
+// earlier agent recorded on the Node and that was cancelled while no agent ran gives the
+// node back.
 func (e *Engine) RunShutdown(ctx context.Context, inh Inhibitor, timeout time.Duration) {
+	ticker := e.opts.Clock.NewTicker(250 * time.Millisecond)
+	defer ticker.Stop()
+	first := ticker.C()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-first:
+			if st := inh.Status(); st.Connected {
+				first = nil
+				if !st.ShuttingDown {
+					e.ShutdownCancelled()
+				}
+			}
 		case ev, ok := <-inh.Events():
+			first = nil
 			if !ok {
 				return
 			}

@@ -25,6 +25,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/kubernetes/scheme"
 	restfake "k8s.io/client-go/rest/fake"
@@ -35,6 +36,7 @@ import (
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/nodeinfo"
+	"github.com/node-agent/node-agent/systemd"
 )
 
 const bootID = "boot-1"
@@ -618,4 +620,44 @@ func value(t *testing.T, c prometheus.Metric) float64 {
 		return m.Gauge.GetValue()
 	}
 	return m.Counter.GetValue()
+}
+
+// fakeInhibitor is a logind inhibitor that is connected and sees no shutdown.
+type fakeInhibitor struct{ events chan systemd.Event }
+
+func (i fakeInhibitor) Events() <-chan systemd.Event { return i.events }
+func (fakeInhibitor) Release()                       {}
+func (fakeInhibitor) Status() systemd.Status         { return systemd.Status{Connected: true} }
+
+// A shutdown an earlier agent recorded, cancelled while no agent ran: once the
+// inhibitor reaches a logind that prepares no shutdown, the node is given back.
+func TestRunShutdownNoShutdownAtConnectGivesBackARecordedOne(t *testing.T) {
+	f := newFixture(t, outOfService(nil, t0.Add(time.Hour)))
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !f.engine.ShuttingDown() {
+		t.Fatal("the recorded shutdown is not taken as pending")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		f.engine.RunShutdown(ctx, fakeInhibitor{make(chan systemd.Event)}, time.Minute)
+		close(done)
+	}()
+	err := wait.PollUntilContextTimeout(ctx, 10*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		f.clock.Step(250 * time.Millisecond)
+		return !f.engine.ShuttingDown(), nil
+	})
+	cancel()
+	<-done
+	if err != nil {
+		t.Fatalf("the engine was not told that no shutdown is pending: %v", err)
+	}
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.node(); !givenBack(n) {
+		t.Errorf("node not given back: %+v", n)
+	}
 }
