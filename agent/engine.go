@@ -268,7 +268,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		ctx, cancel = context.WithCancel(ctx)
 		defer cancel()
 		e.mu.Lock()
-		stillPending := e.intent.pending
+		stillPending, unconfirmed := e.intent.pending, e.adopted
 		e.abort = cancel
 		e.mu.Unlock()
 		defer func() {
@@ -279,6 +279,13 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		if !stillPending {
 			e.Enqueue()
 			return false, nil
+		}
+		if unconfirmed {
+			// Read from the Node by a restarted agent: the node stays out of service, but
+			// no VM is acted on before logind confirms the shutdown (ShutdownStarted): it
+			// may have been cancelled while no agent ran.
+			e.report(ctx, node, cfg, TriggerShutdown, vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil)
+			return true, nil
 		}
 		requeue, err := e.startOrDrain(ctx, node, cfg, rec, hasRecord)
 		if ctx.Err() != nil && parent.Err() == nil {

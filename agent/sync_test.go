@@ -370,21 +370,35 @@ func TestSyncRestartedAgentFinishesTheCancel(t *testing.T) {
 	}
 }
 
-// An agent restarted during a pending shutdown carries on with it until its deadline.
+// An agent restarted during a pending shutdown keeps the node out of service, acts on
+// no VM before logind confirms the shutdown, then carries on with it.
 func TestSyncRestartedAgentCarriesOnWithThePendingShutdown(t *testing.T) {
-	f := newFixture(t, outOfService(nil, t0.Add(10*time.Minute)))
+	vmi, pod := noneVM("guest")
+	f := newFixture(t, outOfService(nil, t0.Add(10*time.Minute)), vmi, pod)
 	if _, err := f.sync(); err != nil {
 		t.Fatal(err)
 	}
 	if !f.engine.ShuttingDown() {
 		t.Error("the shutdown recorded on the node is not taken as pending")
 	}
-	if st, _ := f.engine.Status(); !st.Draining || st.Trigger != TriggerShutdown {
-		t.Errorf("status %+v, want the shutdown's drain", st)
+	if st, _ := f.engine.Status(); !st.Draining || st.Trigger != TriggerShutdown || len(st.VMs) != 1 || st.VMs[0].State != StatePending {
+		t.Errorf("status %+v, want the shutdown's drain, the VM pending", st)
 	}
-	if ups := f.updates(); len(ups) != 0 {
-		t.Errorf("writes %v, want none: the node is out of service already", f.writes())
+	if w := f.writes(); len(w) != 1 || w[0] != "patch nodes" {
+		t.Errorf("writes %v, want the state annotation only: the node is out of service already, no VM acted on", w)
 	}
+	f.vmis.Delete(vmi)
+	f.pods.Delete(pod)
+	f.engine.ShutdownStarted(t0.Add(time.Minute), t0.Add(10*time.Minute))
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := f.engine.Status(); !st.Draining || !st.Safe {
+		t.Errorf("status %+v after logind confirmed the shutdown, want drained", st)
+	}
+	f.engine.mu.Lock()
+	f.engine.adopted = true // as read from the Node by a restarted agent
+	f.engine.mu.Unlock()
 
 	// Well past its deadline on the same boot, the shutdown did not happen.
 	f.clock.SetTime(t0.Add(10*time.Minute + staleShutdown + time.Second))
