@@ -675,3 +675,65 @@ func TestRunShutdownNoShutdownAtConnectGivesBackARecordedOne(t *testing.T) {
 		t.Errorf("node not given back: %+v", n)
 	}
 }
+
+// drain: a LiveMigrate VM that cannot migrate is reported blocked (events on the VMI and
+// the Node, once) and never evicted; the drain is not complete while it is there, and
+// completes (recorded, DrainCompleted) once it is gone.
+func TestSyncDrainReportsABlockedVMAndCompletesWhenItLeaves(t *testing.T) {
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	vmi := newVMI("pinned", thisNode, kubevirtv1.Running)
+	lm := kubevirtv1.EvictionStrategyLiveMigrate
+	vmi.Spec.EvictionStrategy = &lm
+	vmi.Status.Conditions = []kubevirtv1.VirtualMachineInstanceCondition{
+		migratableCondition(corev1.ConditionFalse, kubevirtv1.VirtualMachineInstanceReasonDisksNotMigratable, "PVC rootdisk is not shared")}
+	pod := launcherPod("virt-launcher-pinned", string(vmi.UID), thisNode, corev1.PodRunning)
+	f := newFixture(t, n, vmi, pod)
+	for i := 0; i < 2; i++ {
+		requeue, err := f.sync()
+		if err != nil || !requeue {
+			t.Fatalf("sync %d = %v, %v; want a drain looked at again", i, requeue, err)
+		}
+		for _, w := range f.writes() {
+			if strings.Contains(w, "eviction") {
+				t.Errorf("%s of a LiveMigrate VM that cannot migrate", w)
+			}
+		}
+	}
+	st, _ := f.engine.Status()
+	if !st.Draining || st.Safe || len(st.VMs) != 1 || st.VMs[0].State != StateBlocked || !strings.Contains(st.VMs[0].Detail, "PVC rootdisk is not shared") {
+		t.Errorf("status %+v, want the VM blocked with its reason", st)
+	}
+	blocked := 0
+	for _, e := range f.events() {
+		if strings.HasPrefix(e, "Warning "+ReasonBlocked) {
+			blocked++
+		}
+	}
+	if blocked != 2 {
+		t.Errorf("%d %s events over two looks, want 2 (VMI and Node, once)", blocked, ReasonBlocked)
+	}
+	var rec DrainRecord
+	if ok, _ := readAnnotation(f.node(), AnnotationDrain, &rec); !ok || rec.Completed != nil || rec.Trigger != TriggerTaint {
+		t.Errorf("drain record %q, want a taint drain not completed", f.node().Annotations[AnnotationDrain])
+	}
+
+	if err := f.vmis.Delete(vmi); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.pods.Delete(pod); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := readAnnotation(f.node(), AnnotationDrain, &rec); !ok || rec.Completed == nil {
+		t.Errorf("drain record %q, want it completed", f.node().Annotations[AnnotationDrain])
+	}
+	if st, _ := f.engine.Status(); !st.Safe || f.node().Annotations[AnnotationState] != "drained: no VM left, safe to power off" {
+		t.Errorf("status %+v, annotation %q", st, f.node().Annotations[AnnotationState])
+	}
+	if ev := f.events(); !hasEventLike(ev, "Normal "+ReasonDrainCompleted) {
+		t.Errorf("events %v, want %s", ev, ReasonDrainCompleted)
+	}
+}
