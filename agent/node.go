@@ -189,6 +189,14 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 	intent, gen := e.intent, e.gen
 	e.mu.Unlock()
 
+	var own Ownership
+	owned, err := readAnnotation(node, AnnotationOwned, &own)
+	if err != nil {
+		e.log.WithError(err).Warn("unreadable ownership annotation")
+	}
+	ownStale := owned && own.BootID != "" && own.BootID != boot
+	rebooted := ownStale || (recorded && !thisBoot)
+
 	switch {
 	case intent.pending:
 		if thisBoot && sd.Cancelled == nil && HasDrainTaint(node, taintKey) && node.Spec.Unschedulable {
@@ -203,6 +211,21 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 			break
 		}
 		e.nodeWriteOK("take-out-of-service")
+	case rebooted:
+		// What an earlier boot recorded: the host went down and came back.
+		if !e.nodeWriteDue("reenable") {
+			break
+		}
+		old := own.BootID
+		if !ownStale {
+			old = sd.BootID
+		}
+		if err := e.reenable(ctx, fmt.Sprintf("the node rebooted (boot ID %s -> %s)", old, boot)); err != nil {
+			e.nodeWriteFailed(node, "reenable", "cannot re-enable the node after its reboot", err)
+			break
+		}
+		e.nodeWriteOK("reenable")
+		e.cancelDone(gen)
 	case intent.cancelled:
 		if !e.nodeWriteDue("reenable") {
 			break
@@ -216,35 +239,18 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 			break
 		}
 		e.nodeWriteOK("reenable")
-		e.mu.Lock()
-		if e.gen == gen {
-			e.intent.cancelled = false
-		}
-		e.mu.Unlock()
-	default:
-		var own Ownership
-		owned, err := readAnnotation(node, AnnotationOwned, &own)
-		if err != nil {
-			e.log.WithError(err).Warn("unreadable ownership annotation")
-		}
-		ownStale := owned && own.BootID != "" && own.BootID != boot
-		if !ownStale && !(recorded && !thisBoot) {
-			break
-		}
-		if !e.nodeWriteDue("reenable") {
-			break
-		}
-		old := own.BootID
-		if !ownStale {
-			old = sd.BootID
-		}
-		if err := e.reenable(ctx, fmt.Sprintf("the node rebooted (boot ID %s -> %s)", old, boot)); err != nil {
-			e.nodeWriteFailed(node, "reenable", "cannot re-enable the node after its reboot", err)
-			break
-		}
-		e.nodeWriteOK("reenable")
+		e.cancelDone(gen)
 	}
 	return intent
+}
+
+// cancelDone clears the cancel carried out, unless a shutdown notice came since (gen).
+func (e *Engine) cancelDone(gen int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.gen == gen {
+		e.intent.cancelled = false
+	}
 }
 
 // nodeWriteDue says whether a write that failed before may be tried again: the backoff

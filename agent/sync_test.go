@@ -737,3 +737,21 @@ func TestSyncDrainReportsABlockedVMAndCompletesWhenItLeaves(t *testing.T) {
 		t.Errorf("events %v, want %s", ev, ReasonDrainCompleted)
 	}
 }
+
+// After a reboot the node is given back as rebooted, even when the inhibitor has said
+// first that no shutdown is pending.
+func TestSyncRebootBeforeTheFirstLookSaysRebooted(t *testing.T) {
+	n := outOfService(nil, t0.Add(time.Minute))
+	n.Status.NodeInfo.BootID = "boot-2"
+	f := newFixture(t, n)
+	f.engine.ShutdownCancelled()
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !givenBack(f.node()) {
+		t.Errorf("node not given back: %+v", f.node())
+	}
+	if ev := f.events(); !hasEventLike(ev, "Normal "+ReasonNodeReenabled+" Node re-enabled (the node rebooted") {
+		t.Errorf("events %v, want NodeReenabled saying the node rebooted", ev)
+	}
+}
