@@ -12,7 +12,7 @@ import (
 func TestExpectations(t *testing.T) {
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	withPod := func(uid types.UID) *vm {
-		return &vm{key: "ns/vm", pods: []*corev1.Pod{{ObjectMeta: metav1.ObjectMeta{Name: "virt-launcher-vm", UID: uid}}}}
+		return &vm{key: "ns/vm", vmi: newVMI("vm", thisNode, "Running"), pods: []*corev1.Pod{{ObjectMeta: metav1.ObjectMeta{Name: "virt-launcher-vm", UID: uid}, Spec: corev1.PodSpec{NodeName: thisNode}}}}
 	}
 	var x expectations
 	if _, ok := x.awaiting(withPod("a"), now); ok {

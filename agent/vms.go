@@ -36,19 +36,40 @@ type vm struct {
 	pods []*corev1.Pod
 }
 
-// sourcePod is the VMI's running virt-launcher pod on this node (not a migration
-// target pod), the one to evict; nil if there is none.
+// sourcePod is the pod that runs the VMI, the one to evict: as KubeVirt's own
+// CurrentVMIPod reads it, the newest of its virt-launcher pods on the VMI's
+// status.nodeName, leaving out the target pod of a migration that has not finished.
+// A pod that was a migration's target keeps KubeVirt's kubevirt.io/migrationJobUID
+// label for its whole life: once that migration is over it is the running pod like
+// any other. nil if there is none (a VM whose VMI runs elsewhere has none here).
 func (v *vm) sourcePod() *corev1.Pod {
-	for _, p := range v.pods {
-		if _, target := p.Labels[kubevirtv1.MigrationJobLabel]; target {
-			continue
-		}
-		if v.vmi != nil && p.Spec.NodeName != v.vmi.Status.NodeName {
-			continue
-		}
-		return p
+	if v.vmi == nil {
+		return nil
 	}
-	return nil
+	var cur *corev1.Pod
+	for _, p := range v.pods {
+		if p.Spec.NodeName != v.vmi.Status.NodeName || unfinishedTarget(v.vmi, p) {
+			continue
+		}
+		if cur == nil || cur.CreationTimestamp.Before(&p.CreationTimestamp) {
+			cur = p
+		}
+	}
+	return cur
+}
+
+// unfinishedTarget says whether the pod is the target pod of the VMI's migration and
+// that migration has not ended.
+func unfinishedTarget(vmi *kubevirtv1.VirtualMachineInstance, p *corev1.Pod) bool {
+	job, ok := p.Labels[kubevirtv1.MigrationJobLabel]
+	if !ok {
+		return false
+	}
+	ms := vmi.Status.MigrationState
+	if ms == nil || ms.Completed || ms.Failed {
+		return false
+	}
+	return (ms.MigrationUID != "" && string(ms.MigrationUID) == job) || (ms.TargetPod != "" && ms.TargetPod == p.Name)
 }
 
 func (v *vm) terminating() bool {

@@ -170,9 +170,22 @@ func TestVMsOnNode(t *testing.T) {
 
 func TestSourcePod(t *testing.T) {
 	vmi := newVMI("a", thisNode, kubevirtv1.Running)
+	migrating := func(completed, failed bool) *kubevirtv1.VirtualMachineInstance {
+		m := newVMI("a", thisNode, kubevirtv1.Running)
+		m.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{
+			MigrationUID: "migration-uid", TargetPod: "target", Completed: completed, Failed: failed,
+		}
+		return m
+	}
+	at := func(p *corev1.Pod, sec int) *corev1.Pod {
+		p.CreationTimestamp = metav1.NewTime(time.Date(2030, 1, 1, 0, 0, sec, 0, time.UTC))
+		return p
+	}
 	source := launcherPod("source", "uid-a", thisNode, corev1.PodRunning)
 	target := targetPod("target", "uid-a", "a", thisNode)
 	elsewhere := launcherPod("elsewhere", "uid-a", otherNode, corev1.PodRunning)
+	old := at(launcherPod("old", "uid-a", thisNode, corev1.PodRunning), 1)
+	newer := at(targetPod("newer", "uid-a", "a", thisNode), 2)
 	tests := []struct {
 		name string
 		v    *vm
@@ -180,8 +193,12 @@ func TestSourcePod(t *testing.T) {
 	}{
 		{"no pods", &vm{vmi: vmi}, nil},
 		{"the source pod", &vm{vmi: vmi, pods: []*corev1.Pod{source}}, source},
-		{"never the migration target pod, whatever the order", &vm{vmi: vmi, pods: []*corev1.Pod{target, source}}, source},
-		{"only a target pod: none", &vm{vmi: vmi, pods: []*corev1.Pod{target}}, nil},
+		{"never the target pod of an unfinished migration, whatever the order", &vm{vmi: migrating(false, false), pods: []*corev1.Pod{target, source}}, source},
+		{"only the target pod of an unfinished migration: none", &vm{vmi: migrating(false, false), pods: []*corev1.Pod{target}}, nil},
+		{"the pod a finished migration brought in runs the VM, its label kept", &vm{vmi: migrating(true, false), pods: []*corev1.Pod{target}}, target},
+		{"a pod with the label and no migration under way runs the VM", &vm{vmi: vmi, pods: []*corev1.Pod{target}}, target},
+		{"a failed migration's target on the VMI's node is not taken for unfinished", &vm{vmi: migrating(false, true), pods: []*corev1.Pod{target}}, target},
+		{"the newest pod on the VMI's node, as KubeVirt's CurrentVMIPod", &vm{vmi: vmi, pods: []*corev1.Pod{newer, old}}, newer},
 		{"a pod on another node than the VMI: none", &vm{vmi: vmi, pods: []*corev1.Pod{elsewhere}}, nil},
 		{"a lone target pod: none", &vm{pods: []*corev1.Pod{target}}, nil},
 	}
@@ -336,7 +353,7 @@ func TestObserve(t *testing.T) {
 		},
 		{
 			name: "a terminating migration target pod is not the VM shutting down",
-			v: &vm{vmi: running(), pods: []*corev1.Pod{
+			v: &vm{vmi: running(migrationState(kubevirtv1.VirtualMachineInstanceMigrationState{MigrationUID: "migration-uid"})), pods: []*corev1.Pod{
 				deleting(targetPod("target", "uid-a", "a", thisNode)), source(),
 			}}, d: migrate, draining: true,
 			want: StatePending,
