@@ -34,115 +34,101 @@ type outcome struct {
 	detail string
 }
 
-// act does what the decision says for a VM that the drain has not acted on yet.
-func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision) (outcome, error) {
+// act does what the decision says for a VM that the drain has not acted on yet: the
+// requests that resolve asks for, one after the other, then what resolve maps their
+// answers to (state, event, metric). migrations are the VMI's migrations, read once
+// per sync. retry says the VM was refused: act on it again only after its backoff.
+func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision, migrations []kubevirtv1.VirtualMachineInstanceMigration) (o outcome, retry bool) {
 	log := e.vmLog(v).WithFields(map[string]any{"strategy": d.Strategy, "action": d.Action})
-	if d.Action == ActionNone {
-		e.warnOnce(v, ReasonBlocked+d.Reason, func() {
-			if v.vmi != nil {
-				e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonBlocked, "Cannot leave node %s: %s", node.Name, d.Reason)
-			}
-			e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), d.Reason)
-			log.WithField("reason", d.Reason).Warn("VM blocked: it will not be shut down and cannot migrate")
-		})
-		return outcome{StateBlocked, d.Reason}, nil
-	}
-	pod := v.sourcePod()
-	if pod == nil {
-		return outcome{StatePending, "no virt-launcher pod on the node yet"}, nil
+	var pod *corev1.Pod
+	if d.Action != ActionNone {
+		if pod = v.sourcePod(); pod == nil {
+			return outcome{StatePending, "no virt-launcher pod on the node yet"}, false
+		}
+		log = log.WithField("pod", pod.Name)
 	}
 	if d.Action == ActionMigrate {
-		migrations, err := e.view.Migrations(ctx, v.vmi.Namespace, v.vmi.Name)
-		if err != nil {
-			return outcome{StatePending, "cannot list its migrations"}, err
-		}
 		if name, ok := hasUnfinishedMigration(v.vmi, migrations); ok {
 			log.WithField("migration", name).Debug("a migration is already under way; not requesting another")
-			return outcome{StateMigrating, "migration " + name + " under way"}, nil
+			return outcome{StateMigrating, "migration " + name + " under way"}, false
 		}
 	}
-	if d.Action == ActionMigrate || d.Action == ActionExternal {
-		// Probe first: where KubeVirt does not intercept the eviction it would delete
-		// the pod, shutting down a VM that must migrate or be left to its controller.
-		res, msg, err := e.evict(ctx, pod, true)
-		if err != nil {
-			return outcome{StatePending, msg}, err
-		}
-		switch res {
-		case evicted:
-			if d.Action == ActionExternal {
-				reason := "KubeVirt does not intercept evictions (no eviction webhook): nothing marks it for the external controller"
-				e.warnOnce(v, reason, func() {
-					e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonBlocked, "Cannot leave node %s: %s", node.Name, reason)
-					log.Warn(reason)
-				})
-				return outcome{StateBlocked, reason}, nil
-			}
+	var dry, ev *answer
+	for {
+		vd := resolve(node.Name, d, dry, ev)
+		switch vd.next {
+		case callDryRun:
+			a := e.evictor.evict(ctx, pod, true)
+			dry = &a
+		case callEvict:
+			a := e.evictor.evict(ctx, pod, false)
+			ev = &a
+		case callCreateMigration:
 			name, err := e.createMigration(ctx, v.vmi)
 			if err != nil {
-				return outcome{StatePending, "creating a migration failed"}, err
+				log.WithError(err).Warn("creating a migration failed; retrying with a backoff")
+				return outcome{StatePending, "creating a migration failed"}, true
 			}
 			e.metrics.Requests.WithLabelValues(string(ActionMigrate), "migration-created").Inc()
 			e.recorder.Eventf(v.vmi, corev1.EventTypeNormal, ReasonMigrationCreated, "Eviction not intercepted by KubeVirt; created migration %s to leave node %s", name, node.Name)
 			log.WithField("migration", name).Info("eviction not intercepted by KubeVirt; migration created")
-			return outcome{StateMigrating, "migration " + name + " created"}, nil
-		case gone:
-			return outcome{}, nil
-		case notMigratable, refused:
-			return e.refused(v, node, msg, res), nil
+			return outcome{StateMigrating, "migration " + name + " created"}, false
+		default:
+			e.record(node, v, d, vd, log)
+			return outcome{vd.state, vd.detail}, vd.retry
 		}
 	}
-	res, msg, err := e.evict(ctx, pod, false)
-	if err != nil {
-		e.metrics.Requests.WithLabelValues(string(d.Action), "error").Inc()
-		return outcome{StatePending, msg}, err
-	}
-	switch res {
-	case evacuating:
-		e.metrics.Requests.WithLabelValues(string(d.Action), "evacuation").Inc()
-		reason, what := ReasonMigrationRequested, "KubeVirt evacuates it by live migration"
-		if d.Action == ActionExternal {
-			reason, what = ReasonExternalRequested, "KubeVirt marked it for the external controller"
-		}
-		e.recorder.Eventf(v.vmi, corev1.EventTypeNormal, reason, "Eviction from node %s requested: %s", node.Name, what)
-		log.WithField("pod", pod.Name).Info("eviction requested: " + what)
-		if d.Action == ActionExternal {
-			return outcome{StateWaitingExternal, what}, nil
-		}
-		return outcome{StateMigrating, "evacuation requested"}, nil
-	case evicted:
-		e.metrics.Requests.WithLabelValues(string(d.Action), "evicted").Inc()
-		e.recorder.Eventf(v.vmi, corev1.EventTypeNormal, ReasonShutdownRequested, "Evicted from node %s: the guest shuts down (evictionStrategy %s)", node.Name, d.Strategy)
-		log.WithField("pod", pod.Name).Info("virt-launcher pod evicted: the guest shuts down")
-		return outcome{StateShuttingDown, "evicted: the guest shuts down"}, nil
-	case notMigratable, refused:
-		return e.refused(v, node, msg, res), nil
-	}
-	return outcome{}, nil
 }
 
-func (e *Engine) refused(v *vm, node *corev1.Node, msg string, res evictionResult) outcome {
-	label, state := "refused", StatePending
-	if res == notMigratable {
-		label, state = "not-migratable", StateBlocked
+// record reports a verdict: the metric, the event on the VMI (a warning once per VM
+// and cause during a drain), the log.
+func (e *Engine) record(node *corev1.Node, v *vm, d Decision, vd verdict, log logrus.FieldLogger) {
+	if vd.outcome != "" {
+		e.metrics.Requests.WithLabelValues(string(d.Action), vd.outcome).Inc()
 	}
-	e.metrics.Requests.WithLabelValues("evict", label).Inc()
-	e.warnOnce(v, ReasonEvictionRefused+msg, func() {
-		e.recorder.Eventf(v.vmi, corev1.EventTypeWarning, ReasonEvictionRefused, "Eviction from node %s refused, retrying: %s", node.Name, msg)
-		e.vmLog(v).WithField("reason", msg).Warn("eviction refused; retrying with a backoff")
+	if vd.event == "" {
+		return
+	}
+	if !vd.warning {
+		e.recorder.Event(v.vmi, vd.eventType(), vd.event, vd.message)
+		log.Info(vd.message)
+		return
+	}
+	e.warnOnce(v, vd.event+"/"+vd.cause, func() {
+		if v.vmi != nil {
+			e.recorder.Event(v.vmi, vd.eventType(), vd.event, vd.message)
+		}
+		if vd.event == ReasonBlocked {
+			e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), vd.detail)
+		}
+		log.WithField("reason", vd.detail).Warn(vd.message)
 	})
-	return outcome{state, "eviction refused: " + msg}
 }
 
-// warnOnce runs report the first time this VM meets this reason during a drain.
-func (e *Engine) warnOnce(v *vm, reason string, report func()) {
-	key := v.key + "\x00" + reason
+// warnOnce runs report the first time this VM meets this cause during a drain.
+func (e *Engine) warnOnce(v *vm, cause string, report func()) {
 	e.warnedMu.Lock()
-	_, done := e.warned[key]
-	e.warned[key] = struct{}{}
+	causes := e.warned[v.key]
+	if causes == nil {
+		causes = sets{}
+		e.warned[v.key] = causes
+	}
+	_, done := causes[cause]
+	causes[cause] = struct{}{}
 	e.warnedMu.Unlock()
 	if !done {
 		report()
+	}
+}
+
+// forgetWarned drops what was reported about VMs no longer on the node.
+func (e *Engine) forgetWarned(present map[string]bool) {
+	e.warnedMu.Lock()
+	defer e.warnedMu.Unlock()
+	for key := range e.warned {
+		if !present[key] {
+			delete(e.warned, key)
+		}
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -27,40 +28,62 @@ const (
 	evacuating
 	// notMigratable: KubeVirt refused: the VMI cannot live-migrate.
 	notMigratable
-	// refused: something else refused it for now (a PodDisruptionBudget, a target
-	// pod, an error): retried with a backoff.
+	// refused: refused for now with 429 (a PodDisruptionBudget, KubeVirt while a
+	// target pod is pending): retried with a backoff.
 	refused
+	// failed: any other error (a pod under two budgets answers 500, an admission
+	// webhook denies it, the API server is down): retried with a backoff.
+	failed
 	// gone: the pod no longer exists.
 	gone
 )
 
-// evict asks the Eviction API to evict a pod, once, without client-side retries: the
-// engine's queue does the backing off. dryRun asks what would happen.
-func (e *Engine) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) (evictionResult, string, error) {
+// evictor requests the eviction of a pod, once, without client-side retries: the
+// engine backs off per VM. dryRun asks what would happen.
+type evictor interface {
+	evict(ctx context.Context, pod *corev1.Pod, dryRun bool) answer
+}
+
+// apiEvictor posts to the pods/eviction subresource.
+type apiEvictor struct{ kube kubernetes.Interface }
+
+func (a apiEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) answer {
 	ev := &policyv1.Eviction{ObjectMeta: metav1.ObjectMeta{Name: pod.Name, Namespace: pod.Namespace}}
 	if dryRun {
 		ev.DeleteOptions = &metav1.DeleteOptions{DryRun: []string{metav1.DryRunAll}}
 	}
-	err := e.clients.Kube.CoreV1().RESTClient().Post().
+	err := a.kube.CoreV1().RESTClient().Post().
 		Namespace(pod.Namespace).Resource("pods").Name(pod.Name).SubResource("eviction").
 		MaxRetries(0).Body(ev).Do(ctx).Error()
+	return classify(err)
+}
+
+// classify reads an eviction's answer.
+func classify(err error) answer {
 	switch {
 	case err == nil:
-		return evicted, "", nil
+		return answer{result: evicted}
 	case apierrors.IsNotFound(err):
-		return gone, "", nil
+		return answer{result: gone}
 	case apierrors.IsTooManyRequests(err) || statusCode(err) == http.StatusTooManyRequests:
 		msg := err.Error()
 		switch {
 		case strings.Contains(msg, "is not live-migratable"):
-			return notMigratable, msg, nil
+			return answer{result: notMigratable, msg: msg, cause: "NotLiveMigratable"}
 		case strings.Contains(msg, "triggered evacuation") || strings.Contains(msg, "Evacuation in progress"):
-			return evacuating, msg, nil
+			return answer{result: evacuating, msg: msg}
 		default:
-			return refused, msg, nil
+			return answer{result: refused, msg: msg, cause: string(metav1.StatusReasonTooManyRequests)}
 		}
 	default:
-		return refused, err.Error(), fmt.Errorf("evicting pod %s/%s: %w", pod.Namespace, pod.Name, err)
+		cause := string(apierrors.ReasonForError(err))
+		if cause == "" {
+			cause = "Error"
+		}
+		if code := statusCode(err); code != 0 {
+			cause = fmt.Sprintf("%s/%d", cause, code)
+		}
+		return answer{result: failed, msg: err.Error(), cause: cause}
 	}
 }
 

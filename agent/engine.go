@@ -28,7 +28,8 @@ type NodeView interface {
 	VMIs() []*kubevirtv1.VirtualMachineInstance
 	LauncherPods() []*corev1.Pod
 	Config() (nodeinfo.Config, error)
-	Migrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	// NamespaceMigrations lists the migrations of a namespace (read once per sync).
+	NamespaceMigrations(ctx context.Context, namespace string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
 }
 
 var _ NodeView = (*nodeinfo.View)(nil)
@@ -55,8 +56,12 @@ type Options struct {
 	// PodEvictionRetry is the pause between eviction attempts of other pods
 	// (--all-pods) that a PodDisruptionBudget refuses. Default 5s.
 	PodEvictionRetry time.Duration
-	Clock            clock.WithTicker
-	Log              logrus.FieldLogger
+	// EvictionBackoff and EvictionBackoffMax bound the per-VM exponential backoff of a
+	// refused eviction (and of the other pods' evictions). Default 2s and 1m.
+	EvictionBackoff    time.Duration
+	EvictionBackoffMax time.Duration
+	Clock              clock.WithTicker
+	Log                logrus.FieldLogger
 }
 
 // Engine drains its node when asked: on the drain taint, or on a host shutdown.
@@ -86,9 +91,12 @@ type Engine struct {
 	nodeBackoff workqueue.TypedRateLimiter[string]
 	// expectations are the actions taken that the cache does not show yet.
 	expectations expectations
-	warnedMu     sync.Mutex
-	warned       sets // events already sent this drain, by key
-	pods         *podDrainer
+	// retries backs off the VMs whose requests were refused.
+	retries  *retries
+	evictor  evictor
+	warnedMu sync.Mutex
+	warned   map[string]sets // warnings already sent this drain: VM -> causes
+	pods     *podDrainer
 }
 
 type sets map[string]struct{}
@@ -100,6 +108,12 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 	}
 	if opts.PodEvictionRetry <= 0 {
 		opts.PodEvictionRetry = DefaultPodEvictionRetry
+	}
+	if opts.EvictionBackoff <= 0 {
+		opts.EvictionBackoff = defaultEvictionBackoff
+	}
+	if opts.EvictionBackoffMax < opts.EvictionBackoff {
+		opts.EvictionBackoffMax = max(defaultEvictionBackoffMax, opts.EvictionBackoff)
 	}
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
@@ -125,7 +139,9 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		nodeErr:     map[string]string{},
 		nodeRetry:   map[string]time.Time{},
 		nodeBackoff: workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, 2*time.Minute),
-		warned:      sets{},
+		warned:      map[string]sets{},
+		retries:     newRetries(opts.EvictionBackoff, opts.EvictionBackoffMax, opts.Clock),
+		evictor:     apiEvictor{kube: clients.Kube},
 		status:      NodeStatus{Node: opts.NodeName, Reason: "starting"},
 	}
 	if opts.AllPods || opts.ShutdownAllPods {
@@ -311,9 +327,10 @@ func (e *Engine) startOrDrain(ctx context.Context, node *corev1.Node, cfg nodein
 			return false, err
 		}
 		e.warnedMu.Lock()
-		e.warned = sets{}
+		e.warned = map[string]sets{}
 		e.warnedMu.Unlock()
 		e.expectations.reset()
+		e.retries.reset()
 		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainStarted, "Drain started (%s, taint key %s)", rec.Trigger, cfg.DrainTaintKey)
 		e.log.WithFields(logrus.Fields{"trigger": rec.Trigger, "taintKey": cfg.DrainTaintKey}).Info("drain started")
 		e.metrics.DrainsStarted.WithLabelValues(rec.Trigger).Inc()
@@ -324,6 +341,15 @@ func (e *Engine) startOrDrain(ctx context.Context, node *corev1.Node, cfg nodein
 // drain acts on every VM that needs it, then reports.
 func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, rec *DrainRecord) (bool, error) {
 	vms := vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods())
+	present := map[string]bool{}
+	for _, v := range vms {
+		present[v.key] = true
+	}
+	// What is kept per VM is dropped when the VM leaves: memory does not grow with
+	// the VMs that passed through the node.
+	e.expectations.keep(present)
+	e.retries.keep(present)
+	e.forgetWarned(present)
 	var pending []*vm
 	decisions := map[string]Decision{}
 	awaited := map[string]outcome{}
@@ -334,10 +360,16 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		// A blocked VM goes to act too: it is reported there, loudly (events, log).
 		if state != StatePending && state != StateBlocked {
 			e.expectations.seen(v.key)
+			e.retries.done(v.key)
 			continue
 		}
 		if o, ok := e.expectations.awaiting(v, e.opts.Clock.Now()); ok {
 			// Acted on already; the cache has not shown it yet.
+			awaited[v.key] = o
+			continue
+		}
+		if o, ok := e.retries.waiting(v.key); ok {
+			// Refused lately: not asked again before its backoff, whatever events come.
 			awaited[v.key] = o
 			continue
 		}
@@ -359,7 +391,16 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 			return false, err
 		}
 	}
-	outcomes, errs := e.actAll(ctx, node, pending, decisions)
+	migrations, unread, errs := e.migrationsOf(ctx, pending, decisions)
+	var act []*vm
+	for _, v := range pending {
+		if unread[v.key] {
+			awaited[v.key] = outcome{StatePending, "cannot list the migrations of namespace " + v.vmi.Namespace}
+			continue
+		}
+		act = append(act, v)
+	}
+	outcomes := e.actAll(ctx, node, act, decisions, migrations)
 	for key, o := range awaited {
 		outcomes[key] = o
 	}
@@ -393,11 +434,12 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 // on together, not one round trip (through KubeVirt's webhook) after another.
 const actConcurrency = 16
 
-// actAll acts on the VMs, actConcurrency at a time.
-func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decisions map[string]Decision) (map[string]outcome, []error) {
+// actAll acts on the VMs, actConcurrency at a time. A VM whose request was refused
+// backs off; the refusal is reported (event, log, metric, status), not returned as an
+// error: it does not make the node's sync retry.
+func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decisions map[string]Decision, migrations map[string][]kubevirtv1.VirtualMachineInstanceMigration) map[string]outcome {
 	var mu sync.Mutex
 	outcomes := map[string]outcome{}
-	var errs []error
 	sem := make(chan struct{}, actConcurrency)
 	var wg sync.WaitGroup
 	for _, v := range vms {
@@ -405,20 +447,54 @@ func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decis
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			o, err := e.act(ctx, node, v, decisions[v.key])
-			if o.state == StateMigrating || o.state == StateShuttingDown || o.state == StateWaitingExternal {
+			o, retry := e.act(ctx, node, v, decisions[v.key], migrations[v.key])
+			switch {
+			case retry:
+				e.retries.refused(v.key, o)
+			case o.state == StateMigrating || o.state == StateShuttingDown || o.state == StateWaitingExternal:
+				e.retries.done(v.key)
 				e.expectations.expect(v, o, e.opts.Clock.Now())
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			if err != nil {
-				errs = append(errs, err)
-			}
 			outcomes[v.key] = o
 		}()
 	}
 	wg.Wait()
-	return outcomes, errs
+	return outcomes
+}
+
+// migrationsOf reads, once per sync and namespace, the migrations of the VMs about to
+// be live-migrated, by VM key. A namespace that cannot be read is an error, and its
+// VMs (unread) are not acted on in this sync.
+func (e *Engine) migrationsOf(ctx context.Context, vms []*vm, decisions map[string]Decision) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, map[string]bool, []error) {
+	out := map[string][]kubevirtv1.VirtualMachineInstanceMigration{}
+	unread := map[string]bool{}
+	listed := map[string]error{}
+	var errs []error
+	for _, v := range vms {
+		if decisions[v.key].Action != ActionMigrate {
+			continue
+		}
+		ns := v.vmi.Namespace
+		err, done := listed[ns]
+		if !done {
+			var list []kubevirtv1.VirtualMachineInstanceMigration
+			list, err = e.view.NamespaceMigrations(ctx, ns)
+			listed[ns] = err
+			if err != nil {
+				errs = append(errs, err)
+			}
+			for _, m := range list {
+				key := ns + "/" + m.Spec.VMIName
+				out[key] = append(out[key], m)
+			}
+		}
+		if err != nil {
+			unread[v.key] = true
+		}
+	}
+	return out, unread, errs
 }
 
 func decide(v *vm, cfg nodeinfo.Config) Decision {

@@ -64,6 +64,17 @@ func (x *expectations) seen(key string) {
 	delete(x.m, key)
 }
 
+// keep drops the expectations of VMs that are no longer on the node.
+func (x *expectations) keep(present map[string]bool) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	for key := range x.m {
+		if !present[key] {
+			delete(x.m, key)
+		}
+	}
+}
+
 func (x *expectations) reset() {
 	x.mu.Lock()
 	defer x.mu.Unlock()

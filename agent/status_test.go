@@ -72,7 +72,7 @@ func (fakeView) LauncherPods() []*corev1.Pod                { return nil }
 func (fakeView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
 }
-func (fakeView) Migrations(context.Context, string, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+func (fakeView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil
 }
 

@@ -145,7 +145,7 @@ func (v fixtureView) LauncherPods() []*corev1.Pod {
 func (fixtureView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
 }
-func (fixtureView) Migrations(context.Context, string, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+func (fixtureView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil
 }
 

@@ -258,10 +258,17 @@ func outranks(err error, used string) bool {
 	return false
 }
 
-// Migrations lists the migrations of one VMI, by spec.vmiName in its namespace
-// (KubeVirt labels them with kubevirt.io/vmi-name only once its controller saw them).
-func (v *View) Migrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
-	return MigrationsOf(ctx, v.kubevirt, namespace, vmi)
+// NamespaceMigrations lists the migrations of a namespace. The engine reads them once
+// per sync, for the VMs it is about to migrate, not once per VM: there is no selector
+// that scopes migrations to a node (KubeVirt labels them with kubevirt.io/vmi-name only
+// once its controller saw them), and a watch of every namespace's migrations would grow
+// with the cluster.
+func (v *View) NamespaceMigrations(ctx context.Context, namespace string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
+	if err := v.kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).Do(ctx).Into(list); err != nil {
+		return nil, fmt.Errorf("listing the migrations in %s: %w", namespace, err)
+	}
+	return list.Items, nil
 }
 
 // MigrationsOf lists the migrations of one VMI, by spec.vmiName in its namespace, with
