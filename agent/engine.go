@@ -53,8 +53,9 @@ type Options struct {
 	ShutdownAllPods bool
 	// Resync is how often a drain in progress is looked at again. Default 5s.
 	Resync time.Duration
-	// PodEvictionRetry is the pause between eviction attempts of other pods
-	// (--all-pods) that a PodDisruptionBudget refuses. Default 5s.
+	// PodEvictionRetry is the first pause before another eviction attempt of an
+	// other pod (--all-pods) that was refused; it doubles up to EvictionBackoffMax.
+	// Default 5s.
 	PodEvictionRetry time.Duration
 	// EvictionBackoff and EvictionBackoffMax bound the per-VM exponential backoff of a
 	// refused eviction (and of the other pods' evictions). Default 2s and 1m.
@@ -145,7 +146,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		status:      NodeStatus{Node: opts.NodeName, Reason: "starting"},
 	}
 	if opts.AllPods || opts.ShutdownAllPods {
-		e.pods = newPodDrainer(clients.Kube, opts.NodeName, opts.PodEvictionRetry, e.log, e.Enqueue)
+		e.pods = newPodDrainer(clients.Kube, opts.NodeName, opts.PodEvictionRetry, opts.EvictionBackoffMax, opts.Clock, e.log, recorder, metrics)
 	}
 	return e
 }
@@ -274,8 +275,14 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 				return false, err
 			}
 		}
-		e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil)
-		return false, nil
+		// With --all-pods (or --shutdown-all-pods), the pods a drain would evict count
+		// against "safe to power off" whether or not a drain runs.
+		podsLeft := 0
+		if e.pods != nil {
+			podsLeft = e.pods.ensure(ctx, e.view.LauncherPods(), false)
+		}
+		e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil, withPods(podsLeft))
+		return e.pods != nil, nil
 	}
 	if !tainted {
 		// A drain for the shutdown alone: a cancel ends it where it stands.
@@ -413,7 +420,7 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 	}
 	podsLeft := 0
 	if (rec.Trigger == TriggerTaint && e.opts.AllPods) || (trigger == TriggerShutdown && e.opts.ShutdownAllPods) {
-		podsLeft = e.pods.ensure(ctx)
+		podsLeft = e.pods.ensure(ctx, e.view.LauncherPods(), true)
 	}
 	safe := e.report(ctx, node, cfg, trigger, vms, outcomes, withPods(podsLeft))
 	if safe && rec.Completed == nil {

@@ -7,29 +7,46 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/flowcontrol"
 	"k8s.io/kubectl/pkg/drain"
+	"k8s.io/utils/clock"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
-// podDrainer evicts the node's other pods (--all-pods) as
-// `kubectl drain --ignore-daemonsets --delete-emptydir-data --force` would, through
-// kubectl's own drain helper, in the background: the helper waits for each pod.
-// virt-launcher pods are left to the engine, which decides per VM.
-type podDrainer struct {
-	helper *drain.Helper
-	node   string
-	log    logrus.FieldLogger
-	notify func()
+// hotplugDiskLabel is the kubevirt.io label value of KubeVirt's hotplug attachment
+// pods, which a virt-launcher pod owns.
+const hotplugDiskLabel = "hotplug-disk"
 
-	mu      sync.Mutex
-	cancel  context.CancelFunc
-	running bool
+// podDrainer evicts the node's other pods (--all-pods) as
+// `kubectl drain --ignore-daemonsets --delete-emptydir-data --force` would, with
+// kubectl's own drain helper choosing the pods. virt-launcher pods are left to the
+// engine, which decides per VM, and so are KubeVirt's hotplug attachment pods while the
+// virt-launcher pod that owns them is on the node. It evicts from the engine's sync,
+// each pod at most once per its backoff: a refused eviction (a budget's 429, a pod
+// under two budgets' 500, an admission webhook's denial) is retried with a per-pod
+// exponential backoff, never in a loop, and reported once per pod and cause.
+type podDrainer struct {
+	helper   *drain.Helper
+	node     string
+	log      logrus.FieldLogger
+	recorder record.EventRecorder
+	metrics  *Metrics
+	backoff  *flowcontrol.Backoff
+
+	mu     sync.Mutex
+	warned map[types.UID]sets // causes reported, per pod
 }
 
-// DefaultPodEvictionRetry is the pause before a refused eviction of another pod is
-// tried again (a PodDisruptionBudget's 429).
+// DefaultPodEvictionRetry is the first pause before a refused eviction of another pod
+// is tried again; it doubles up to the engine's EvictionBackoffMax.
 const DefaultPodEvictionRetry = 5 * time.Second
 
 // OtherPodsHelper is kubectl's drain helper set up as the agent evicts a node's other
@@ -55,57 +72,144 @@ func OtherPodsHelper(kube kubernetes.Interface, retry time.Duration, out, errOut
 	}
 }
 
-func newPodDrainer(kube kubernetes.Interface, node string, retry time.Duration, log logrus.FieldLogger, notify func()) *podDrainer {
+func newPodDrainer(kube kubernetes.Interface, node string, retry, retryMax time.Duration, clk clock.Clock, log logrus.FieldLogger, recorder record.EventRecorder, metrics *Metrics) *podDrainer {
+	b := flowcontrol.NewBackOff(retry, max(retry, retryMax))
+	b.Clock = clk
 	return &podDrainer{
-		node:   node,
-		log:    log,
-		notify: notify,
+		node:     node,
+		log:      log.WithField("drain", "pods"),
+		recorder: recorder,
+		metrics:  metrics,
+		backoff:  b,
+		warned:   map[types.UID]sets{},
+		// The drainer evicts each pod itself, with a backoff, from the helper's list.
 		helper: OtherPodsHelper(kube, retry,
 			log.WithField("drain", "pods").WriterLevel(logrus.InfoLevel),
 			log.WithField("drain", "pods").WriterLevel(logrus.WarnLevel)),
 	}
 }
 
-// ensure starts the eviction of the other pods if it is not running, and returns how
-// many evictable pods are still on the node.
-func (p *podDrainer) ensure(ctx context.Context) int {
-	p.helper.Ctx = ctx
-	list, errs := p.helper.GetPodsForDeletion(p.node)
-	if len(errs) > 0 {
-		p.log.WithField("errors", errs).Warn("cannot list the node's other pods")
+// ensure returns how many evictable pods are on the node; with evict, it first asks
+// for the eviction of each one that is not terminating and not backing off. launchers
+// are the node's virt-launcher pods (a hotplug pod whose owner runs among them stays).
+func (p *podDrainer) ensure(ctx context.Context, launchers []*corev1.Pod, evict bool) int {
+	pods, err := p.evictable(ctx, launchers)
+	if err != nil {
+		p.log.WithError(err).Warn("cannot list the node's other pods")
 		return 1
 	}
-	pods := list.Pods()
-	if len(pods) == 0 {
-		return 0
+	present := map[types.UID]bool{}
+	for _, pod := range pods {
+		present[pod.UID] = true
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.running {
+	p.forget(present)
+	if !evict {
 		return len(pods)
 	}
-	runCtx, cancel := context.WithCancel(ctx)
-	p.cancel, p.running = cancel, true
-	helper := *p.helper
-	helper.Ctx = runCtx
-	go func() {
-		err := helper.DeleteOrEvictPods(pods)
-		if err != nil {
-			p.log.WithError(err).Warn("evicting the node's other pods did not finish")
+	now := p.backoff.Clock.Now()
+	for _, pod := range pods {
+		if pod.DeletionTimestamp != nil || p.backoff.IsInBackOffSinceUpdate(string(pod.UID), now) {
+			continue
 		}
-		p.mu.Lock()
-		p.running = false
-		p.mu.Unlock()
-		p.notify()
-	}()
+		p.evict(ctx, pod)
+	}
 	return len(pods)
 }
 
-// stop ends an eviction in progress (the drain was withdrawn).
+// evictable lists, through kubectl's drain filters, the pods a drain evicts.
+func (p *podDrainer) evictable(ctx context.Context, launchers []*corev1.Pod) ([]corev1.Pod, error) {
+	running := map[string]bool{}
+	for _, l := range launchers {
+		if l.Spec.NodeName == p.node && l.Status.Phase != corev1.PodSucceeded && l.Status.Phase != corev1.PodFailed {
+			running[l.Namespace+"/"+l.Name] = true
+		}
+	}
+	h := *p.helper
+	h.Ctx = ctx
+	h.AdditionalFilters = []drain.PodFilter{func(pod corev1.Pod) drain.PodDeleteStatus {
+		if owner := hotplugOwner(&pod); owner != "" && running[pod.Namespace+"/"+owner] {
+			return drain.MakePodDeleteStatusSkip()
+		}
+		return drain.MakePodDeleteStatusOkay()
+	}}
+	list, errs := h.GetPodsForDeletion(p.node)
+	if len(errs) > 0 {
+		return nil, errs[0]
+	}
+	return list.Pods(), nil
+}
+
+// hotplugOwner is the name of the virt-launcher pod that owns a KubeVirt hotplug
+// attachment pod; "" for any other pod.
+func hotplugOwner(pod *corev1.Pod) string {
+	if pod.Labels[kubevirtv1.AppLabel] != hotplugDiskLabel {
+		return ""
+	}
+	for _, ref := range pod.OwnerReferences {
+		if ref.Kind == "Pod" && ref.APIVersion == "v1" {
+			return ref.Name
+		}
+	}
+	return ""
+}
+
+// evict asks for one pod's eviction, once; a refusal starts or lengthens its backoff.
+func (p *podDrainer) evict(ctx context.Context, pod corev1.Pod) {
+	h := *p.helper
+	h.Ctx = ctx
+	err := h.EvictPod(pod, policyv1.SchemeGroupVersion)
+	log := p.log.WithFields(logrus.Fields{"namespace": pod.Namespace, "pod": pod.Name})
+	if err == nil || apierrors.IsNotFound(err) {
+		p.backoff.DeleteEntry(string(pod.UID))
+		if err == nil {
+			p.metrics.Requests.WithLabelValues("pod", "evicted").Inc()
+			log.Info("pod evicted")
+		}
+		return
+	}
+	a := classify(err)
+	p.backoff.Next(string(pod.UID), p.backoff.Clock.Now())
+	outcome := "refused"
+	if a.result == failed {
+		outcome = "error"
+	}
+	p.metrics.Requests.WithLabelValues("pod", outcome).Inc()
+	p.mu.Lock()
+	causes := p.warned[pod.UID]
+	if causes == nil {
+		causes = sets{}
+		p.warned[pod.UID] = causes
+	}
+	_, done := causes[a.cause]
+	causes[a.cause] = struct{}{}
+	p.mu.Unlock()
+	if done {
+		log.WithField("cause", a.cause).Debug("eviction refused again; backing off")
+		return
+	}
+	p.recorder.Eventf(&pod, corev1.EventTypeWarning, ReasonEvictionRefused, "Eviction from node %s refused, retrying with a backoff: %s", p.node, a.msg)
+	log.WithFields(logrus.Fields{"cause": a.cause, "reason": a.msg}).Warn("pod eviction refused; retrying with a backoff")
+}
+
+// forget drops what is kept about pods that are gone.
+func (p *podDrainer) forget(present map[types.UID]bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for uid := range p.warned {
+		if !present[uid] {
+			delete(p.warned, uid)
+			p.backoff.DeleteEntry(string(uid))
+		}
+	}
+}
+
+// stop forgets the drain's backoffs and reports (the drain ended or was withdrawn).
 func (p *podDrainer) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.cancel != nil {
-		p.cancel()
+	for uid := range p.warned {
+		p.backoff.DeleteEntry(string(uid))
 	}
+	p.warned = map[types.UID]sets{}
+	p.backoff.GC()
 }

@@ -50,7 +50,7 @@ func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&a.AllPods, "all-pods", false, "during a drain also evict every other pod, as kubectl drain --ignore-daemonsets --delete-emptydir-data --force would")
 	fs.StringVar(&a.ListenAddress, "listen-address", ":8095", "address of /safe-to-shutdown, /healthz, /readyz and /metrics")
 	fs.DurationVar(&a.Resync, "resync", 5*time.Second, "how often a drain in progress is looked at again (changes are seen at once)")
-	fs.DurationVar(&a.PodEvictionRetry, "pod-eviction-retry", 5*time.Second, "pause before retrying an eviction that a PodDisruptionBudget refused (--all-pods)")
+	fs.DurationVar(&a.PodEvictionRetry, "pod-eviction-retry", 5*time.Second, "first pause before retrying a refused eviction of another pod (--all-pods): a budget's 429 or any other error; it doubles up to 1m")
 	fs.Float64Var(&a.QPS, "kube-api-qps", 100, "queries per second to the API server (enough to act on 100 VMs at once)")
 	fs.IntVar(&a.Burst, "kube-api-burst", 300, "burst of queries to the API server")
 	fs.BoolVar(&a.ShutdownInhibitor, "shutdown-inhibitor", true, "hold host shutdowns and reboots with a logind inhibitor lock until the node is drained (needs the host's system D-Bus)")

@@ -7,15 +7,22 @@ import (
 )
 
 // auditPolicy logs, at the Metadata level (who, verb, resource, namespace, name, response
-// code; no bodies), every request made by a service account, and nothing else: the tests
-// and the KubeVirt control plane authenticate with certificates, so only what runs with a
-// service-account token (the deployment test's agent) is in the log, which stays small.
+// code; no bodies), every request made by a service account, and every eviction
+// (pods/eviction) whoever asks, and nothing else: the tests and the KubeVirt control plane
+// authenticate with certificates, so the log holds what runs with a service-account token
+// (the deployment test's agent) and the evictions of the agents the tests run with the
+// admin's kubeconfig (to count, per pod, how often a refused eviction is retried); it
+// stays small.
 const auditPolicy = `apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
 - level: Metadata
   userGroups: ["system:serviceaccounts"]
+- level: Metadata
+  resources:
+  - group: ""
+    resources: ["pods/eviction"]
 - level: None
 `
 

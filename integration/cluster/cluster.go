@@ -51,8 +51,8 @@ type Cluster struct {
 	Kubeconfig string
 	// Dir holds the certificates, data and logs.
 	Dir string
-	// AuditLog is the API server's audit log: the requests of service accounts only
-	// (audit.go).
+	// AuditLog is the API server's audit log: the requests of service accounts and
+	// every eviction (audit.go).
 	AuditLog string
 
 	ca        *authority
