@@ -270,7 +270,8 @@ func TestDrainAllPods(t *testing.T) {
 	if err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Delete(sc.ctx, pdb.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	st := a.waitSafe(time.Minute)
+	// The pod's eviction backs off (1 s doubling, at most a minute apart).
+	st := a.waitSafe(2 * time.Minute)
 	if st.PodsLeft != 0 || len(st.VMs) != 0 {
 		t.Errorf("safe with %d pods and %d VMs left", st.PodsLeft, len(st.VMs))
 	}
