@@ -53,9 +53,10 @@ type fixture struct {
 	recorder *record.FakeRecorder
 	engine   *Engine
 
-	mu       sync.Mutex
-	cancels  []string // evacuate/cancel requests to virt-api: namespace/name
-	refusing func(old, updated *corev1.Node) error
+	mu        sync.Mutex
+	cancels   []string // evacuate/cancel requests to virt-api: namespace/name
+	evictions []string // evictions requested: "[dry-run ]namespace/pod recorded|unrecorded"
+	refusing  func(old, updated *corev1.Node) error
 }
 
 func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixture {
@@ -117,8 +118,41 @@ func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixtur
 	log.SetOutput(io.Discard)
 	f.engine = New(fixtureView{f}, Clients{Kube: f.kube, Subresources: subresources}, f.recorder, nil,
 		Options{NodeName: thisNode, Clock: f.clock, Log: log})
+	f.engine.evictor = fixtureEvictor{f}
 	t.Cleanup(f.engine.queue.ShutDown)
 	return f
+}
+
+// fixtureEvictor evicts every pod it is asked to (no webhook answers), and notes
+// whether the drain record named the pod's VM when the eviction was sent.
+type fixtureEvictor struct{ f *fixture }
+
+func (x fixtureEvictor) evict(_ context.Context, pod *corev1.Pod, dryRun bool) answer {
+	what := pod.Namespace + "/" + pod.Name
+	if dryRun {
+		what = "dry-run " + what
+	}
+	var rec DrainRecord
+	n, err := fixtureView(x).Node()
+	if ok, _ := readAnnotation(n, AnnotationDrain, &rec); err == nil && ok && len(rec.Requested) > 0 {
+		what += " recorded"
+	} else {
+		what += " unrecorded"
+	}
+	x.f.mu.Lock()
+	defer x.f.mu.Unlock()
+	x.f.evictions = append(x.f.evictions, what)
+	return answer{result: evicted}
+}
+
+// noEvictions fails the test if any eviction was sent.
+func (f *fixture) noEvictions(why string) {
+	f.t.Helper()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.evictions) > 0 {
+		f.t.Errorf("evictions %v: %s", f.evictions, why)
+	}
 }
 
 // fixtureView is the engine's NodeView over the fixture.
@@ -360,11 +394,7 @@ func TestSyncRestartedAgentFinishesTheCancel(t *testing.T) {
 	if n := f.node(); !givenBack(n) || n.Annotations[AnnotationDrain] != "" {
 		t.Errorf("node not given back: %+v", n)
 	}
-	for _, w := range f.writes() {
-		if strings.Contains(w, "eviction") {
-			t.Errorf("%s for a cancelled shutdown", w)
-		}
-	}
+	f.noEvictions("the shutdown was cancelled")
 	if f.engine.ShuttingDown() {
 		t.Error("the restarted agent takes the cancelled shutdown as pending")
 	}
@@ -448,8 +478,9 @@ func TestSyncRefusedReenableIsReportedAndRetried(t *testing.T) {
 	if _, err := f.sync(); err != nil {
 		t.Fatalf("sync returned %v: a refused re-enable must not fail the sync", err)
 	}
-	if w := strings.Join(f.writes(), ","); strings.Contains(w, "eviction") || f.node().Annotations[AnnotationDrain] != "" {
-		t.Errorf("writes %s: a drain for the cancelled shutdown", w)
+	f.noEvictions("the shutdown was cancelled")
+	if f.node().Annotations[AnnotationDrain] != "" {
+		t.Errorf("a drain for the cancelled shutdown: %s", f.node().Annotations[AnnotationDrain])
 	}
 	var sd ShutdownRecord
 	if ok, _ := readAnnotation(f.node(), AnnotationShutdown, &sd); !ok || sd.Cancelled == nil {
@@ -519,11 +550,7 @@ func TestSyncOwnTaintOfACancelledShutdownEvictsNothing(t *testing.T) {
 	if _, err := f.sync(); err != nil {
 		t.Fatalf("sync: %v", err)
 	}
-	for _, w := range f.writes() {
-		if strings.Contains(w, "eviction") {
-			t.Errorf("%s for a cancelled shutdown", w)
-		}
-	}
+	f.noEvictions("the shutdown was cancelled")
 	if _, ok := f.node().Annotations[AnnotationDrain]; ok {
 		t.Errorf("a drain started for a cancelled shutdown: %s", f.node().Annotations[AnnotationDrain])
 	}
@@ -694,11 +721,7 @@ func TestSyncDrainReportsABlockedVMAndCompletesWhenItLeaves(t *testing.T) {
 		if err != nil || !requeue {
 			t.Fatalf("sync %d = %v, %v; want a drain looked at again", i, requeue, err)
 		}
-		for _, w := range f.writes() {
-			if strings.Contains(w, "eviction") {
-				t.Errorf("%s of a LiveMigrate VM that cannot migrate", w)
-			}
-		}
+		f.noEvictions("a LiveMigrate VM that cannot migrate")
 	}
 	st, _ := f.engine.Status()
 	if !st.Draining || st.Safe || len(st.VMs) != 1 || st.VMs[0].State != StateBlocked || !strings.Contains(st.VMs[0].Detail, "PVC rootdisk is not shared") {
@@ -753,5 +776,41 @@ func TestSyncRebootBeforeTheFirstLookSaysRebooted(t *testing.T) {
 	}
 	if ev := f.events(); !hasEventLike(ev, "Normal "+ReasonNodeReenabled+" Node re-enabled (the node rebooted") {
 		t.Errorf("events %v, want NodeReenabled saying the node rebooted", ev)
+	}
+}
+
+// A host shutdown drains a None VM: the drain record names it before its virt-launcher
+// pod is evicted, and a cancel stops the drain from evicting anything more.
+func TestSyncShutdownEvictsANoneVMRecordedFirst(t *testing.T) {
+	vmi, pod := noneVM("guest")
+	f := newFixture(t, testNode(), vmi, pod)
+	f.engine.ShutdownStarted(t0, t0.Add(time.Hour))
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	evictions := append([]string(nil), f.evictions...)
+	f.evictions = nil
+	f.mu.Unlock()
+	if len(evictions) != 1 || evictions[0] != "ns/virt-launcher-guest recorded" {
+		t.Errorf("evictions %v, want the None VM's pod evicted once, after the drain record named it", evictions)
+	}
+	if ev := f.events(); !hasEventLike(ev, "Normal "+ReasonShutdownRequested) {
+		t.Errorf("events %v, want %s", ev, ReasonShutdownRequested)
+	}
+	// A second pod for the VM (the first one is gone, say): cancelled, nothing evicted.
+	if err := f.pods.Delete(pod); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.pods.Add(launcherPod("virt-launcher-guest-2", string(vmi.UID), thisNode, corev1.PodRunning)); err != nil {
+		t.Fatal(err)
+	}
+	f.engine.ShutdownCancelled()
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.noEvictions("the shutdown was cancelled")
+	if !givenBack(f.node()) {
+		t.Errorf("node not given back: %+v", f.node())
 	}
 }
