@@ -2,6 +2,9 @@ package agent
 
 import (
 	"context"
+	"fmt"
+	"sort"
+	"strings"
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
@@ -27,6 +30,10 @@ const (
 	ReasonShutdownReleased     = "ShutdownReleased"
 	ReasonShutdownBlockedByVMs = "ShutdownBlocked"
 )
+
+// ReasonEvacuationNotCancelled: a withdrawn drain's evacuation that KubeVirt would not
+// cancel (no evacuate/cancel before v1.8, or the request was refused).
+const ReasonEvacuationNotCancelled = "EvacuationNotCancelled"
 
 // outcome is what acting on a VM left it as, for the status, until the cluster shows it.
 type outcome struct {
@@ -132,35 +139,83 @@ func (e *Engine) forgetWarned(present map[string]bool) {
 	}
 }
 
-// withdraw ends a drain whose trigger went away: nothing new is started, and the
-// evacuations this drain requested are cancelled.
+// withdraw ends a drain whose trigger went away: nothing new is started, the
+// evacuations this drain requested are cancelled and the migrations the agent created
+// itself are deleted. What cannot be undone (a KubeVirt without evacuate/cancel, a
+// refused request) is named in events and the log, and does not hold the withdraw up:
+// the record is cleared and the node is reported as not draining whatever KubeVirt
+// answers.
 func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainRecord) error {
 	vmis := map[string]*kubevirtv1.VirtualMachineInstance{}
 	for _, vmi := range e.view.VMIs() {
 		vmis[vmi.Namespace+"/"+vmi.Name] = vmi
 	}
+	keys := make([]string, 0, len(rec.Requested))
+	for key := range rec.Requested {
+		keys = append(keys, key)
+	}
+	sort.Strings(keys)
 	cancelled := 0
-	for key, action := range rec.Requested {
+	var left []string // what could not be undone, for the node's event
+	for _, key := range keys {
 		vmi, ok := vmis[key]
-		if !ok || (action != ActionMigrate && action != ActionExternal) || vmi.Status.EvacuationNodeName != node.Name {
+		// Whatever the action recorded: KubeVirt's webhook turns the eviction of a VM
+		// the agent meant to shut down into an evacuation when the VM has become
+		// migratable since, and that evacuation is this drain's too.
+		if !ok || rec.Requested[key] == ActionNone || vmi.Status.EvacuationNodeName != node.Name {
 			continue
 		}
+		log := e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name})
 		if err := CancelEvacuation(ctx, e.clients.Subresources, vmi.Namespace, vmi.Name, node.Name); err != nil {
-			return err
+			if ctx.Err() != nil {
+				return err
+			}
+			why := cancelFailure(err)
+			left = append(left, fmt.Sprintf("evacuation of %s (%s)", key, why))
+			e.metrics.Withdrawals.WithLabelValues("evacuation", "failed").Inc()
+			e.recorder.Eventf(vmi, corev1.EventTypeWarning, ReasonEvacuationNotCancelled, "Drain of node %s withdrawn, but the evacuation could not be cancelled: KubeVirt may still migrate the VM: %s", node.Name, why)
+			log.WithError(err).Warn("drain withdrawn, but the evacuation could not be cancelled: KubeVirt may still migrate the VM")
+			continue
 		}
 		cancelled++
+		e.metrics.Withdrawals.WithLabelValues("evacuation", "cancelled").Inc()
 		e.recorder.Eventf(vmi, corev1.EventTypeNormal, ReasonEvacuationCancelled, "Drain of node %s withdrawn: evacuation cancelled", node.Name)
-		e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name}).Info("evacuation cancelled")
+		log.Info("evacuation cancelled")
 	}
+	deleted, failed, err := deleteOwnMigrations(ctx, e.clients.KubeVirt, node.Name)
+	if err != nil {
+		if ctx.Err() != nil {
+			return err
+		}
+		left = append(left, "the migrations the agent created ("+err.Error()+")")
+		e.metrics.Withdrawals.WithLabelValues("migration", "failed").Inc()
+		e.log.WithError(err).Warn("drain withdrawn, but the migrations the agent created could not be listed: they go on")
+	}
+	for _, key := range deleted {
+		e.metrics.Withdrawals.WithLabelValues("migration", "deleted").Inc()
+		e.log.WithField("migration", key).Info("migration the agent created deleted")
+	}
+	for key, err := range failed {
+		left = append(left, "migration "+key+" ("+err.Error()+")")
+		e.metrics.Withdrawals.WithLabelValues("migration", "failed").Inc()
+		e.log.WithError(err).WithField("migration", key).Warn("drain withdrawn, but a migration the agent created could not be deleted: it goes on")
+	}
+	sort.Strings(left)
 	if err := e.writeRecord(ctx, node.Name, nil); err != nil {
 		return err
 	}
 	if e.pods != nil {
 		e.pods.stop()
 	}
-	if rec.Completed == nil {
-		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainWithdrawn, "Drain withdrawn: %d evacuations cancelled", cancelled)
-		e.log.WithField("cancelled", cancelled).Info("drain withdrawn")
+	if rec.Completed == nil || len(left) > 0 {
+		msg := fmt.Sprintf("Drain withdrawn: %s cancelled, %s the agent created deleted", plural(cancelled, "evacuation"), plural(len(deleted), "migration"))
+		kind := corev1.EventTypeNormal
+		if len(left) > 0 {
+			kind = corev1.EventTypeWarning
+			msg += "; not undone: " + strings.Join(left, "; ")
+		}
+		e.recorder.Event(node, kind, ReasonDrainWithdrawn, msg)
+		e.log.WithFields(logrus.Fields{"cancelled": cancelled, "migrationsDeleted": len(deleted), "notUndone": left}).Info("drain withdrawn")
 	}
 	return nil
 }

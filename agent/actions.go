@@ -130,3 +130,57 @@ func CancelEvacuation(ctx context.Context, subresources rest.Interface, namespac
 	}
 	return nil
 }
+
+// CancelUnsupported says whether a CancelEvacuation error means that this KubeVirt does
+// not serve evacuate/cancel (before v1.8 virt-api answers 404, and so does the API
+// server where the subresource API is not registered). The evacuation stays marked:
+// KubeVirt goes on migrating the VM.
+func CancelUnsupported(err error) bool {
+	return apierrors.IsNotFound(err) || apierrors.IsMethodNotSupported(err)
+}
+
+// cancelFailure says, for an event or a log, why an evacuation was not cancelled.
+func cancelFailure(err error) string {
+	switch {
+	case CancelUnsupported(err):
+		return "this KubeVirt does not serve evacuate/cancel (before v1.8, or virt-api's subresource API is not available): " + err.Error()
+	case apierrors.IsForbidden(err):
+		return "the agent may not cancel evacuations (RBAC): " + err.Error()
+	default:
+		return err.Error()
+	}
+}
+
+// ownMigrationSelector selects the migrations the agent created for its node (the
+// fallback where no eviction webhook turns an eviction into an evacuation).
+func ownMigrationSelector(node string) string {
+	return AnnotationPrefix + "node=" + node
+}
+
+// deleteOwnMigrations deletes the unfinished migrations that the agent created for its
+// node (deleting a migration is KubeVirt's way to cancel it). It returns the migrations
+// deleted and, for each one not deleted, why.
+func deleteOwnMigrations(ctx context.Context, kubevirt rest.Interface, node string) (deleted []string, failed map[string]error, err error) {
+	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
+	if err := kubevirt.Get().Resource(nodeinfo.ResourceMigrations).Param("labelSelector", ownMigrationSelector(node)).
+		Do(ctx).Into(list); err != nil {
+		return nil, nil, fmt.Errorf("listing the migrations the agent created for node %s: %w", node, err)
+	}
+	for _, m := range list.Items {
+		if m.IsFinal() || m.DeletionTimestamp != nil {
+			continue
+		}
+		key := m.Namespace + "/" + m.Name
+		err := kubevirt.Delete().Namespace(m.Namespace).Resource(nodeinfo.ResourceMigrations).Name(m.Name).Do(ctx).Error()
+		switch {
+		case err == nil, apierrors.IsNotFound(err):
+			deleted = append(deleted, key)
+		default:
+			if failed == nil {
+				failed = map[string]error{}
+			}
+			failed[key] = fmt.Errorf("deleting migration %s of VMI %s: %w", key, m.Spec.VMIName, err)
+		}
+	}
+	return deleted, failed, nil
+}

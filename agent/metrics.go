@@ -25,6 +25,8 @@ type Metrics struct {
 	NodeUpdateFailures *prometheus.CounterVec
 	// ReenableFailing is 1 while giving the node back keeps failing.
 	ReenableFailing prometheus.Gauge
+	// Withdrawals counts what withdrawing a drain did, by object and outcome.
+	Withdrawals *prometheus.CounterVec
 
 	reg prometheus.Registerer // registers with the node label
 }
@@ -85,9 +87,13 @@ func NewMetrics(node string) *Metrics {
 		Name: "node_agent_reenable_failing",
 		Help: "1 while the agent cannot give its node back (remove its own taint and cordon after a cancelled shutdown or a reboot) and keeps retrying, else 0.",
 	})
+	m.Withdrawals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "node_agent_withdraw_actions_total",
+		Help: "What withdrawing a drain did to what it had started, by object (evacuation, migration) and outcome (cancelled, deleted, failed: left to KubeVirt, named in a DrainWithdrawn Warning event).",
+	}, []string{"object", "outcome"})
 	m.reg = prometheus.WrapRegistererWith(prometheus.Labels{"node": node}, m.Registry)
 	m.reg.MustRegister(m.ShutdownDelay, m.ShutdownReleases, m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests,
-		m.DrainsStarted, m.DrainDuration, m.ConfigErrors, m.NodeUpdateFailures, m.ReenableFailing)
+		m.DrainsStarted, m.DrainDuration, m.ConfigErrors, m.NodeUpdateFailures, m.ReenableFailing, m.Withdrawals)
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -37,6 +37,16 @@ type Options struct {
 	// WithoutKubeVirt starts only etcd and kube-apiserver: no KubeVirt CRDs, CR,
 	// virt-api or virt-controller, until InstallKubeVirt.
 	WithoutKubeVirt bool
+	// WithoutEvictionWebhook leaves virt-api's pods/eviction webhook unregistered: an
+	// eviction of a virt-launcher pod goes through (the pod is deleted) instead of
+	// being turned into an evacuation, as on a cluster where the webhook is missing or
+	// its failurePolicy let a request through. virt-api and virt-controller run.
+	WithoutEvictionWebhook bool
+	// WithoutSubresourceAPI leaves virt-api's subresources.kubevirt.io API unregistered
+	// with the aggregator: the API server answers 404 to every subresource request,
+	// evacuate/cancel included, as virt-api of a KubeVirt before v1.8 answers 404 to
+	// evacuate/cancel. virt-api still serves its webhook.
+	WithoutSubresourceAPI bool
 }
 
 // Cluster is a running control plane: etcd, kube-apiserver, virt-api, virt-controller.
@@ -55,6 +65,7 @@ type Cluster struct {
 	// every eviction (audit.go).
 	AuditLog string
 
+	opts      Options
 	ca        *authority
 	caPEM     []byte
 	ownDir    bool
@@ -77,7 +88,7 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{binaries: bins, Dir: opts.Dir}
+	c = &Cluster{binaries: bins, Dir: opts.Dir, opts: opts}
 	if c.Dir == "" {
 		if c.Dir, err = os.MkdirTemp("", "node-agent-cluster-"); err != nil {
 			return nil, fmt.Errorf("creating the cluster folder: %w", err)

@@ -195,7 +195,8 @@ func (c *Cluster) startVirtAPI(ctx context.Context) (int, error) {
 
 // registerVirtAPI registers virt-api's eviction webhook, exactly as KubeVirt generates
 // it but addressed by URL, and its subresource API through the aggregator (an
-// ExternalName service that resolves to localhost).
+// ExternalName service that resolves to localhost); Options.WithoutEvictionWebhook and
+// Options.WithoutSubresourceAPI leave either out.
 func (c *Cluster) registerVirtAPI(ctx context.Context, generated *admissionregistrationv1.ValidatingWebhookConfiguration, port int) error {
 	base := "https://127.0.0.1:" + strconv.Itoa(port)
 	cfg := &admissionregistrationv1.ValidatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: generated.Name}}
@@ -210,8 +211,13 @@ func (c *Cluster) registerVirtAPI(ctx context.Context, generated *admissionregis
 	if len(cfg.Webhooks) != 1 {
 		return fmt.Errorf("KubeVirt's generated webhooks have no %s entry", evictionWebhook)
 	}
-	if _, err := c.Kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Create(ctx, cfg, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("registering virt-api's eviction webhook: %w", err)
+	if !c.opts.WithoutEvictionWebhook {
+		if _, err := c.Kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Create(ctx, cfg, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("registering virt-api's eviction webhook: %w", err)
+		}
+	}
+	if c.opts.WithoutSubresourceAPI {
+		return nil
 	}
 
 	if _, err := c.Kube.CoreV1().Services(KubeVirtNamespace).Create(ctx, &corev1.Service{

@@ -49,6 +49,12 @@ var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 // newScenario creates a namespace and n nodes for the test; they are deleted when it ends.
 func newScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
+	return newScenarioIn(t, shared, nodes)
+}
+
+// newScenarioIn is newScenario on another cluster (see newPrivateEnv).
+func newScenarioIn(t testing.TB, e *env, nodes int) *scenario {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	t.Cleanup(cancel)
 	name := strings.Trim(nonAlnum.ReplaceAllString(strings.ToLower(t.Name()), "-"), "-")
@@ -56,7 +62,7 @@ func newScenario(t testing.TB, nodes int) *scenario {
 		sum := sha256.Sum256([]byte(name))
 		name = strings.Trim(name[:32], "-") + "-" + hex.EncodeToString(sum[:])[:6]
 	}
-	sc := &scenario{t: t, ctx: ctx, ns: name, pool: name, env: shared}
+	sc := &scenario{t: t, ctx: ctx, ns: name, pool: name, env: e}
 	if _, err := sc.kube().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sc.ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("creating namespace %s: %v", sc.ns, err)
 	}
