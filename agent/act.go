@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
@@ -59,6 +60,13 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision, 
 			log.WithField("migration", name).Debug("a migration is already under way; not requesting another")
 			return outcome{StateMigrating, "migration " + name + " under way"}, false
 		}
+		// A failed evacuation migration is retried at KubeVirt's pace, not at every
+		// look at the node (KubeVirt would hold an earlier one Pending anyway).
+		if wait, failures := migrationBackoff(migrations, e.opts.Clock.Now()); wait > 0 {
+			log.WithFields(logrus.Fields{"failures": failures, "retryIn": wait.Round(time.Second).String()}).Debug("migration failed; waiting out KubeVirt's backoff")
+			return outcome{StatePending, fmt.Sprintf("%s failed; the next one in %s (KubeVirt's backoff: 20s, doubling)",
+				plural(failures, "migration"), wait.Round(time.Second))}, false
+		}
 	}
 	var dry, ev *answer
 	for {
@@ -71,6 +79,13 @@ func (e *Engine) act(ctx context.Context, node *corev1.Node, v *vm, d Decision, 
 			a := e.evictor.evict(ctx, pod, false)
 			ev = &a
 		case callCreateMigration:
+			// KubeVirt's evacuation controller migrates the VMs of a node with its own
+			// drain taint, webhook or not: a migration of the agent's would race it
+			// into a second one.
+			if cfg, _ := e.view.Config(); cfg.KubeVirtDrainTaintKey != "" && HasDrainTaint(node, cfg.KubeVirtDrainTaintKey) {
+				log.WithField("taintKey", cfg.KubeVirtDrainTaintKey).Debug("eviction not intercepted; KubeVirt's evacuation controller migrates it")
+				return outcome{StateMigrating, "KubeVirt's evacuation controller migrates it (taint " + cfg.KubeVirtDrainTaintKey + ")"}, false
+			}
 			name, err := e.createMigration(ctx, v.vmi)
 			if err != nil {
 				log.WithError(err).Warn("creating a migration failed; retrying with a backoff")

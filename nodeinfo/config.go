@@ -33,6 +33,11 @@ type Config struct {
 	DrainTaintKey string
 	// DrainTaintKeySource says where DrainTaintKey came from (Source* constants).
 	DrainTaintKeySource string
+	// KubeVirtDrainTaintKey is the key KubeVirt's own evacuation controller acts on: the
+	// KubeVirt CR's migrations.nodeDrainTaintKey, else the default (KubeVirt does not
+	// read the legacy ConfigMap, nor the agent's flag). On a node with this taint
+	// KubeVirt creates the VMs' migrations itself, with or without its eviction webhook.
+	KubeVirtDrainTaintKey string
 	// ClusterEvictionStrategy is the KubeVirt CR's spec.configuration.evictionStrategy,
 	// nil when unset. It is kept as read: an unknown value is for the decision to refuse.
 	ClusterEvictionStrategy *kubevirtv1.EvictionStrategy
@@ -90,6 +95,10 @@ func ResolveConfig(flagKey string, kv *kubevirtv1.KubeVirt, cm *corev1.ConfigMap
 	}
 	if cfg.DrainTaintKey == "" {
 		cfg.DrainTaintKey, cfg.DrainTaintKeySource = DefaultDrainTaintKey, SourceDefault
+	}
+	cfg.KubeVirtDrainTaintKey = DefaultDrainTaintKey
+	if key, err := kubeVirtDrainKey(kv); err == nil && key != "" && ValidateTaintKey(key) == nil {
+		cfg.KubeVirtDrainTaintKey = key
 	}
 	return cfg, errors.Join(errs...)
 }

@@ -284,3 +284,29 @@ func TestOldestKubeVirtConfigures(t *testing.T) {
 		t.Errorf("OldestKubeVirt() = %v, want old", got)
 	}
 }
+
+// KubeVirtDrainTaintKey is the key KubeVirt's evacuation controller acts on: the CR's,
+// else the default; never the agent's flag nor the legacy ConfigMap, which KubeVirt
+// does not read.
+func TestResolveConfigKubeVirtsOwnKey(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		flag string
+		kv   *kubevirtv1.KubeVirt
+		cm   *corev1.ConfigMap
+		want string
+	}{
+		{name: "nothing set", want: DefaultDrainTaintKey},
+		{name: "the agent's flag", flag: "example.com/agent", want: DefaultDrainTaintKey},
+		{name: "the legacy ConfigMap", cm: legacyConfigMap("nodeDrainTaintKey: example.com/from-cm"), want: DefaultDrainTaintKey},
+		{name: "the CR", flag: "example.com/agent", kv: kubeVirtCR(ptr("example.com/from-cr"), nil), want: "example.com/from-cr"},
+		{name: "an invalid CR key", kv: kubeVirtCR(ptr("-bad-/key/x"), nil), want: DefaultDrainTaintKey},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, _ := ResolveConfig(tc.flag, tc.kv, tc.cm)
+			if cfg.KubeVirtDrainTaintKey != tc.want {
+				t.Errorf("KubeVirtDrainTaintKey = %q, want %q", cfg.KubeVirtDrainTaintKey, tc.want)
+			}
+		})
+	}
+}
