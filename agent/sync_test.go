@@ -25,6 +25,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -114,9 +115,25 @@ func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixtur
 			return &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {"application/json"}}, Body: io.NopCloser(strings.NewReader("{}"))}, nil
 		}),
 	}
+	kvScheme, err := nodeinfo.NewKubeVirtScheme()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubevirt := &restfake.RESTClient{
+		NegotiatedSerializer: serializer.WithoutConversionCodecFactory{CodecFactory: serializer.NewCodecFactory(kvScheme)},
+		GroupVersion:         kubevirtv1.SchemeGroupVersion,
+		Client: restfake.CreateHTTPClient(func(r *http.Request) (*http.Response, error) {
+			// The migrations the agent created itself (withdraw deletes them): none here.
+			if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/virtualmachineinstancemigrations") {
+				return &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {"application/json"}},
+					Body: io.NopCloser(strings.NewReader(`{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstanceMigrationList","metadata":{},"items":[]}`))}, nil
+			}
+			return &http.Response{StatusCode: http.StatusNotFound, Body: io.NopCloser(strings.NewReader(""))}, nil
+		}),
+	}
 	log := logrus.New()
 	log.SetOutput(io.Discard)
-	f.engine = New(fixtureView{f}, Clients{Kube: f.kube, Subresources: subresources}, f.recorder, nil,
+	f.engine = New(fixtureView{f}, Clients{Kube: f.kube, KubeVirt: kubevirt, Subresources: subresources}, f.recorder, nil,
 		Options{NodeName: thisNode, Clock: f.clock, Log: log})
 	f.engine.evictor = fixtureEvictor{f}
 	t.Cleanup(f.engine.queue.ShutDown)
@@ -605,7 +622,7 @@ func TestSyncWithdrawCancelsTheDrainsEvacuations(t *testing.T) {
 		t.Error("the drain record is still there")
 	}
 	ev := f.events()
-	if !hasEventLike(ev, "Normal "+ReasonEvacuationCancelled) || !hasEventLike(ev, "Normal "+ReasonDrainWithdrawn+" Drain withdrawn: 1 evacuations cancelled") {
+	if !hasEventLike(ev, "Normal "+ReasonEvacuationCancelled) || !hasEventLike(ev, "Normal "+ReasonDrainWithdrawn+" Drain withdrawn: 1 evacuation cancelled") {
 		t.Errorf("events %v", ev)
 	}
 	if st, _ := f.engine.Status(); st.Draining || len(st.VMs) != 2 {
