@@ -59,14 +59,16 @@ func (v *vm) sourcePod() *corev1.Pod {
 }
 
 // unfinishedTarget says whether the pod is the target pod of the VMI's migration and
-// that migration has not ended.
+// that migration has not ended (no endTimestamp, not completed, not failed).
 func unfinishedTarget(vmi *kubevirtv1.VirtualMachineInstance, p *corev1.Pod) bool {
 	job, ok := p.Labels[kubevirtv1.MigrationJobLabel]
 	if !ok {
 		return false
 	}
 	ms := vmi.Status.MigrationState
-	if ms == nil || ms.Completed || ms.Failed {
+	if ms == nil || ms.Completed || ms.Failed || ms.EndTimestamp != nil {
+		// Ended: the target virt-handler sets endTimestamp as it takes the VMI over
+		// (status.nodeName becomes its node), before it marks the migration completed.
 		return false
 	}
 	return (ms.MigrationUID != "" && string(ms.MigrationUID) == job) || (ms.TargetPod != "" && ms.TargetPod == p.Name)

@@ -196,6 +196,11 @@ func TestSourcePod(t *testing.T) {
 		{"never the target pod of an unfinished migration, whatever the order", &vm{vmi: migrating(false, false), pods: []*corev1.Pod{target, source}}, source},
 		{"only the target pod of an unfinished migration: none", &vm{vmi: migrating(false, false), pods: []*corev1.Pod{target}}, nil},
 		{"the pod a finished migration brought in runs the VM, its label kept", &vm{vmi: migrating(true, false), pods: []*corev1.Pod{target}}, target},
+		{"the target pod runs the VM from the migration's endTimestamp on, before it is marked completed", &vm{vmi: func() *kubevirtv1.VirtualMachineInstance {
+			m := migrating(false, false)
+			m.Status.MigrationState.EndTimestamp = ptrTime(time.Date(2030, 1, 1, 0, 1, 0, 0, time.UTC))
+			return m
+		}(), pods: []*corev1.Pod{target}}, target},
 		{"a pod with the label and no migration under way runs the VM", &vm{vmi: vmi, pods: []*corev1.Pod{target}}, target},
 		{"a failed migration's target on the VMI's node is not taken for unfinished", &vm{vmi: migrating(false, true), pods: []*corev1.Pod{target}}, target},
 		{"the newest pod on the VMI's node, as KubeVirt's CurrentVMIPod", &vm{vmi: vmi, pods: []*corev1.Pod{newer, old}}, newer},
@@ -210,6 +215,11 @@ func TestSourcePod(t *testing.T) {
 			}
 		})
 	}
+}
+
+func ptrTime(t time.Time) *metav1.Time {
+	mt := metav1.NewTime(t)
+	return &mt
 }
 
 func podName(p *corev1.Pod) string {
