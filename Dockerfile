@@ -17,9 +17,10 @@ RUN GOOS=$TARGETOS GOARCH=$TARGETARCH hack/build.sh /out/node-agent
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/node-agent /node-agent
 # Non-root by default (uid 65532): the image needs no privilege of its own. The DaemonSet
-# runs it as uid 0 for the host's system bus and logind's drop-in folder only, and says
-# why there (manifests/daemonset.yaml); with --shutdown-inhibitor=false, or with
-# InhibitDelayMaxSec set on the hosts and polkit allowing delay locks, it can stay non-root.
+# runs the engine (`run`) so; only its lock-holder container (`inhibit`) runs as uid 0, for
+# the host's system bus and logind's drop-in folder, and says why there
+# (manifests/daemonset.yaml); with InhibitDelayMaxSec set on the hosts and polkit allowing
+# delay locks, it can stay non-root too.
 USER 65532:65532
 ENTRYPOINT ["/node-agent"]
 CMD ["run"]

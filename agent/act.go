@@ -29,6 +29,8 @@ const (
 	ReasonNodeUpdateFailed     = "NodeUpdateFailed"
 	ReasonShutdownDelayed      = "ShutdownDelayed"
 	ReasonShutdownReleased     = "ShutdownReleased"
+	ReasonShutdownNotHeld      = "ShutdownNotHeld"
+	ReasonShutdownHeldBlind    = "ShutdownHeldBlind"
 	ReasonShutdownBlockedByVMs = "ShutdownBlocked"
 )
 

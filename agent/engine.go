@@ -24,6 +24,7 @@ import (
 // NodeView is what the engine reads about its node (nodeinfo.View provides it).
 type NodeView interface {
 	Synced() (bool, string)
+	LauncherPodsListed() bool
 	Node() (*corev1.Node, error)
 	VMIs() []*kubevirtv1.VirtualMachineInstance
 	LauncherPods() []*corev1.Pod
@@ -90,6 +91,9 @@ type Engine struct {
 	nodeErr     map[string]string
 	nodeRetry   map[string]time.Time
 	nodeBackoff workqueue.TypedRateLimiter[string]
+	notHeld     string // why a host shutdown under way is not held by a lock of ours
+	// blindReported: the not-synced reason last reported during a shutdown.
+	blindReported string
 	// expectations are the actions taken that the cache does not show yet.
 	expectations expectations
 	// retries backs off the VMs whose requests were refused.
@@ -244,9 +248,10 @@ func (e *Engine) shutdownPending() bool {
 // whether the node must be looked at again after Resync.
 func (e *Engine) sync(ctx context.Context) (bool, error) {
 	if ok, why := e.view.Synced(); !ok {
-		e.setStatus(func(s *NodeStatus) { s.Ready, s.Reason = false, why })
+		e.notSynced(why)
 		return true, nil
 	}
+	e.metrics.ViewSynced.Set(1)
 	node, err := e.view.Node()
 	if apierrors.IsNotFound(err) {
 		e.setStatus(func(s *NodeStatus) { s.Ready, s.Reason = false, "node "+e.opts.NodeName+" not found" })

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
 	clocktesting "k8s.io/utils/clock/testing"
 )
@@ -74,5 +75,57 @@ func TestHoldWhileShuttingDown(t *testing.T) {
 				t.Fatal("still holding")
 			}
 		})
+	}
+}
+
+// blindView cannot read the VMIs (RBAC, no CRD); its virt-launcher pods are listed.
+type blindView struct {
+	fakeView
+	pods []*corev1.Pod
+}
+
+func (blindView) Synced() (bool, string) {
+	return false, `waiting for the first list of [vmis: virtualmachineinstances.kubevirt.io is forbidden]`
+}
+func (v blindView) LauncherPods() []*corev1.Pod { return v.pods }
+
+// An engine that cannot read the VMIs: safe to power off when it proved that no
+// virt-launcher pod runs on the node; else not, and a host shutdown held so gets a
+// Warning event saying why.
+func TestNotSyncedIsSafeOnlyWithoutLauncherPods(t *testing.T) {
+	log := logrus.New()
+	log.SetOutput(&strings.Builder{})
+	rec := record.NewFakeRecorder(16)
+	e := New(blindView{}, Clients{}, rec, nil, Options{NodeName: thisNode, Log: log})
+	e.ShutdownStarted(time.Now(), time.Now().Add(time.Minute))
+	if _, err := e.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := e.Status(); st.Ready || !st.ReadyToPowerOff() || !strings.Contains(st.SafeBlind, "no virt-launcher pod") {
+		t.Errorf("status %+v with no virt-launcher pod: want not ready but safe to power off", st)
+	}
+	e = New(blindView{pods: []*corev1.Pod{{}}}, Clients{}, rec, nil, Options{NodeName: thisNode, Log: log})
+	e.ShutdownStarted(time.Now(), time.Now().Add(time.Minute))
+	if _, err := e.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := e.Status(); st.ReadyToPowerOff() || !strings.Contains(st.Reason, "forbidden") {
+		t.Errorf("status %+v with a virt-launcher pod: want not safe, the reason said", st)
+	}
+	select {
+	case ev := <-rec.Events:
+		if !strings.Contains(ev, "Warning "+ReasonShutdownHeldBlind) || !strings.Contains(ev, "forbidden") {
+			t.Errorf("event %q, want a Warning %s with the reason", ev, ReasonShutdownHeldBlind)
+		}
+	default:
+		t.Errorf("no %s event", ReasonShutdownHeldBlind)
+	}
+	if _, err := e.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-rec.Events:
+		t.Errorf("a second event for the same reason: %q", ev)
+	default:
 	}
 }

@@ -29,6 +29,10 @@ func (e *Engine) Handler(checks ...ReadinessCheck) http.Handler {
 			http.Error(w, "not ready: "+st.Reason, http.StatusServiceUnavailable)
 			return
 		}
+		if why := e.ShutdownNotHeld(); why != "" {
+			http.Error(w, "not ready: host shutdown under way and not held: "+why, http.StatusServiceUnavailable)
+			return
+		}
 		if st.NodeError != "" {
 			http.Error(w, "not ready: "+st.NodeError, http.StatusServiceUnavailable)
 			return
@@ -60,7 +64,7 @@ func (e *Engine) serveSafeToShutdown(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), wait)
 	defer cancel()
 	st, changed := e.Status()
-	for !(st.Ready && st.Safe) && wait > 0 {
+	for !st.ReadyToPowerOff() && wait > 0 {
 		select {
 		case <-changed:
 			st, changed = e.Status()
@@ -70,7 +74,7 @@ func (e *Engine) serveSafeToShutdown(w http.ResponseWriter, r *http.Request) {
 		break
 	}
 	w.Header().Set("Content-Type", "application/json")
-	if st.Ready && st.Safe {
+	if st.ReadyToPowerOff() {
 		w.WriteHeader(http.StatusOK)
 	} else {
 		w.WriteHeader(http.StatusServiceUnavailable)

@@ -26,7 +26,9 @@ type Metrics struct {
 	// ReenableFailing is 1 while giving the node back keeps failing.
 	ReenableFailing prometheus.Gauge
 	// Withdrawals counts what withdrawing a drain did, by object and outcome.
-	Withdrawals *prometheus.CounterVec
+	Withdrawals     *prometheus.CounterVec
+	ShutdownNotHeld prometheus.Gauge
+	ViewSynced      prometheus.Gauge
 
 	reg prometheus.Registerer // registers with the node label
 }
@@ -77,7 +79,7 @@ func NewMetrics(node string) *Metrics {
 	})
 	m.ShutdownReleases = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "node_agent_shutdown_releases_total",
-		Help: "Host shutdowns the agent let go, by outcome: safe (no VM left) or deadline (VMs were left on the node).",
+		Help: "Host shutdowns the agent let go, by outcome: safe (no VM left), deadline (VMs were left on the node) or unheld (no lock of ours held it).",
 	}, []string{"outcome"})
 	m.NodeUpdateFailures = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "node_agent_node_update_failures_total",
@@ -91,8 +93,16 @@ func NewMetrics(node string) *Metrics {
 		Name: "node_agent_withdraw_actions_total",
 		Help: "What withdrawing a drain did to what it had started, by object (evacuation, migration) and outcome (cancelled, deleted, failed: left to KubeVirt, named in a DrainWithdrawn Warning event).",
 	}, []string{"object", "outcome"})
+	m.ShutdownNotHeld = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "node_agent_shutdown_not_held",
+		Help: "1 while a host shutdown is under way that no lock of node-agent holds (the lock holder is gone or restarted mid-shutdown, the bus is gone): the host does not wait for the drain.",
+	})
+	m.ViewSynced = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "node_agent_view_synced",
+		Help: "1 when the agent has read everything it watches (its Node, the virt-launcher pods and VMIs on it, the KubeVirt CR); 0 while something is refused or missing (RBAC, KubeVirt's CRD): /readyz says what.",
+	})
 	m.reg = prometheus.WrapRegistererWith(prometheus.Labels{"node": node}, m.Registry)
-	m.reg.MustRegister(m.ShutdownDelay, m.ShutdownReleases, m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests,
+	m.reg.MustRegister(m.ShutdownDelay, m.ShutdownReleases, m.ShutdownNotHeld, m.ViewSynced, m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests,
 		m.DrainsStarted, m.DrainDuration, m.ConfigErrors, m.NodeUpdateFailures, m.ReenableFailing, m.Withdrawals)
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

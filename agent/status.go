@@ -48,7 +48,14 @@ type NodeStatus struct {
 	// a cancelled shutdown or a reboot, taking it out of service): retried with a
 	// backoff, and a readiness reason meanwhile.
 	NodeError string `json:"nodeError,omitempty"`
+	// SafeBlind says why the node is safe although the agent is not ready (it cannot read
+	// everything, such as the VMIs): it proved that no virt-launcher pod runs on the node.
+	SafeBlind string `json:"safeBlind,omitempty"`
 }
+
+// ReadyToPowerOff is what /safe-to-shutdown answers 200 for: the agent sees everything
+// and no VM is left, or it proved that no virt-launcher pod runs on the node.
+func (s NodeStatus) ReadyToPowerOff() bool { return s.Safe && (s.Ready || s.SafeBlind != "") }
 
 // Counts summarises the VMs by state.
 func (s NodeStatus) Counts() map[VMState]int {

@@ -66,6 +66,7 @@ type fakeView struct{}
 var _ NodeView = fakeView{}
 
 func (fakeView) Synced() (bool, string)                     { return true, "" }
+func (fakeView) LauncherPodsListed() bool                   { return true }
 func (fakeView) Node() (*corev1.Node, error)                { return &corev1.Node{}, nil }
 func (fakeView) VMIs() []*kubevirtv1.VirtualMachineInstance { return nil }
 func (fakeView) LauncherPods() []*corev1.Pod                { return nil }

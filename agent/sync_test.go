@@ -175,7 +175,8 @@ func (f *fixture) noEvictions(why string) {
 // fixtureView is the engine's NodeView over the fixture.
 type fixtureView struct{ f *fixture }
 
-func (fixtureView) Synced() (bool, string) { return true, "" }
+func (fixtureView) Synced() (bool, string)   { return true, "" }
+func (fixtureView) LauncherPodsListed() bool { return true }
 func (v fixtureView) Node() (*corev1.Node, error) {
 	return v.f.kube.CoreV1().Nodes().Get(context.Background(), thisNode, metav1.GetOptions{})
 }
@@ -680,15 +681,15 @@ func value(t *testing.T, c prometheus.Metric) float64 {
 	return m.Counter.GetValue()
 }
 
-// fakeInhibitor is a logind inhibitor that is connected and sees no shutdown.
-type fakeInhibitor struct{ events chan systemd.Event }
+// fakeSource is a lock holder that reaches logind and sees no shutdown.
+type fakeSource struct{}
 
-func (i fakeInhibitor) Events() <-chan systemd.Event { return i.events }
-func (fakeInhibitor) Release()                       {}
-func (fakeInhibitor) Status() systemd.Status         { return systemd.Status{Connected: true} }
+func (fakeSource) State() (systemd.ShutdownState, <-chan struct{}) {
+	return systemd.ShutdownState{Reachable: true, Connected: true, LockHeld: true}, nil
+}
 
 // A shutdown an earlier agent recorded, cancelled while no agent ran: once the
-// inhibitor reaches a logind that prepares no shutdown, the node is given back.
+// lock holder reaches a logind that prepares no shutdown, the node is given back.
 func TestRunShutdownNoShutdownAtConnectGivesBackARecordedOne(t *testing.T) {
 	f := newFixture(t, outOfService(nil, t0.Add(time.Hour)))
 	if _, err := f.sync(); err != nil {
@@ -700,7 +701,7 @@ func TestRunShutdownNoShutdownAtConnectGivesBackARecordedOne(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		f.engine.RunShutdown(ctx, fakeInhibitor{make(chan systemd.Event)}, time.Minute)
+		f.engine.RunShutdown(ctx, fakeSource{}, time.Minute)
 		close(done)
 	}()
 	err := wait.PollUntilContextTimeout(ctx, 10*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {

@@ -154,6 +154,11 @@ func (v *View) WaitForSync(ctx context.Context) error {
 	}
 }
 
+// LauncherPodsListed reports whether the virt-launcher pods of this node have been listed:
+// then LauncherPods is complete even while other informers (the VMIs, refused by RBAC or
+// without KubeVirt's CRD) are not.
+func (v *View) LauncherPodsListed() bool { return v.informers["pods"].HasSynced() }
+
 // Node returns this node's object.
 func (v *View) Node() (*corev1.Node, error) {
 	objs := v.informers["node"].GetStore().List()

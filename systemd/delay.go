@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -78,6 +81,9 @@ func writeDropIn(dir string, want time.Duration) (string, error) {
 // Status.DelayProblem, and the smaller delay is used.
 func (g *Guard) adjustDelay(ctx context.Context, b bus) error {
 	want, log := g.opts.WantDelay, g.opts.Log
+	if _, err := g.reconcileDropIn(ctx, b); err != nil {
+		return err
+	}
 	cur, err := b.InhibitDelayMax(ctx)
 	if err != nil {
 		return err
@@ -146,4 +152,126 @@ func (g *Guard) raiseDelay(ctx context.Context, b bus, cur time.Duration) (time.
 		case <-clk.After(delayPollInterval):
 		}
 	}
+}
+
+// defaultInhibitDelayMax is logind's InhibitDelayMaxSec when no configuration sets it.
+const defaultInhibitDelayMax = 5 * time.Second
+
+// parseTimespan reads a systemd time span as logind.conf takes it: plain seconds ("90"), or
+// values with units ("1min 30s", "2h", "500ms"); "infinity" is the largest duration.
+func parseTimespan(v string) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	if v == "infinity" {
+		return time.Duration(1<<63 - 1), true
+	}
+	if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+		return time.Duration(n) * time.Second, true
+	}
+	units := strings.NewReplacer("minutes", "m", "minute", "m", "min", "m", "seconds", "s", "second", "s", "sec", "s",
+		"hours", "h", "hour", "h", "hr", "h", "msec", "ms", "usec", "us", " ", "")
+	d, err := time.ParseDuration(units.Replace(v))
+	return d, err == nil && d >= 0
+}
+
+// inhibitDelayIn reads InhibitDelayMaxSec from one logind configuration file ([Login]);
+// found is false when the file does not set it (or cannot be read).
+func inhibitDelayIn(path string) (d time.Duration, found bool) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	section := ""
+	for _, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case line == "" || line[0] == '#' || line[0] == ';':
+		case line[0] == '[':
+			section = strings.Trim(line, "[]")
+		case section == "Login":
+			k, v, ok := strings.Cut(line, "=")
+			if ok && strings.TrimSpace(k) == "InhibitDelayMaxSec" {
+				if got, ok := parseTimespan(v); ok {
+					d, found = got, true
+				}
+			}
+		}
+	}
+	return d, found
+}
+
+// othersDelay is InhibitDelayMaxSec as the configuration we can see sets it without our drop-in:
+// logind.conf beside the folder (when visible), then the folder's other *.conf files in name
+// order (the last one wins, as in logind); logind's default when none sets it.
+func othersDelay(dir string) time.Duration {
+	d := defaultInhibitDelayMax
+	if v, ok := inhibitDelayIn(filepath.Join(filepath.Dir(dir), "logind.conf")); ok {
+		d = v
+	}
+	names, _ := filepath.Glob(filepath.Join(dir, "*.conf"))
+	sort.Strings(names)
+	for _, name := range names {
+		if filepath.Base(name) == DropInName {
+			continue
+		}
+		if v, ok := inhibitDelayIn(name); ok {
+			d = v
+		}
+	}
+	return d
+}
+
+// reconcileDropIn makes an existing drop-in of ours (from this or an earlier run) say what is
+// needed now, so that a stale one never lowers a larger value set elsewhere later: removed when
+// the other configuration already allows WantDelay (or nothing is wanted), rewritten when it
+// asks for another value. logind is reloaded when the file changed. It reports whether it did.
+func (g *Guard) reconcileDropIn(ctx context.Context, b bus) (bool, error) {
+	dir, want := g.opts.DropInDir, g.opts.WantDelay
+	if dir == "" {
+		return false, nil
+	}
+	path := filepath.Join(dir, DropInName)
+	old, err := os.ReadFile(path)
+	if err != nil {
+		return false, nil // none of ours
+	}
+	others := othersDelay(dir)
+	log := g.opts.Log.WithField("file", path).WithField("othersInhibitDelayMax", others).WithField("wantDelay", want)
+	switch {
+	case want <= 0 || others >= want:
+		if err := os.Remove(path); err != nil {
+			log.WithError(err).Warn("cannot remove our logind drop-in that is no longer needed")
+			return false, nil
+		}
+		log.Info("removed our logind drop-in: the other configuration allows the wanted delay, and ours must not lower it")
+	case !bytes.Equal(old, dropInContent(want)):
+		if _, err := writeDropIn(dir, want); err != nil {
+			log.WithError(err).Warn("cannot rewrite our stale logind drop-in")
+			return false, nil
+		}
+		log.Info("rewrote our stale logind drop-in for the wanted delay")
+	default:
+		return false, nil
+	}
+	if err := b.ReloadLogind(ctx); err != nil {
+		log.WithError(err).Warn("cannot reload logind after changing our drop-in")
+		return true, nil
+	}
+	g.reloaded = true
+	// logind applies a reload asynchronously: wait until the value changes, or ReloadWait.
+	before, err := b.InhibitDelayMax(ctx)
+	if err != nil {
+		return true, err
+	}
+	clk, start := g.opts.Clock, g.opts.Clock.Now()
+	for clk.Since(start) < g.opts.ReloadWait {
+		select {
+		case <-ctx.Done():
+			return true, ctx.Err()
+		case <-clk.After(delayPollInterval):
+		}
+		if cur, err := b.InhibitDelayMax(ctx); err != nil || cur != before {
+			return true, err
+		}
+	}
+	return true, nil
 }

@@ -32,8 +32,17 @@ type phase int
 const (
 	idle     phase = iota // no shutdown: the lock is held (or being taken)
 	holding               // PrepareForShutdown(true) seen: the lock holds the shutdown
+	notHeld               // a shutdown is under way that no lock of ours holds
 	released              // Release gave the lock up: the shutdown proceeds
 )
+
+// notHeldAtConnect is why a shutdown found under way when (re)connecting without a lock of
+// ours is not held: logind refuses new locks while it prepares a shutdown.
+const notHeldAtConnect = "logind was already preparing the shutdown when this lock holder connected: " +
+	"no lock of ours holds it (logind takes no new lock during a shutdown)"
+
+// notHeldBusLost is why a held shutdown is reported as not held while the bus is gone.
+const notHeldBusLost = "the system bus connection was lost during the shutdown: the hold cannot be confirmed"
 
 // Guard holds a logind inhibitor lock for the agent. Create it with New, run it with Run.
 type Guard struct {
@@ -45,10 +54,17 @@ type Guard struct {
 	// reloaded: this Guard has had logind reload its drop-in (Run's goroutine only).
 	reloaded bool
 
-	mu     sync.Mutex // guards the fields below; never held across a D-Bus call
-	phase  phase
-	locks  []*os.File
-	status Status
+	// blockCh wakes the session to apply blockWhy (ModeBlock).
+	blockCh chan struct{}
+
+	mu    sync.Mutex // guards the fields below; never held across a D-Bus call
+	phase phase
+	locks []*os.File // the delay lock
+	block *os.File   // the block lock (ModeBlock, while SetBlock asks for it)
+	// blockWhy is the block lock wanted (its reason); "" for none. blockHeldWhy is the
+	// reason of the block lock held.
+	blockWhy, blockHeldWhy string
+	status                 Status
 }
 
 // New returns a Guard for the system bus (DBUS_SYSTEM_BUS_ADDRESS, default
@@ -60,10 +76,11 @@ func New(opts Options) *Guard {
 func newGuard(opts Options, dial dialer) *Guard {
 	opts = opts.withDefaults()
 	return &Guard{
-		opts:   opts,
-		dial:   dial,
-		events: make(chan Event, 16),
-		status: Status{Mode: opts.Mode, Degraded: "not started", Since: opts.Clock.Now()},
+		opts:    opts,
+		dial:    dial,
+		events:  make(chan Event, 16),
+		blockCh: make(chan struct{}, 1),
+		status:  Status{Mode: opts.Mode, Degraded: "not started", Since: opts.Clock.Now()},
 	}
 }
 
@@ -79,21 +96,38 @@ func (g *Guard) Status() Status {
 }
 
 // Release gives the lock up during a shutdown, so that logind proceeds at once: call it when the
-// node is safe or at the deadline. Outside a shutdown it does nothing (the lock stays). The lock
-// is taken again if the shutdown is cancelled.
-func (g *Guard) Release() {
+// node is safe or at the deadline. It reports whether a lock of ours was holding the shutdown
+// and is now released; a shutdown that no lock of ours held is marked released without a claim
+// (false). Outside a shutdown it does nothing (the lock stays). The lock is taken again if the
+// shutdown is cancelled.
+func (g *Guard) Release() bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.phase != holding {
+	switch g.phase {
+	case holding:
+	case notHeld:
+		g.phase = released
+		g.status.Released = true
+		g.opts.Log.WithField("notHeld", g.status.NotHeld).Warn("the shutdown was not held by a lock of ours: nothing to release")
+		return false
+	default:
 		g.opts.Log.WithField("phase", g.phase).Info("Release without a shutdown being held: nothing to release")
-		return
+		return false
 	}
+	held := len(g.locks) > 0 && g.status.NotHeld == ""
 	closeAll(g.locks)
 	g.locks = nil
+	g.closeBlockLocked()
 	g.phase = released
 	g.status.LockHeld = false
 	g.status.Released = true
+	if !held {
+		g.opts.Log.WithField("notHeld", g.status.NotHeld).Warn("the shutdown was not held by a lock of ours: nothing to release")
+		return false
+	}
+	g.status.NotHeld = ""
 	g.opts.Log.Info("released the shutdown inhibitor lock: the shutdown proceeds")
+	return true
 }
 
 // Run connects to the bus, takes the lock, and follows logind until ctx ends; it reconnects with
@@ -149,6 +183,10 @@ func (g *Guard) session(ctx context.Context) (established bool, err error) {
 			if err := g.handle(ctx, b, s); err != nil {
 				return true, err
 			}
+		case <-g.blockCh:
+			if err := g.applyBlock(ctx, b); err != nil {
+				return true, err
+			}
 		}
 	}
 }
@@ -170,6 +208,12 @@ func (g *Guard) sync(ctx context.Context, b bus) error {
 			return err
 		}
 		g.setConnected()
+		g.mu.Lock()
+		if g.phase == holding && len(g.locks) > 0 {
+			// Our lock, kept across the lost connection, still holds it.
+			g.status.NotHeld = ""
+		}
+		g.mu.Unlock()
 		if ph == idle {
 			g.startShutdown(ctx, "logind was already preparing a shutdown")
 		}
@@ -184,7 +228,74 @@ func (g *Guard) sync(ctx context.Context, b bus) error {
 	} else if ph != idle {
 		g.endShutdown(ctx, "logind has no shutdown pending any more")
 	}
-	return g.adjustDelay(ctx, b)
+	if err := g.adjustDelay(ctx, b); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	g.blockHeldWhy = "" // a new connection (or logind): take the block lock again if wanted
+	g.mu.Unlock()
+	return g.applyBlock(ctx, b)
+}
+
+// SetBlock asks for the block lock (ModeBlock only) with why as its reason, or for none when
+// why is empty. The lock holder calls it while VMs are on the node: logind then refuses a
+// shutdown request outright, naming why. A change of why takes a new lock before the old one
+// is closed.
+func (g *Guard) SetBlock(why string) {
+	if g.opts.Mode != ModeBlock {
+		return
+	}
+	g.mu.Lock()
+	g.blockWhy = why
+	g.mu.Unlock()
+	select {
+	case g.blockCh <- struct{}{}:
+	default:
+	}
+}
+
+// applyBlock takes, replaces or closes the block lock to match blockWhy. During a shutdown
+// nothing is taken (logind refuses it, and the shutdown is past blocking).
+func (g *Guard) applyBlock(ctx context.Context, b bus) error {
+	g.mu.Lock()
+	why, held, ph := g.blockWhy, g.blockHeldWhy, g.phase
+	g.mu.Unlock()
+	if why == held && (why == "") == (g.blockFile() == nil) {
+		return nil // as wanted
+	}
+	var f *os.File
+	if why != "" && ph == idle {
+		var err error
+		if f, err = b.Inhibit(ctx, "shutdown", g.opts.Who, why, "block"); err != nil {
+			if isOperationInProgress(err) {
+				return nil
+			}
+			return err
+		}
+	}
+	g.mu.Lock()
+	old := g.block
+	g.block, g.blockHeldWhy = f, why
+	if f == nil {
+		g.blockHeldWhy = ""
+	}
+	g.status.BlockHeld, g.status.BlockWhy = f != nil, g.blockHeldWhy
+	g.mu.Unlock()
+	if old != nil {
+		_ = old.Close()
+	}
+	if f != nil {
+		g.opts.Log.WithField("why", why).Info("holding the logind block lock: shutdown requests are refused")
+	} else if old != nil {
+		g.opts.Log.Info("released the logind block lock: no VM on the node")
+	}
+	return nil
+}
+
+func (g *Guard) blockFile() *os.File {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.block
 }
 
 func (g *Guard) handle(ctx context.Context, b bus, s busSignal) error {
@@ -202,7 +313,10 @@ func (g *Guard) handle(ctx context.Context, b bus, s busSignal) error {
 		if ph != idle {
 			g.endShutdown(ctx, "PrepareForShutdown(false)")
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return g.applyBlock(ctx, b)
 	case s.ownerChanged && s.owner == "":
 		g.setDegraded("systemd-logind left the bus")
 		g.opts.Log.Warn("systemd-logind left the bus; waiting for it to come back")
@@ -216,19 +330,11 @@ func (g *Guard) handle(ctx context.Context, b bus, s busSignal) error {
 // takeLocks takes a fresh set of locks and only then closes the previous ones, so there is no
 // moment without a lock (a restarted logind may have kept the old ones).
 func (g *Guard) takeLocks(ctx context.Context, b bus) error {
-	var files []*os.File
-	for _, mode := range g.opts.Mode.lockModes() {
-		why := g.opts.Why
-		if mode == "block" {
-			why = g.opts.BlockWhy
-		}
-		f, err := b.Inhibit(ctx, "shutdown", g.opts.Who, why, mode)
-		if err != nil {
-			closeAll(files)
-			return err
-		}
-		files = append(files, f)
+	f, err := b.Inhibit(ctx, "shutdown", g.opts.Who, g.opts.Why, "delay")
+	if err != nil {
+		return err
 	}
+	files := []*os.File{f}
 	g.mu.Lock()
 	old := g.locks
 	g.locks = files
@@ -246,21 +352,29 @@ func (g *Guard) startShutdown(ctx context.Context, why string) {
 		g.mu.Unlock()
 		return
 	}
-	g.phase = holding
-	ev := Event{Type: ShutdownStarted, At: g.opts.Clock.Now()}
+	ev := Event{Type: ShutdownStarted, At: g.opts.Clock.Now(), Held: len(g.locks) > 0}
 	if d := g.status.EffectiveDelay; d > 0 {
 		ev.Deadline = ev.At.Add(d)
 	}
-	g.status.ShuttingDown, g.status.Released = true, false
+	g.phase = holding
+	if !ev.Held {
+		g.phase, ev.NotHeld = notHeld, notHeldAtConnect
+	}
+	g.status.ShuttingDown, g.status.Released, g.status.NotHeld = true, false, ev.NotHeld
 	g.mu.Unlock()
-	g.opts.Log.WithField("reason", why).WithField("deadline", ev.Deadline).Warn("host shutdown started: holding it until released")
+	log := g.opts.Log.WithField("reason", why).WithField("deadline", ev.Deadline)
+	if ev.Held {
+		log.Warn("host shutdown started: holding it until released")
+	} else {
+		log.WithField("notHeld", ev.NotHeld).Error("host shutdown under way that no lock of ours holds")
+	}
 	g.emit(ctx, ev)
 }
 
 func (g *Guard) endShutdown(ctx context.Context, why string) {
 	g.mu.Lock()
 	g.phase = idle
-	g.status.ShuttingDown, g.status.Released = false, false
+	g.status.ShuttingDown, g.status.Released, g.status.NotHeld = false, false, ""
 	g.mu.Unlock()
 	g.opts.Log.WithField("reason", why).Info("host shutdown cancelled")
 	g.emit(ctx, Event{Type: ShutdownCancelled, At: g.opts.Clock.Now()})
@@ -295,6 +409,9 @@ func (g *Guard) setDegraded(reason string) {
 		g.status.Since = g.opts.Clock.Now()
 	}
 	g.status.Connected, g.status.LockHeld, g.status.Degraded = false, false, reason
+	if g.phase == holding {
+		g.status.NotHeld = notHeldBusLost
+	}
 }
 
 // stop ends Run: the locks go (the agent is stopping) and Events is closed.
@@ -302,10 +419,19 @@ func (g *Guard) stop() {
 	g.mu.Lock()
 	closeAll(g.locks)
 	g.locks = nil
+	g.closeBlockLocked()
 	g.status.Connected, g.status.LockHeld, g.status.Degraded = false, false, "stopped"
 	g.status.Since = g.opts.Clock.Now()
 	g.mu.Unlock()
 	close(g.events)
+}
+
+func (g *Guard) closeBlockLocked() {
+	if g.block != nil {
+		_ = g.block.Close()
+	}
+	g.block, g.blockHeldWhy = nil, ""
+	g.status.BlockHeld, g.status.BlockWhy = false, ""
 }
 
 func closeAll(files []*os.File) {
@@ -320,6 +446,8 @@ func (p phase) String() string {
 		return "idle"
 	case holding:
 		return "holding"
+	case notHeld:
+		return "not-held"
 	case released:
 		return "released"
 	}

@@ -50,7 +50,9 @@ func TestShutdownEventsReleaseAndCancel(t *testing.T) {
 	f := newFakeEnv(t, &fakeLogind{delay: 30 * time.Second})
 	g := f.run(Options{WantDelay: 20 * time.Second})
 	b := f.nextDial()
-	eventually(t, "lock held", func() bool { return g.Status().LockHeld })
+	// The lock is taken before logind's delay is read: wait for both (reading the delay at the
+	// first sight of the lock failed 13 times in 200 runs).
+	eventually(t, "lock held and delay known", func() bool { s := g.Status(); return s.LockHeld && s.EffectiveDelay != 0 })
 	if s := g.Status(); s.EffectiveDelay != 20*time.Second || s.LogindDelay != 30*time.Second {
 		t.Errorf("status %+v, want effective 20s of logind's 30s", s)
 	}
@@ -58,15 +60,17 @@ func TestShutdownEventsReleaseAndCancel(t *testing.T) {
 
 	b.sigs <- busSignal{prepare: true, active: true}
 	ev := expectEvent(t, g, ShutdownStarted)
-	if !ev.At.Equal(f.clock.Now()) || ev.Deadline.Sub(ev.At) != 20*time.Second {
-		t.Errorf("event %+v, want At now and Deadline 20s later", ev)
+	if !ev.At.Equal(f.clock.Now()) || ev.Deadline.Sub(ev.At) != 20*time.Second || !ev.Held || ev.NotHeld != "" {
+		t.Errorf("event %+v, want At now, Deadline 20s later, held", ev)
 	}
 	b.sigs <- busSignal{prepare: true, active: true} // repeated: no second event
 	if s := g.Status(); !s.ShuttingDown || !s.LockHeld || s.Released {
 		t.Errorf("status %+v while holding", s)
 	}
 
-	g.Release()
+	if !g.Release() {
+		t.Error("Release of a held shutdown reported no lock released")
+	}
 	if !isClosed(first[0]) {
 		t.Error("Release left the lock open")
 	}
@@ -105,6 +109,8 @@ func TestReleaseOutsideAShutdownKeepsTheLock(t *testing.T) {
 	g := f.run(Options{Mode: ModeBlock})
 	f.nextDial()
 	eventually(t, "locks held", func() bool { return g.Status().LockHeld })
+	g.SetBlock("VMs on the node")
+	eventually(t, "block lock held", func() bool { return g.Status().BlockHeld })
 	g.Release()
 	for i, l := range f.l.lockFiles() {
 		if isClosed(l) {
@@ -120,9 +126,23 @@ func TestConnectingWhileLogindPreparesIsAShutdown(t *testing.T) {
 	f := newFakeEnv(t, &fakeLogind{delay: 5 * time.Second, preparing: true})
 	g := f.run(Options{})
 	b := f.nextDial()
-	expectEvent(t, g, ShutdownStarted)
+	ev := expectEvent(t, g, ShutdownStarted)
 	if n := f.l.inhibits(); n != 0 {
 		t.Errorf("%d Inhibit calls while logind prepares a shutdown, want 0", n)
+	}
+	// No lock of ours holds a shutdown that began before we connected (a lock holder restarted
+	// mid-shutdown): it must never be reported as held or as released by us.
+	if ev.Held || !strings.Contains(ev.NotHeld, "already preparing") {
+		t.Errorf("event %+v, want not held, saying why", ev)
+	}
+	if s := g.Status(); s.LockHeld || !s.ShuttingDown || s.NotHeld == "" {
+		t.Errorf("status %+v, want shutting down, not held", s)
+	}
+	if g.Release() {
+		t.Error("Release reported a lock released, but no lock of ours held the shutdown")
+	}
+	if s := g.Status(); !s.Released || s.LockHeld {
+		t.Errorf("status after Release %+v", s)
 	}
 	f.l.mu.Lock()
 	f.l.preparing = false
@@ -145,6 +165,9 @@ func TestAShutdownForgottenAcrossAReconnectIsCancelled(t *testing.T) {
 	eventually(t, "degraded", func() bool { return !g.Status().Connected })
 	if isClosed(old) {
 		t.Error("the lock was closed when the bus dropped")
+	}
+	if s := g.Status(); s.NotHeld == "" {
+		t.Errorf("status %+v with the bus gone during a shutdown: want it said that the hold cannot be confirmed", s)
 	}
 	eventually(t, "backoff wait", f.clock.HasWaiters)
 	f.clock.Step(time.Second)
@@ -291,5 +314,92 @@ func TestALaterDropInWinningIsNotReloadedOnEveryConnection(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, DropInName)); err != nil || !strings.Contains(string(b), "InhibitDelayMaxSec=60\n") {
 		t.Errorf("drop-in %q, %v", b, err)
+	}
+}
+
+// A drop-in of ours from an earlier run never lowers a larger value set elsewhere later: it is
+// removed when the other files allow the wanted delay, rewritten when it asks for another value,
+// and left alone (no reload) when it is what is needed.
+func TestStaleDropInIsRemovedOrRewritten(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		ours        string            // content of our drop-in before
+		others      map[string]string // other files of the folder
+		mainConf    string            // logind.conf beside the folder
+		want        time.Duration
+		wantFile    string // "" for removed
+		wantReloads int
+	}{
+		{name: "an operator's larger value set later wins", ours: string(dropInContent(90 * time.Second)),
+			others: map[string]string{"50-operator.conf": "[Login]\nInhibitDelayMaxSec=300\n"}, want: 90 * time.Second, wantReloads: 1},
+		{name: "logind.conf set larger later", ours: string(dropInContent(90 * time.Second)),
+			mainConf: "[Login]\nInhibitDelayMaxSec=5min\n", want: 90 * time.Second, wantReloads: 1},
+		{name: "a stale value of an earlier --shutdown-timeout is rewritten", ours: string(dropInContent(600 * time.Second)),
+			want: 90 * time.Second, wantFile: "InhibitDelayMaxSec=90\n", wantReloads: 1},
+		{name: "no wish any more", ours: string(dropInContent(90 * time.Second)), want: 0, wantReloads: 1},
+		{name: "already right", ours: string(dropInContent(90 * time.Second)),
+			others: map[string]string{"10-other.conf": "[Login]\nInhibitDelayMaxSec=30\n", "99-kubelet.conf": "[Other]\nInhibitDelayMaxSec=900\n"},
+			want:   90 * time.Second, wantFile: "InhibitDelayMaxSec=90\n", wantReloads: 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			etc := t.TempDir()
+			dir := filepath.Join(etc, "logind.conf.d")
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			write := func(path, content string) {
+				if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			write(filepath.Join(dir, DropInName), tc.ours)
+			for name, content := range tc.others {
+				write(filepath.Join(dir, name), content)
+			}
+			if tc.mainConf != "" {
+				write(filepath.Join(etc, "logind.conf"), tc.mainConf)
+			}
+			l := &fakeLogind{delay: 90 * time.Second, afterReload: 300 * time.Second}
+			f := newFakeEnv(t, l)
+			g := newGuard(Options{WantDelay: tc.want, DropInDir: dir, Clock: f.clock, ReloadWait: time.Millisecond}, f.dial)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				if _, err := g.reconcileDropIn(context.Background(), &fakeBus{l: l}); err != nil {
+					t.Error(err)
+				}
+			}()
+			for {
+				select {
+				case <-done:
+				case <-time.After(time.Millisecond):
+					f.clock.Step(delayPollInterval)
+					continue
+				}
+				break
+			}
+			if l.reloads != tc.wantReloads {
+				t.Errorf("%d reloads, want %d", l.reloads, tc.wantReloads)
+			}
+			b, err := os.ReadFile(filepath.Join(dir, DropInName))
+			switch {
+			case tc.wantFile == "" && err == nil:
+				t.Errorf("our drop-in kept: %q", b)
+			case tc.wantFile != "" && (err != nil || !strings.HasSuffix(string(b), "[Login]\n"+tc.wantFile)):
+				t.Errorf("our drop-in %q, %v; want it to end with [Login] %q", b, err, tc.wantFile)
+			}
+		})
+	}
+}
+
+func TestParseTimespan(t *testing.T) {
+	for in, want := range map[string]time.Duration{"90": 90 * time.Second, "5min": 5 * time.Minute, "1min 30s": 90 * time.Second,
+		"2h": 2 * time.Hour, "500ms": 500 * time.Millisecond, " 10 ": 10 * time.Second} {
+		if got, ok := parseTimespan(in); !ok || got != want {
+			t.Errorf("parseTimespan(%q) = %v, %v; want %v", in, got, ok, want)
+		}
+	}
+	if _, ok := parseTimespan("soon"); ok {
+		t.Error("parseTimespan(soon) accepted")
 	}
 }

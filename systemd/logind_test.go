@@ -4,10 +4,12 @@ package systemd_test
 // (integration/logind). They need root, dbus, systemd and util-linux.
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -154,7 +156,7 @@ func TestInhibitDelayMaxIsRaisedButNeverLowered(t *testing.T) {
 		}
 	})
 
-	t.Run("a larger kubelet value is kept", func(t *testing.T) {
+	t.Run("a larger kubelet value is kept, our stale drop-in removed", func(t *testing.T) {
 		writeFile(t, kubelet, "[Login]\nInhibitDelayMaxSec=120\n")
 		if err := env.ReloadLogind(ctx); err != nil {
 			t.Fatal(err)
@@ -168,8 +170,10 @@ func TestInhibitDelayMaxIsRaisedButNeverLowered(t *testing.T) {
 		if d, err := env.InhibitDelayMax(ctx); err != nil || d != 120*time.Second {
 			t.Errorf("logind InhibitDelayMaxUSec = %v, %v; want the kubelet's 120s", d, err)
 		}
-		if b, _ := os.ReadFile(ourFile); !strings.Contains(string(b), "InhibitDelayMaxSec=42\n") {
-			t.Errorf("%s rewritten although no raise was needed: %q", ourFile, b)
+		// Ours (42 s, from the run above) is not needed any more: removed, so that it can never
+		// lower a value set elsewhere.
+		if b, err := os.ReadFile(ourFile); err == nil {
+			t.Errorf("%s kept although the kubelet's value allows the wanted delay: %q", ourFile, b)
 		}
 	})
 
@@ -214,14 +218,26 @@ func TestNoBusIsDegradedAndRecovers(t *testing.T) {
 
 func TestBlockModeHoldsBlockAndDelayLocks(t *testing.T) {
 	env, ctx := startEnv(t)
-	g, _ := runGuard(t, systemd.Options{Mode: systemd.ModeBlock, BlockWhy: "drain first: node-agent drain node-1"})
-	waitStatus(ctx, t, g, "locks held", healthy)
+	g, _ := runGuard(t, systemd.Options{Mode: systemd.ModeBlock})
+	waitStatus(ctx, t, g, "delay lock held", healthy)
+	// No VM on the node: the delay lock only.
+	waitOurs(ctx, t, env, 1, "delay")
+	waitOurs(ctx, t, env, 0, "block")
+	// VMs on the node: the block lock, naming the resolved taint key and the drain command.
+	why := systemd.BlockWhy("node-1", "example.com/drain")
+	g.SetBlock(why)
 	list := waitOurs(ctx, t, env, 1, "delay", "block")
 	for _, i := range list {
-		if i.Who == testWho && i.Mode == "block" && i.Why != "drain first: node-agent drain node-1" {
-			t.Errorf("block lock why = %q", i.Why)
+		if i.Who == testWho && i.Mode == "block" && (i.Why != why || !strings.Contains(i.Why, "example.com/drain") || !strings.Contains(i.Why, "node-agent drain node-1")) {
+			t.Errorf("block lock why = %q, want %q", i.Why, why)
 		}
 	}
+	// The VMs gone: the block lock goes, the delay lock stays.
+	g.SetBlock("")
+	waitOurs(ctx, t, env, 0, "block")
+	waitOurs(ctx, t, env, 1, "delay")
+	g.SetBlock(why)
+	waitOurs(ctx, t, env, 1, "block")
 	// logind 252 lets root's PowerOff past a block lock held by root; the delay lock still holds it.
 	powerOffHeldUntilRelease(ctx, t, env, g, 300*time.Millisecond)
 	waitOurs(ctx, t, env, 0, "delay", "block")
@@ -258,5 +274,91 @@ func writeFile(t *testing.T, path, content string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The lock holder against the real logind: a power-off is held while the engine says the node
+// is not safe, and logind starts the poweroff job within moments of the engine saying it is
+// safe. Then a second holder started while logind prepares that shutdown holds nothing and
+// says so.
+func TestHolderHoldsARealPowerOffUntilTheEngineSaysSafe(t *testing.T) {
+	env, ctx := startEnv(t)
+	var safe atomic.Bool
+	var saidSafe atomic.Int64 // unix nanoseconds when WaitSafe first answered true
+	engine := systemd.SafeFunc(func(ctx context.Context, wait time.Duration) (bool, error) {
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		deadline := time.After(wait)
+		for !safe.Load() {
+			select {
+			case <-ctx.Done():
+				return false, nil
+			case <-deadline:
+				return false, nil
+			case <-tick.C:
+			}
+		}
+		saidSafe.CompareAndSwap(0, time.Now().UnixNano())
+		return true, nil
+	})
+	runHolder := func() *systemd.Holder {
+		log := testLogger(t)
+		g := systemd.New(systemd.Options{Who: testWho, WantDelay: 10 * time.Second, RetryMin: 50 * time.Millisecond, RetryMax: 400 * time.Millisecond, Log: log})
+		h := systemd.NewHolder(g, engine, systemd.HolderOptions{Log: log})
+		hctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- h.Run(hctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+		return h
+	}
+	state := func(h *systemd.Holder, what string, cond func(systemd.ShutdownState) bool) systemd.ShutdownState {
+		t.Helper()
+		for {
+			st, changed := h.State()
+			if cond(st) {
+				return st
+			}
+			select {
+			case <-changed:
+			case <-ctx.Done():
+				t.Fatalf("waiting for %s: last state %+v", what, st)
+			}
+		}
+	}
+	h := runHolder()
+	state(h, "lock held", func(s systemd.ShutdownState) bool { return s.LockHeld && s.EffectiveDelay > 0 })
+	waitOurs(ctx, t, env, 1, "delay")
+	asked := time.Now()
+	if err := env.PowerOff(ctx); err != nil {
+		t.Fatal(err)
+	}
+	st := state(h, "the shutdown held", func(s systemd.ShutdownState) bool { return s.ShuttingDown && s.Held })
+	if d := st.Deadline.Sub(st.Since); d != 5*time.Second {
+		t.Errorf("deadline %v after the shutdown began, want logind's 5s (InhibitDelayMaxSec, smaller than wanted)", d)
+	}
+	time.Sleep(time.Second) // the engine draining; not a synchronisation
+	if at, started, err := env.StartUnitAt(ctx, "poweroff.target", asked); err != nil || started {
+		t.Fatalf("poweroff job started %v after PowerOff while the engine said not safe (err %v)", at.Sub(asked), err)
+	}
+	safe.Store(true)
+	at, err := env.WaitStartUnit(ctx, "poweroff.target", asked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	latency := at.Sub(time.Unix(0, saidSafe.Load()))
+	t.Logf("the engine said safe -> logind started the poweroff job: %v", latency)
+	if latency < 0 || latency > time.Second {
+		t.Errorf("poweroff job started %v after the engine said safe, want within moments", latency)
+	}
+	st = state(h, "released", func(s systemd.ShutdownState) bool { return s.Released })
+	if st.ReleaseOutcome != systemd.OutcomeSafe {
+		t.Errorf("state %+v, want outcome safe", st)
+	}
+
+	// A holder that starts now (its predecessor killed mid-shutdown) holds nothing.
+	h2 := runHolder()
+	st = state(h2, "the shutdown seen", func(s systemd.ShutdownState) bool { return s.ShuttingDown && s.Released })
+	if unheld, why := st.Unheld(); !unheld || st.ReleaseOutcome != systemd.OutcomeUnheld || st.LockHeld {
+		t.Errorf("second holder's state %+v (unheld %v %q): want unheld, never safe", st, unheld, why)
 	}
 }

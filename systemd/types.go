@@ -16,10 +16,11 @@ const (
 	// ModeDelay takes a logind delay lock: a shutdown waits until the lock is released, or at
 	// most logind's InhibitDelayMaxSec.
 	ModeDelay Mode = "delay"
-	// ModeBlock takes a block lock as well as the delay lock: logind refuses shutdown requests
-	// while it is held, naming Options.BlockWhy. systemd-logind up to at least v252 ignores a
-	// block lock for a caller with the lock holder's UID (root's `systemctl poweroff` against a
-	// root agent), so the delay lock is kept for those.
+	// ModeBlock takes a block lock as well as the delay lock while the consumer asks for it
+	// (Guard.SetBlock, while VMs are on the node): logind refuses shutdown requests while it is
+	// held, naming the reason given. systemd-logind up to at least v252 ignores a block lock for
+	// a caller with the lock holder's UID (root's `systemctl poweroff` against a root agent), so
+	// the delay lock is kept for those.
 	ModeBlock Mode = "block"
 )
 
@@ -48,20 +49,33 @@ type Event struct {
 	// Deadline (ShutdownStarted only) is when logind stops waiting for the lock: At plus the
 	// effective delay. Zero when logind's delay is unknown.
 	Deadline time.Time
+	// Held (ShutdownStarted only) is true when a lock of ours holds this shutdown. It is false
+	// when the shutdown began while no lock of ours was held (this process connected while
+	// logind was already preparing it: a lock holder restarted mid-shutdown; logind refuses
+	// new locks then), and NotHeld says so.
+	Held    bool
+	NotHeld string
 }
 
 // Status is the Guard's state for readiness and metrics.
 type Status struct {
 	// Connected is true while the Guard has a system bus connection on which logind answers.
 	Connected bool
-	// LockHeld is true while the Guard holds its inhibitor lock(s).
+	// LockHeld is true while the Guard holds its delay lock.
 	LockHeld bool
+	// BlockHeld is true while the Guard holds a block lock (ModeBlock), BlockWhy its reason.
+	BlockHeld bool
+	BlockWhy  string
 	// Mode is the configured mode.
 	Mode Mode
 	// ShuttingDown is true from ShutdownStarted until ShutdownCancelled.
 	ShuttingDown bool
 	// Released is true once Release gave up the lock during the current shutdown.
 	Released bool
+	// NotHeld says why a shutdown under way is not held by a lock of ours (the lock was never
+	// ours for it, or the system bus is gone so the hold cannot be confirmed); empty when no
+	// shutdown is under way, when it is held, or once Release let it go.
+	NotHeld string
 	// Degraded says why the Guard cannot hold a shutdown now; empty when it can (or when a
 	// shutdown it announced is under way).
 	Degraded string
@@ -81,9 +95,6 @@ type Status struct {
 type Options struct {
 	// Who and Why label the lock in logind's list (systemd-inhibit --list).
 	Who, Why string
-	// BlockWhy is the reason shown for the block lock in ModeBlock; it should name the command that
-	// drains the node.
-	BlockWhy string
 	// Mode is ModeDelay (default) or ModeBlock.
 	Mode Mode
 	// WantDelay is how long the agent wants to hold a shutdown (--shutdown-timeout). When logind's
@@ -110,9 +121,6 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Why == "" {
 		o.Why = "moving virtual machines off this node before it shuts down"
-	}
-	if o.BlockWhy == "" {
-		o.BlockWhy = "virtual machines are running on this node; drain it first (node-agent drain NODE)"
 	}
 	if o.Mode == "" {
 		o.Mode = ModeDelay
@@ -147,12 +155,4 @@ func (o Options) validate() error {
 		errs = append(errs, fmt.Errorf("shutdown delay %v is negative", o.WantDelay))
 	}
 	return errors.Join(errs...)
-}
-
-// lockModes are the logind lock modes a Mode takes, the delay lock first.
-func (m Mode) lockModes() []string {
-	if m == ModeBlock {
-		return []string{"delay", "block"}
-	}
-	return []string{"delay"}
 }

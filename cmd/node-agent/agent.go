@@ -59,6 +59,30 @@ func restConfig(kubeconfig string, qps float64, burst int) (*rest.Config, error)
 	return cfg, nil
 }
 
+// holderClient and inProcessHolder give the two shutdown sources one Run.
+type holderClient struct{ *systemd.HolderClient }
+
+type inProcessHolder struct{ *systemd.Holder }
+
+func (h inProcessHolder) Run(ctx context.Context) {
+	if err := h.Holder.Run(ctx); err != nil {
+		logrus.WithError(err).Error("the logind inhibitor stopped")
+	}
+}
+
+// newLockGuard is the logind Guard of `node-agent inhibit` (and of `run` without
+// --lock-holder).
+func newLockGuard(node, mode string, timeout time.Duration, dropInDir string, log logrus.FieldLogger) *systemd.Guard {
+	return systemd.New(systemd.Options{
+		Who:       "node-agent",
+		Why:       "Draining the VMs of node " + node + " before the host goes down",
+		Mode:      systemd.Mode(mode),
+		WantDelay: timeout,
+		DropInDir: dropInDir,
+		Log:       log,
+	})
+}
+
 // runAgent runs the drain engine and its HTTP endpoints until stopping is closed (the
 // first SIGTERM) or ctx ends (the second). A SIGTERM that comes while a host shutdown
 // is being held (the kubelet's graceful node shutdown stopping the agent's pod) is held
@@ -120,27 +144,28 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 
 	var checks []agent.ReadinessCheck
 	if a.ShutdownInhibitor {
-		guard := systemd.New(systemd.Options{
-			Who:       "node-agent",
-			Why:       "Draining the VMs of node " + a.NodeName + " before the host goes down",
-			BlockWhy:  "VMs are running on node " + a.NodeName + ": drain it first (kubectl taint nodes " + a.NodeName + " kubevirt.io/drain=:NoSchedule)",
-			Mode:      systemd.Mode(a.InhibitMode),
-			WantDelay: a.ShutdownTimeout,
-			DropInDir: a.LogindDropInDir,
-			Log:       log,
-		})
-		go func() {
-			if err := guard.Run(ctx); err != nil {
-				log.WithError(err).Error("the logind inhibitor stopped")
-			}
-		}()
-		go engine.RunShutdown(ctx, guard, a.ShutdownTimeout)
+		var src interface {
+			agent.ShutdownSource
+			Run(context.Context)
+		}
+		if a.LockHolder != "" {
+			// The lock is held by `node-agent inhibit` beside the engine: a crash or restart
+			// of the engine does not drop it, and the engine picks a shutdown up where it is.
+			src = holderClient{systemd.NewHolderClient(a.LockHolder, nil, log)}
+			log.WithField("lockHolder", a.LockHolder).Info("following the shutdown lock holder")
+		} else {
+			guard := newLockGuard(a.NodeName, a.InhibitMode, a.ShutdownTimeout, a.LogindDropInDir, log)
+			src = inProcessHolder{systemd.NewHolder(guard, engine, systemd.HolderOptions{Node: a.NodeName, Block: engine, Log: log})}
+			log.Warn("holding the shutdown lock in this process (no --lock-holder): a crash of this process drops it")
+		}
+		go src.Run(ctx)
+		go engine.RunShutdown(ctx, src, a.ShutdownTimeout)
 		metrics.RegisterInhibitor(func() (bool, bool, time.Duration) {
-			st := guard.Status()
-			return st.LockHeld, st.Connected, st.EffectiveDelay
+			st, _ := src.State()
+			return st.LockHeld, st.Connected, time.Duration(st.EffectiveDelay * float64(time.Second))
 		})
 		checks = append(checks, func() string {
-			if st := guard.Status(); st.Degraded != "" {
+			if st, _ := src.State(); st.Degraded != "" && !st.ShuttingDown {
 				return "shutdown inhibitor degraded: " + st.Degraded
 			}
 			return ""

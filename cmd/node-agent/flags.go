@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -34,6 +35,7 @@ type runArgs struct {
 	ShutdownAllPods   bool
 	InhibitMode       string
 	LogindDropInDir   string
+	LockHolder        string
 }
 
 // envPrefix: every flag can also be set as NODE_AGENT_<FLAG> (dashes as underscores);
@@ -58,22 +60,76 @@ func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&a.ShutdownAllPods, "shutdown-all-pods", false, "on a host shutdown, also evict every other pod (as --all-pods does for the drain taint)")
 	fs.StringVar(&a.InhibitMode, "inhibit-mode", "delay", "delay: hold a shutdown until the node is drained; block: also refuse a shutdown while VMs are on the node (a delay lock is kept too)")
 	fs.StringVar(&a.LogindDropInDir, "logind-dropin-dir", "/etc/systemd/logind.conf.d", "logind.conf.d folder of the host, where InhibitDelayMaxSec is raised; empty: never write it")
+	fs.StringVar(&a.LockHolder, "lock-holder", "", "URL of the shutdown lock holder (`node-agent inhibit`, a second container of the pod), e.g. http://127.0.0.1:8096: the engine follows it and holds no lock itself, so a crash of the engine does not drop the lock; empty: hold the lock in this process (a crash of it drops the lock; --inhibit-mode, --logind-dropin-dir and --shutdown-timeout apply here then)")
 	fs.StringVar(&a.LogFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&a.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return fs
 }
 
-// parseRunArgs parses and validates the flags of `node-agent run`, with the
-// environment as defaults. The error says what to fix.
-func parseRunArgs(args []string, getenv func(string) string, out io.Writer) (runArgs, error) {
-	var a runArgs
-	fs := newRunFlags(&a, out)
+// inhibitArgs are the flags of `node-agent inhibit`, the shutdown lock holder.
+type inhibitArgs struct {
+	NodeName        string
+	ListenAddress   string
+	EngineURL       string
+	ShutdownTimeout time.Duration
+	InhibitMode     string
+	LogindDropInDir string
+	LogFormat       string
+	LogLevel        string
+}
+
+func newInhibitFlags(a *inhibitArgs, out io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("node-agent inhibit", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&a.NodeName, "node-name", "", "the node (for the lock's description); default: the NODE_NAME environment variable")
+	fs.StringVar(&a.ListenAddress, "listen-address", "127.0.0.1:8096", "address of GET /v1/shutdown (the state the engine follows) and /healthz; keep it on localhost")
+	fs.StringVar(&a.EngineURL, "engine-url", "http://127.0.0.1:8095", "URL of the drain engine (`node-agent run`), asked GET /safe-to-shutdown?wait= during a shutdown")
+	fs.DurationVar(&a.ShutdownTimeout, "shutdown-timeout", 10*time.Minute, "the longest a host shutdown is held, counted from when logind began it; logind's InhibitDelayMaxSec is raised to it where allowed, and the smaller of the two applies")
+	fs.StringVar(&a.InhibitMode, "inhibit-mode", "delay", "delay: hold a shutdown until the node is drained; block: also refuse a shutdown outright (a delay lock is kept too)")
+	fs.StringVar(&a.LogindDropInDir, "logind-dropin-dir", "/etc/systemd/logind.conf.d", "logind.conf.d folder of the host, where InhibitDelayMaxSec is raised; empty: never write it")
+	fs.StringVar(&a.LogFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&a.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
+	return fs
+}
+
+// parseInhibitArgs parses and validates the flags of `node-agent inhibit`, with the
+// environment (NODE_AGENT_<FLAG>) as defaults.
+func parseInhibitArgs(args []string, getenv func(string) string, out io.Writer) (inhibitArgs, error) {
+	var a inhibitArgs
+	fs := newInhibitFlags(&a, out)
 	if err := fs.Parse(args); err != nil {
 		return a, err
 	}
 	if fs.NArg() > 0 {
-		return a, fmt.Errorf("unexpected arguments %q: node-agent run takes only flags", fs.Args())
+		return a, fmt.Errorf("unexpected arguments %q: node-agent inhibit takes only flags", fs.Args())
 	}
+	errs := envDefaults(fs, getenv)
+	if a.NodeName == "" {
+		a.NodeName = getenv("NODE_NAME")
+	}
+	if _, _, err := net.SplitHostPort(a.ListenAddress); err != nil {
+		errs = append(errs, fmt.Errorf("--listen-address %q: want host:port, such as 127.0.0.1:8096: %w", a.ListenAddress, err))
+	}
+	if u, err := url.Parse(a.EngineURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		errs = append(errs, fmt.Errorf("--engine-url %q: want a URL such as http://127.0.0.1:8095", a.EngineURL))
+	}
+	if a.ShutdownTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--shutdown-timeout %s: must be positive", a.ShutdownTimeout))
+	}
+	if a.InhibitMode != "delay" && a.InhibitMode != "block" {
+		errs = append(errs, fmt.Errorf("--inhibit-mode %q: want delay or block", a.InhibitMode))
+	}
+	if a.LogFormat != "text" && a.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", a.LogFormat))
+	}
+	if _, err := logrus.ParseLevel(a.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("--log-level: %w: want debug, info, warn or error", err))
+	}
+	return a, errors.Join(errs...)
+}
+
+// envDefaults sets every flag not given on the command line from NODE_AGENT_<FLAG>.
+func envDefaults(fs *flag.FlagSet, getenv func(string) string) []error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	var errs []error
@@ -88,6 +144,21 @@ func parseRunArgs(args []string, getenv func(string) string, out io.Writer) (run
 			}
 		}
 	})
+	return errs
+}
+
+// parseRunArgs parses and validates the flags of `node-agent run`, with the
+// environment as defaults. The error says what to fix.
+func parseRunArgs(args []string, getenv func(string) string, out io.Writer) (runArgs, error) {
+	var a runArgs
+	fs := newRunFlags(&a, out)
+	if err := fs.Parse(args); err != nil {
+		return a, err
+	}
+	if fs.NArg() > 0 {
+		return a, fmt.Errorf("unexpected arguments %q: node-agent run takes only flags", fs.Args())
+	}
+	errs := envDefaults(fs, getenv)
 	if a.NodeName == "" {
 		a.NodeName = getenv("NODE_NAME")
 	}
@@ -127,6 +198,11 @@ func (a runArgs) validate() error {
 	}
 	if a.InhibitMode != "delay" && a.InhibitMode != "block" {
 		errs = append(errs, fmt.Errorf("--inhibit-mode %q: want delay or block", a.InhibitMode))
+	}
+	if a.LockHolder != "" {
+		if u, err := url.Parse(a.LockHolder); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("--lock-holder %q: want a URL such as http://127.0.0.1:8096, or empty", a.LockHolder))
+		}
 	}
 	if _, err := logrus.ParseLevel(a.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level: %w: want debug, info, warn or error", err))

@@ -1,6 +1,7 @@
 // Command node-agent takes a KubeVirt node out of service without losing a VM.
 //
 //	node-agent run              the DaemonSet's command: drain this node when asked
+//	node-agent inhibit          the DaemonSet's second container: hold host shutdowns (logind lock)
 //	node-agent drain NODE       taint and cordon a node, follow its VMs until it is empty
 //	node-agent undrain NODE     untaint and uncordon it, cancel pending evacuations
 //	node-agent status NODE      each VM on a node, its strategy and what happens to it
@@ -25,6 +26,8 @@ const usage = `node-agent takes a KubeVirt node out of service without losing a 
 
 Usage:
   node-agent run [flags]             drain this node on the drain taint or a host shutdown (the DaemonSet's command)
+  node-agent inhibit [flags]         hold host shutdowns with a logind lock until 'run' says the node is safe
+                                     (the DaemonSet's second container: a crash of 'run' does not drop the lock)
   node-agent drain NODE [flags]      taint (and cordon) NODE, then follow its VMs live until it is empty
                                      (exit 0), or --timeout (exit 1, with what is left); --all-pods, --dry-run
   node-agent undrain NODE [flags]    remove the drain taint and the cordon, cancel pending evacuations
@@ -58,7 +61,7 @@ func run(ctx context.Context, stopping <-chan struct{}, args []string, getenv fu
 		fmt.Fprint(stderr, usage)
 		return 2
 	}
-	if args[0] != "run" {
+	if args[0] != "run" && args[0] != "inhibit" {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithCancel(ctx)
 		defer cancel()
@@ -82,6 +85,20 @@ func run(ctx context.Context, stopping <-chan struct{}, args []string, getenv fu
 		}
 		if err := runAgent(ctx, stopping, a, stderr); err != nil {
 			fmt.Fprintf(stderr, "node-agent run: %v\n", err)
+			return 1
+		}
+		return 0
+	case "inhibit":
+		a, err := parseInhibitArgs(args[1:], getenv, stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "node-agent inhibit: %v\n", err)
+			return 2
+		}
+		if err := runInhibit(ctx, stopping, a, stderr); err != nil {
+			fmt.Fprintf(stderr, "node-agent inhibit: %v\n", err)
 			return 1
 		}
 		return 0

@@ -176,10 +176,11 @@ func TestDeployManifestShape(t *testing.T) {
 	if spec.TerminationGracePeriodSeconds == nil {
 		t.Errorf("no terminationGracePeriodSeconds")
 	}
-	if len(spec.Containers) != 1 {
-		t.Fatalf("%d containers, want 1", len(spec.Containers))
+	if len(spec.Containers) != 2 || spec.Containers[0].Name != "node-agent" || spec.Containers[1].Name != "lock-holder" {
+		t.Fatalf("containers %v, want node-agent (the engine) and lock-holder", containerNames(spec.Containers))
 	}
-	c := spec.Containers[0]
+	c, holder := spec.Containers[0], spec.Containers[1]
+	checkLockHolder(t, c, holder, spec)
 	nodeName := false
 	for _, e := range c.Env {
 		if e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName" {
@@ -236,7 +237,7 @@ func TestDeployManifestShape(t *testing.T) {
 		}
 	}
 	mounted := map[string]bool{}
-	for _, m := range c.VolumeMounts {
+	for _, m := range holder.VolumeMounts {
 		if p, ok := hostPaths[m.Name]; ok {
 			mounted[p] = true
 			if p == "/run/dbus" && (m.MountPath != "/run/dbus" || !m.ReadOnly) {
@@ -246,7 +247,7 @@ func TestDeployManifestShape(t *testing.T) {
 	}
 	for _, p := range []string{"/run/dbus", "/etc/systemd/logind.conf.d"} {
 		if !mounted[p] {
-			t.Errorf("the host's %s is not mounted", p)
+			t.Errorf("the host's %s is not mounted in the lock holder", p)
 		}
 	}
 
@@ -274,7 +275,7 @@ func TestDeployManifestShape(t *testing.T) {
 		t.Errorf("overlay: priorities plain 0 < gate %d < VMs %d < KubeVirt 1e9 do not hold", gate.Value, vms.Value)
 	}
 	timeout := 10 * time.Minute // --shutdown-timeout's default
-	for _, e := range gds.Spec.Template.Spec.Containers[0].Env {
+	for _, e := range gds.Spec.Template.Spec.Containers[1].Env {
 		if e.Name == "NODE_AGENT_SHUTDOWN_TIMEOUT" {
 			if timeout, err = time.ParseDuration(e.Value); err != nil {
 				t.Fatal(err)
@@ -861,4 +862,53 @@ func (sc *scenario) checkAudit() {
 	}
 	sort.Strings(lines)
 	sc.t.Logf("the agent's %d requests, from the audit log:\n%s", len(evs), strings.Join(lines, "\n"))
+}
+
+func containerNames(cs []corev1.Container) []string {
+	var names []string
+	for _, c := range cs {
+		names = append(names, c.Name)
+	}
+	return names
+}
+
+// flagValue is the value of --name=value in args, or "".
+func flagValue(args []string, name string) string {
+	for _, a := range args {
+		if v, ok := strings.CutPrefix(a, "--"+name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// checkLockHolder: the engine follows the holder, the holder asks the engine, on localhost;
+// the holder runs `inhibit`, has no liveness probe (a restart mid-shutdown would drop the
+// lock), and the pod's grace period covers the holder's deadline.
+func checkLockHolder(t *testing.T, engine, holder corev1.Container, spec corev1.PodSpec) {
+	t.Helper()
+	if len(holder.Args) == 0 || holder.Args[0] != "inhibit" {
+		t.Errorf("lock-holder args %v: want inhibit", holder.Args)
+	}
+	_, holderPort, _ := net.SplitHostPort(flagValue(holder.Args, "listen-address"))
+	_, enginePort, _ := net.SplitHostPort(flagValue(engine.Args, "listen-address"))
+	if want := "http://127.0.0.1:" + holderPort; holderPort == "" || flagValue(engine.Args, "lock-holder") != want {
+		t.Errorf("engine --lock-holder=%q, want %s (the holder's --listen-address)", flagValue(engine.Args, "lock-holder"), want)
+	}
+	if want := "http://127.0.0.1:" + enginePort; enginePort == "" || flagValue(holder.Args, "engine-url") != want {
+		t.Errorf("holder --engine-url=%q, want %s (the engine's --listen-address)", flagValue(holder.Args, "engine-url"), want)
+	}
+	if holder.LivenessProbe != nil {
+		t.Errorf("the lock holder has a liveness probe: a restart during a shutdown would drop the lock")
+	}
+	timeout := 10 * time.Minute
+	if v := flagValue(holder.Args, "shutdown-timeout"); v != "" {
+		timeout, _ = time.ParseDuration(v)
+	}
+	if grace := time.Duration(ptr.Deref(spec.TerminationGracePeriodSeconds, 30)) * time.Second; grace < timeout {
+		t.Errorf("terminationGracePeriodSeconds %s < the holder's shutdown timeout %s: deleting the pod during a held shutdown would kill the lock", grace, timeout)
+	}
+	if _, ok := holder.Resources.Limits[corev1.ResourceMemory]; !ok {
+		t.Errorf("no memory limit on the lock holder")
+	}
 }

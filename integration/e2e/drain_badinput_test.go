@@ -225,6 +225,34 @@ func TestAgentWithoutKubeVirtCRDs(t *testing.T) {
 	_, body := a.get("/readyz")
 	t.Logf("/readyz without KubeVirt: %s", strings.TrimSpace(body))
 
+	// The VMIs cannot be read, but the virt-launcher pods can: with none on the node it is
+	// safe to power off (a host shutdown is released at once), with one it is not (held,
+	// the reason in readiness and metrics).
+	if code, st := a.safeToShutdown(""); code != http.StatusOK || !strings.Contains(st.SafeBlind, "no virt-launcher pod") {
+		t.Errorf("/safe-to-shutdown without KubeVirt, no virt-launcher pod on the node: %s", statusJSON(code, st))
+	}
+	launcher := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "virt-launcher-x", Namespace: metav1.NamespaceDefault, Labels: map[string]string{kubevirtv1.AppLabel: "virt-launcher"}},
+		Spec:       corev1.PodSpec{NodeName: node, Containers: []corev1.Container{{Name: "compute", Image: "example.com/virt-launcher"}}},
+	}
+	if _, err := c.Kube.CoreV1().Pods(metav1.NamespaceDefault).Create(ctx, launcher, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.eventually(time.Minute, "/safe-to-shutdown 503 with a virt-launcher pod it cannot see the VM of", func() (bool, string) {
+		code, st := a.safeToShutdown("")
+		return code == http.StatusServiceUnavailable && st.SafeBlind == "" && strings.Contains(st.Reason, "virtualmachineinstances"), statusJSON(code, st)
+	})
+	if v, ok := a.metric("node_agent_view_synced"); !ok || v != 0 {
+		t.Errorf("node_agent_view_synced %v (%v), want 0", v, ok)
+	}
+	if err := c.Kube.CoreV1().Pods(metav1.NamespaceDefault).Delete(ctx, launcher.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
+		t.Fatal(err)
+	}
+	sc.eventually(time.Minute, "/safe-to-shutdown 200 again without the pod", func() (bool, string) {
+		code, st := a.safeToShutdown("")
+		return code == http.StatusOK, statusJSON(code, st)
+	})
+
 	if err := c.InstallKubeVirt(ctx, kubevirtv1.KubeVirtConfiguration{EvictionStrategy: ptr.To(kubevirtv1.EvictionStrategyLiveMigrate)}); err != nil {
 		t.Fatal(err)
 	}

@@ -36,6 +36,7 @@ import (
 
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/integration/sim"
@@ -61,6 +62,7 @@ func (e bootError) Error() string { return e.err.Error() }
 // container is systemd booted in systemd-nspawn for one node.
 type container struct {
 	sc     *scenario
+	node   string
 	dir    string
 	cmd    *exec.Cmd
 	leader int // the container's PID 1, in this machine's PID namespace
@@ -219,15 +221,31 @@ After=kube-api-proxy.socket
 [Service]
 ExecStart=` + socketProxyd + ` /host-api/api.sock
 `
-	agentUnit = `[Unit]
-Description=node-agent under test
-Wants=dbus.service systemd-logind.service kube-api-proxy.socket
-After=dbus.service systemd-logind.service kube-api-proxy.socket
+	// The agent as the DaemonSet runs it: the lock holder and the engine, two units
+	// restarted when they die (as the kubelet restarts a pod's containers).
+	lockUnit = `[Unit]
+Description=node-agent's shutdown lock holder under test
+Wants=dbus.service systemd-logind.service
+After=dbus.service systemd-logind.service
 
 [Service]
-ExecStart=/opt/node-agent/node-agent run --kubeconfig=/opt/node-agent/kubeconfig --node-name=%s --listen-address=127.0.0.1:8095 --resync=1s --log-format=json --log-level=debug --shutdown-timeout=%s
+ExecStart=/opt/node-agent/node-agent inhibit --node-name=%s --listen-address=127.0.0.1:8096 --engine-url=http://127.0.0.1:8095 --log-format=json --log-level=debug --shutdown-timeout=%s
+Restart=always
+RestartSec=100ms
+StandardOutput=append:/out/node-agent-lock.log
+StandardError=append:/out/node-agent-lock.log
+`
+	agentUnit = `[Unit]
+Description=node-agent under test
+Wants=kube-api-proxy.socket node-agent-lock.service
+After=kube-api-proxy.socket
+
+[Service]
+ExecStart=/opt/node-agent/node-agent run --kubeconfig=/opt/node-agent/kubeconfig --node-name=%s --listen-address=127.0.0.1:8095 --resync=1s --log-format=json --log-level=debug --lock-holder=http://127.0.0.1:8096
 # Records when systemd starts stopping the agent: when a shutdown proceeds.
 ExecStop=/bin/sh -c 'date +%%%%s.%%%%N > /out/agent-stop-requested; kill -TERM $MAINPID'
+Restart=always
+RestartSec=100ms
 StandardOutput=append:/out/node-agent.log
 StandardError=append:/out/node-agent.log
 `
@@ -237,7 +255,7 @@ StandardError=append:/out/node-agent.log
 Description=What the node-agent test needs
 Requires=basic.target
 After=basic.target
-Wants=dbus.service systemd-logind.service kube-api-proxy.socket node-agent.service
+Wants=dbus.service systemd-logind.service kube-api-proxy.socket node-agent-lock.service node-agent.service
 AllowIsolate=yes
 `
 )
@@ -265,7 +283,7 @@ func (sc *scenario) bootContainer(node string) (*container, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &container{sc: sc, dir: dir, exited: make(chan struct{})}
+	c := &container{sc: sc, node: node, dir: dir, exited: make(chan struct{})}
 	sc.t.Cleanup(c.destroy)
 	units := filepath.Join(dir, "setup", "etc", "systemd", "system")
 	for _, d := range []string{"merged", "upper", "out", "api"} {
@@ -293,10 +311,11 @@ func (sc *scenario) bootContainer(node string) (*container, error) {
 		return nil, err
 	}
 	files := map[string]string{
-		"kube-api-proxy.socket":  fmt.Sprintf(apiSocketUnit, port),
-		"kube-api-proxy.service": apiProxyUnit,
-		"node-agent.service":     fmt.Sprintf(agentUnit, node, containerTimeout),
-		"node-agent-test.target": testTarget,
+		"kube-api-proxy.socket":   fmt.Sprintf(apiSocketUnit, port),
+		"kube-api-proxy.service":  apiProxyUnit,
+		"node-agent.service":      fmt.Sprintf(agentUnit, node),
+		"node-agent-lock.service": fmt.Sprintf(lockUnit, node, containerTimeout),
+		"node-agent-test.target":  testTarget,
 	}
 	for name, content := range files {
 		if err := os.WriteFile(filepath.Join(units, name), []byte(content), 0o644); err != nil {
@@ -437,6 +456,9 @@ func (c *container) consoleTail() string {
 
 func (c *container) agentLog() string { return filepath.Join(c.dir, "out", "node-agent.log") }
 
+// lockLog is the lock holder's log.
+func (c *container) lockLog() string { return filepath.Join(c.dir, "out", "node-agent-lock.log") }
+
 // stopRequested is when systemd began to stop the agent (the unit's ExecStop), if it did.
 func (c *container) stopRequested() (time.Time, bool) {
 	raw, err := os.ReadFile(filepath.Join(c.dir, "out", "agent-stop-requested"))
@@ -477,11 +499,14 @@ func (c *container) destroy() {
 		}
 	}
 	if c.sc.t.Failed() {
-		agentLog, _ := os.ReadFile(c.agentLog())
-		if len(agentLog) > 8000 {
-			agentLog = agentLog[len(agentLog)-8000:]
+		tail := func(path string) []byte {
+			data, _ := os.ReadFile(path)
+			if len(data) > 8000 {
+				data = data[len(data)-8000:]
+			}
+			return data
 		}
-		c.sc.t.Logf("container %s: console:\n%s\nnode-agent log:\n%s", c.dir, c.consoleTail(), agentLog)
+		c.sc.t.Logf("container %s: console:\n%s\nnode-agent log:\n%s\nlock holder log:\n%s", c.dir, c.consoleTail(), tail(c.agentLog()), tail(c.lockLog()))
 	}
 	_ = os.RemoveAll(c.dir)
 }
@@ -545,7 +570,8 @@ func (r commandRun) row() string {
 
 // runInContainer boots a container for a fresh node with a VM whose live migration
 // takes containerMigration, runs argv in it and follows what happens until it stops.
-func (sc *scenario) runInContainer(argv []string, exitWait time.Duration, checks func(*container, string)) (commandRun, error) {
+// during, when set, runs right after the command returned, while the shutdown is held.
+func (sc *scenario) runInContainer(argv []string, exitWait time.Duration, checks func(*container, string), during func(*container)) (commandRun, error) {
 	sc.t.Helper()
 	node := sc.addNode()
 	vm := sc.pinned("vm-"+node[len(node)-2:], node, liveMigrate, sim.WithMigrationDuration(containerMigration))
@@ -569,16 +595,19 @@ func (sc *scenario) runInContainer(argv []string, exitWait time.Duration, checks
 	start := time.Now()
 	run.output, run.err = c.exec(ctx, argv...)
 	cancel()
+	if during != nil {
+		during(c)
+	}
 	if c.waitExit(exitWait) {
 		run.exited, run.exitCode = c.exitAt.Sub(start), c.exitCode
 	} else {
 		sc.t.Logf("%s: the container still runs %v later", run.command, exitWait)
 	}
 	var prepared, released time.Time
-	if es := logEntries(c.agentLog(), msgShutdownRun); len(es) > 0 {
+	if es := logEntries(c.lockLog(), msgShutdownRun); len(es) > 0 {
 		prepared = es[0].Time
 	}
-	if es := logEntries(c.agentLog(), "node is safe: shutdown released"); len(es) > 0 {
+	if es := logEntries(c.lockLog(), msgReleased); len(es) > 0 {
 		released = es[0].Time
 	}
 	stopped, _ := c.stopRequested()
@@ -625,7 +654,7 @@ func TestShutdownInContainerRebootCommands(t *testing.T) {
 		if i == 0 {
 			checks = sc.checkContainerOnce
 		}
-		run, err := sc.runInContainer(cmd.argv, cmd.exitWait, checks)
+		run, err := sc.runInContainer(cmd.argv, cmd.exitWait, checks, nil)
 		var be bootError
 		if errors.As(err, &be) && i == 0 {
 			t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container: %v", be)
@@ -634,7 +663,7 @@ func TestShutdownInContainerRebootCommands(t *testing.T) {
 			// The machine booted containers before: a boot that stalls once (seen: one in
 			// about thirty) is the container's start, not the command under test. Boot anew.
 			t.Logf("%s: the container did not boot, booting a new one: %v", strings.Join(cmd.argv, " "), be)
-			run, err = sc.runInContainer(cmd.argv, cmd.exitWait, checks)
+			run, err = sc.runInContainer(cmd.argv, cmd.exitWait, checks, nil)
 		}
 		if err != nil {
 			t.Fatalf("%s: %v", strings.Join(cmd.argv, " "), err)
@@ -710,5 +739,51 @@ func (sc *scenario) checkContainerOnce(c *container, _ string) {
 		inside.Round(10*time.Microsecond), direct.Round(10*time.Microsecond))
 	if inside < 0 {
 		sc.t.Errorf("the container cannot reach the API server through the forwarder")
+	}
+}
+
+// The engine SIGKILLed during a real `systemctl reboot` in the container: the lock holder
+// (its own unit, as its own container in the DaemonSet) keeps the delay lock, systemd
+// restarts the engine, the engine carries on, and the reboot still waits until the node's
+// VM has left.
+func TestShutdownInContainerEngineKilledDuringReboot(t *testing.T) {
+	sc := newScenario(t, 1)
+	var killed time.Time
+	kill := func(c *container) {
+		sc.eventually(time.Minute, "the VM's migration running", func() (bool, string) {
+			for _, m := range sc.migrationsOf("vm-" + c.node[len(c.node)-2:]) {
+				if m.Status.Phase == kubevirtv1.MigrationRunning {
+					return true, ""
+				}
+			}
+			return false, "no migration running"
+		})
+		ctx, cancel := context.WithTimeout(sc.ctx, 30*time.Second)
+		defer cancel()
+		killed = time.Now()
+		if out, err := c.exec(ctx, "systemctl", "kill", "--signal=KILL", "node-agent.service"); err != nil {
+			t.Fatalf("killing the engine in the container: %v: %s", err, out)
+		}
+		sc.eventually(time.Minute, "the restarted engine to follow the shutdown", func() (bool, string) {
+			es := logEntries(c.agentLog(), msgEngineFollows)
+			return len(es) >= 2, fmt.Sprintf("%d entries", len(es))
+		})
+		es := logEntries(c.agentLog(), msgEngineFollows)
+		t.Logf("engine killed mid-migration; the restarted engine followed the shutdown %v later", es[len(es)-1].Time.Sub(killed).Round(time.Millisecond))
+	}
+	run, err := sc.runInContainer([]string{"systemctl", "reboot"}, 3*time.Minute, nil, kill)
+	var be bootError
+	if errors.As(err, &be) {
+		t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container: %v", be)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s with the engine killed: %s", run.command, run.row())
+	if !run.held {
+		t.Errorf("the reboot was not held until the node's VM had left after the engine was killed: %s", run.row())
+	}
+	if run.exited < 0 || run.exitCode != 133 {
+		t.Errorf("the container stopped after %v with status %d, want rebooted (133)", run.exited, run.exitCode)
 	}
 }
