@@ -8,8 +8,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
-	policyv1 "k8s.io/api/policy/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/record"
@@ -155,19 +153,19 @@ func hotplugOwner(pod *corev1.Pod) string {
 
 // evict asks for one pod's eviction, once; a refusal starts or lengthens its backoff.
 func (p *podDrainer) evict(ctx context.Context, pod corev1.Pod) {
-	h := *p.helper
-	h.Ctx = ctx
-	err := h.EvictPod(pod, policyv1.SchemeGroupVersion)
+	// Not the helper's EvictPod: its client retries a 429 itself, as long as the
+	// answer's Retry-After says (a budget's is 10 s, ten times over), which would hold
+	// the engine's sync for minutes.
+	a := apiEvictor{kube: p.helper.Client}.evict(ctx, &pod, false)
 	log := p.log.WithFields(logrus.Fields{"namespace": pod.Namespace, "pod": pod.Name})
-	if err == nil || apierrors.IsNotFound(err) {
+	if a.result == evicted || a.result == gone {
 		p.backoff.DeleteEntry(string(pod.UID))
-		if err == nil {
+		if a.result == evicted {
 			p.metrics.Requests.WithLabelValues("pod", "evicted").Inc()
 			log.Info("pod evicted")
 		}
 		return
 	}
-	a := classify(err)
 	p.backoff.Next(string(pod.UID), p.backoff.Clock.Now())
 	outcome := "refused"
 	if a.result == failed {
