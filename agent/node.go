@@ -254,12 +254,19 @@ func (e *Engine) cancelDone(gen int) {
 }
 
 // nodeWriteDue says whether a write that failed before may be tried again: the backoff
-// holds even when informer events look at the node sooner.
+// holds even when informer events look at the node sooner. When it is not due, the node
+// is looked at again when it is (the queue keeps only the earliest of several delayed
+// looks, so the one nodeWriteFailed asked for may have been dropped).
 func (e *Engine) nodeWriteDue(what string) bool {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	next, ok := e.nodeRetry[what]
-	return !ok || !e.opts.Clock.Now().Before(next)
+	e.mu.Unlock()
+	now := e.opts.Clock.Now()
+	if !ok || !now.Before(next) {
+		return true
+	}
+	e.queue.AddAfter(e.opts.NodeName, next.Sub(now))
+	return false
 }
 
 // nodeWriteFailed reports a failed write of the Node (a Warning event once per write
