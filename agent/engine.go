@@ -92,8 +92,10 @@ type Engine struct {
 	nodeRetry   map[string]time.Time
 	nodeBackoff workqueue.TypedRateLimiter[string]
 	notHeld     string // why a host shutdown under way is not held by a lock of ours
-	// blindReported: the not-synced reason last reported during a shutdown.
+	// blindReported: the not-synced reason last reported during a shutdown; blindSince:
+	// since when the view is not synced (zero while it is).
 	blindReported string
+	blindSince    time.Time
 	// expectations are the actions taken that the cache does not show yet.
 	expectations expectations
 	// retries backs off the VMs whose requests were refused.
@@ -252,6 +254,9 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		return true, nil
 	}
 	e.metrics.ViewSynced.Set(1)
+	e.mu.Lock()
+	e.blindSince = time.Time{}
+	e.mu.Unlock()
 	node, err := e.view.Node()
 	if apierrors.IsNotFound(err) {
 		e.setStatus(func(s *NodeStatus) { s.Ready, s.Reason = false, "node "+e.opts.NodeName+" not found" })

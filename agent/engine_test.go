@@ -104,8 +104,18 @@ func TestNotSyncedIsSafeOnlyWithoutLauncherPods(t *testing.T) {
 	if st, _ := e.Status(); st.Ready || !st.ReadyToPowerOff() || !strings.Contains(st.SafeBlind, "no virt-launcher pod") {
 		t.Errorf("status %+v with no virt-launcher pod: want not ready but safe to power off", st)
 	}
-	e = New(blindView{pods: []*corev1.Pod{{}}}, Clients{}, rec, nil, Options{NodeName: thisNode, Log: log})
-	e.ShutdownStarted(time.Now(), time.Now().Add(time.Minute))
+	clk := clocktesting.NewFakeClock(time.Now())
+	e = New(blindView{pods: []*corev1.Pod{{}}}, Clients{}, rec, nil, Options{NodeName: thisNode, Log: log, Clock: clk})
+	e.ShutdownStarted(clk.Now(), clk.Now().Add(time.Minute))
+	if _, err := e.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-rec.Events:
+		t.Errorf("an event %q at the first look: the first list takes moments", ev)
+	default:
+	}
+	clk.Step(blindGrace)
 	if _, err := e.sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}

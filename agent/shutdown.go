@@ -206,6 +206,10 @@ func (e *Engine) WaitSafe(ctx context.Context, wait time.Duration) (bool, error)
 	}
 }
 
+// blindGrace is how long the view may be not synced before a held shutdown is reported
+// as held blind.
+const blindGrace = 10 * time.Second
+
 // notSynced reports an engine that cannot read everything it watches (the VMIs refused
 // by RBAC, KubeVirt's CRD missing): not ready, with the reason. The node is still safe to
 // power off when the virt-launcher pods were listed and none runs on the node; else a
@@ -222,12 +226,17 @@ func (e *Engine) notSynced(why string) {
 			s.VMs = []VMStatus{}
 		}
 	})
-	if !e.shutdownPending() {
-		return
-	}
+	now := e.opts.Clock.Now()
 	e.mu.Lock()
-	report := e.blindReported != why+blind
-	e.blindReported = why + blind
+	if e.blindSince.IsZero() {
+		e.blindSince = now
+	}
+	// The informers' first list at start takes moments: only a view that stays blind
+	// (refused, missing) is reported.
+	report := e.intent.pending && now.Sub(e.blindSince) >= blindGrace && e.blindReported != why+blind
+	if report {
+		e.blindReported = why + blind
+	}
 	e.mu.Unlock()
 	if !report {
 		return
