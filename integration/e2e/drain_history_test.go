@@ -4,8 +4,8 @@ package e2e
 // other (issue 9).
 
 import (
+	"encoding/json"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -189,7 +189,12 @@ func (sc *scenario) watchIncoming(a *agentProc) *incomingWatch {
 				continue
 			}
 			_, body := a.get("/safe-to-shutdown")
-			seen = strings.Contains(body, `"state":"`+string(agent.StateIncoming)+`"`)
+			var st agent.NodeStatus
+			if json.Unmarshal([]byte(body), &st) == nil {
+				for _, v := range st.VMs {
+					seen = seen || v.State == agent.StateIncoming
+				}
+			}
 		}
 	}()
 	return w
