@@ -26,7 +26,13 @@ import (
 const ownMigrationLabel = agent.AnnotationPrefix + "node"
 
 func TestNoEvictionWebhook(t *testing.T) {
-	e := newPrivateEnv(t, cluster.Options{WithoutEvictionWebhook: true})
+	// MigrationPriorityQueue (beta in KubeVirt 1.8, on by default) off: KubeVirt's
+	// evacuation controller then creates at most two migrations from one node at a time,
+	// as before the gate, and holds the other VMs back, where an agent that does not
+	// leave them to it would create migrations of its own.
+	e := newPrivateEnv(t, cluster.Options{WithoutEvictionWebhook: true, KubeVirtConfiguration: kubevirtv1.KubeVirtConfiguration{
+		DeveloperConfiguration: &kubevirtv1.DeveloperConfiguration{DisabledFeatureGates: []string{"MigrationPriorityQueue"}},
+	}})
 	t.Run("MigratesWithKubeVirtsBackoff", func(t *testing.T) { noWebhookMigratesWithBackoff(t, e) })
 	t.Run("WithdrawDeletesTheAgentsMigrations", func(t *testing.T) { noWebhookWithdrawDeletesMigrations(t, e) })
 	t.Run("KubeVirtsTaintLeftToKubeVirt", func(t *testing.T) { noWebhookKubeVirtsTaint(t, e) })
