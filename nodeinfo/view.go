@@ -221,7 +221,7 @@ func (v *View) Config() (Config, error) {
 // taken as it is now (it is checked per VM). It returns the configuration to use and
 // the new last good one.
 func keepLastGood(cfg Config, err error, lastGood *Config) (Config, *Config) {
-	if err == nil || !outranks(err, cfg.DrainTaintKeySource) {
+	if err == nil || !Outranks(err, cfg.DrainTaintKeySource) {
 		return cfg, &cfg
 	}
 	if lastGood == nil {
@@ -246,9 +246,9 @@ func sourceRank(source string) int {
 	}
 }
 
-// outranks says whether an unusable source in err comes before the source the key was
+// Outranks says whether an unusable source in err comes before the source the key was
 // taken from: then the key in use is a fallback the operator did not ask for.
-func outranks(err error, used string) bool {
+func Outranks(err error, used string) bool {
 	var joined interface{ Unwrap() []error }
 	errs := []error{err}
 	if errors.As(err, &joined) {

@@ -3,119 +3,120 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/spf13/cobra"
 	"golang.org/x/term"
-	"k8s.io/kubectl/pkg/drain"
-	kubevirtv1 "kubevirt.io/api/core/v1"
+	"k8s.io/kubectl/pkg/util/templates"
 
 	"github.com/node-agent/node-agent/agent"
-	"github.com/node-agent/node-agent/nodeinfo"
+	"github.com/node-agent/node-agent/drainctl"
 )
 
-// Exit statuses of the workstation commands.
-const (
-	exitOK      = 0
-	exitTimeout = 1 // the node is not empty yet, or the command failed
-	exitUsage   = 2
+var (
+	drainLong = templates.LongDesc(`
+		Drain a KubeVirt node: taint it with the drain taint (NoSchedule) and cordon it,
+		then follow its VMs live until none is left.
+
+		The node-agent on the node moves each VM off the way its eviction strategy asks
+		(live migration, or a graceful shutdown). The command exits 0 when the node is
+		empty and safe to power off, 1 at --timeout naming what is left (the drain goes
+		on; 'undrain' withdraws it).`)
+
+	drainExample = templates.Examples(`
+		# Drain node-7 and follow it until it is empty
+		node-agent drain node-7
+
+		# Show what a drain would do to each VM; change nothing
+		node-agent drain node-7 --dry-run
+
+		# Also evict the other pods, as kubectl drain --ignore-daemonsets --delete-emptydir-data --force
+		node-agent drain node-7 --all-pods --timeout=1h`)
 )
 
-type drainArgs struct {
-	Timeout  time.Duration
-	AllPods  bool
-	DryRun   bool
-	Interval time.Duration
+type drainOptions struct {
+	*ctlOptions
+	timeout time.Duration
+	allPods bool
+	dryRun  bool
 }
 
-// drainCmd is `node-agent drain NODE`: taint and cordon the node, then follow its
-// VMs (and with --all-pods, evict and follow its other pods) until it is empty.
-func drainCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var d drainArgs
-	a, node, err := parseCtl("drain", args, stderr, func(fs *flag.FlagSet) {
-		fs.DurationVar(&d.Timeout, "timeout", 30*time.Minute, "give up following after this long (the drain itself goes on); exit status 1")
-		fs.BoolVar(&d.AllPods, "all-pods", false, "also evict every other pod, as kubectl drain --ignore-daemonsets --delete-emptydir-data --force")
-		fs.BoolVar(&d.DryRun, "dry-run", false, "show what would happen to each VM; change nothing")
-		fs.DurationVar(&d.Interval, "interval", time.Second, "how often the view is refreshed")
-	})
+func newDrainCommand(o *ctlOptions) *cobra.Command {
+	d := &drainOptions{ctlOptions: o}
+	c := &cobra.Command{
+		Use:                   "drain NODE",
+		DisableFlagsInUseLine: true,
+		Short:                 "Taint and cordon a node, then follow its VMs until it is empty",
+		Long:                  drainLong,
+		Example:               drainExample,
+		Args:                  oneNode,
+		RunE:                  func(c *cobra.Command, args []string) error { return d.run(c.Context(), args[0]) },
+	}
+	fs := c.Flags()
+	fs.DurationVar(&d.timeout, "timeout", 30*time.Minute, "The length of time to follow the node before giving up (exit status 1); the drain itself goes on.")
+	fs.BoolVar(&d.allPods, "all-pods", false, "If true, also evict every other pod, as kubectl drain --ignore-daemonsets --delete-emptydir-data --force.")
+	fs.BoolVar(&d.dryRun, "dry-run", false, "If true, only show what a drain would do to each VM; change nothing.")
+	fs.Duration("interval", time.Second, "")
+	_ = fs.MarkDeprecated("interval", "drain follows the node with watches; the flag has no effect")
+	return c
+}
+
+func (d *drainOptions) run(ctx context.Context, node string) error {
+	c, err := d.client()
 	if err != nil {
-		return usageError(stderr, "drain", err)
+		return err
 	}
-	c, err := newCtl(a)
+	cfg, err := d.config(ctx, c)
 	if err != nil {
-		fmt.Fprintf(stderr, "node-agent drain: %v\n", err)
-		return exitTimeout
+		return err
 	}
-	cfg, cfgErr := c.config(ctx)
-	if cfgErr != nil {
-		fmt.Fprintf(stderr, "warning: %v (using taint key %s from %s)\n", cfgErr, cfg.DrainTaintKey, cfg.DrainTaintKeySource)
-	}
-	if cfg.DrainTaintKey == "" {
-		cfg.DrainTaintKey = nodeinfo.DefaultDrainTaintKey
-	}
-	if d.DryRun {
-		v, err := c.look(ctx, node, cfg, true)
+	if d.dryRun {
+		v, err := c.Look(ctx, node, cfg, true)
 		if err != nil {
-			fmt.Fprintf(stderr, "node-agent drain: %v\n", err)
-			return exitTimeout
+			return err
 		}
-		fmt.Fprintf(stdout, "Dry run: draining %s (taint %s:NoSchedule, cordon) would do this to its %d VMs:\n", node, cfg.DrainTaintKey, len(v.VMs))
-		printPredictions(stdout, v)
-		return exitOK
+		fmt.Fprintf(d.stdout, "Dry run: draining %s (taint %s:NoSchedule, cordon) would do this to its %d VMs:\n", node, cfg.DrainTaintKey, len(v.VMs))
+		printPredictions(d.stdout, v)
+		return nil
 	}
-	if err := c.setDrain(ctx, node, cfg.DrainTaintKey, true); err != nil {
-		fmt.Fprintf(stderr, "node-agent drain: %v\n", err)
-		return exitTimeout
+	if err := c.SetDrain(ctx, node, cfg.DrainTaintKey); err != nil {
+		return err
 	}
-	fmt.Fprintf(stdout, "node/%s tainted %s=draining:NoSchedule and cordoned\n", node, cfg.DrainTaintKey)
+	fmt.Fprintf(d.stdout, "node/%s tainted %s=%s:NoSchedule and cordoned\n", node, cfg.DrainTaintKey, drainctl.DrainTaintValue)
 
-	followCtx, cancel := context.WithTimeout(ctx, d.Timeout)
+	followCtx, cancel := context.WithTimeout(ctx, d.timeout)
 	defer cancel()
-	var pods *podEvictor
-	if d.AllPods {
-		pods = startPodEviction(followCtx, c, node, stderr)
+	var pods *drainctl.OtherPods
+	if d.allPods {
+		pods = c.EvictOtherPods(followCtx, node, d.stderr)
 	}
-	r := newRenderer(stdout)
-	start := time.Now()
-	total := -1
-	for {
-		v, err := c.look(followCtx, node, cfg, false)
-		if err == nil {
-			if pods != nil {
-				v.PodsLeft = pods.left(followCtx)
-			}
-			if total < len(v.VMs) {
-				total = len(v.VMs)
-			}
-			r.render(v, total, time.Since(start))
-			if len(v.VMs) == 0 && v.PodsLeft == 0 {
-				r.done(fmt.Sprintf("node/%s drained in %s: no VM left, safe to power off", node, time.Since(start).Round(time.Second)))
-				return exitOK
-			}
+	r := newRenderer(d.stdout, node)
+	stopTicking := r.tick(followCtx)
+	last, err := c.Follow(followCtx, node, cfg, pods, r.show)
+	stopTicking()
+	switch {
+	case err == nil:
+		r.done(fmt.Sprintf("node/%s drained in %s: no VM left, safe to power off", node, r.elapsed().Round(time.Second)))
+		return nil
+	case errors.Is(ctx.Err(), context.Canceled):
+		r.done("interrupted; the drain goes on (node-agent undrain " + node + " withdraws it)")
+	default:
+		left := "unknown (cannot read the node)"
+		if last.Node != "" {
+			left = summarize(last)
 		}
-		select {
-		case <-followCtx.Done():
-			if errors.Is(ctx.Err(), context.Canceled) {
-				r.done("interrupted; the drain goes on (node-agent undrain " + node + " withdraws it)")
-				return exitTimeout
-			}
-			left := "unknown (cannot read the node)"
-			if err == nil {
-				left = summarize(v)
-			}
-			r.done(fmt.Sprintf("timed out after %s; the drain goes on. Left on node/%s: %s", d.Timeout, node, left))
-			return exitTimeout
-		case <-time.After(d.Interval):
-		}
+		r.done(fmt.Sprintf("timed out after %s; the drain goes on. Left on node/%s: %s", d.timeout, node, left))
 	}
+	return exitError(exitFailed)
 }
 
-func summarize(v view) string {
+func summarize(v drainctl.NodeView) string {
 	var parts []string
 	for _, vm := range v.VMs {
 		parts = append(parts, fmt.Sprintf("%s/%s (%s: %s)", vm.Namespace, vm.Name, vm.State, vm.Detail))
@@ -126,7 +127,7 @@ func summarize(v view) string {
 	return strings.Join(parts, ", ")
 }
 
-func printPredictions(w io.Writer, v view) {
+func printPredictions(w io.Writer, v drainctl.NodeView) {
 	fmt.Fprintf(w, "%-40s %-22s %s\n", "VM", "STRATEGY", "ENDS UP")
 	keys := make([]string, 0, len(v.VMs))
 	strategies := map[string]string{}
@@ -145,56 +146,67 @@ func printPredictions(w io.Writer, v view) {
 	}
 }
 
-// podEvictor evicts the node's other pods in the background, as kubectl drain would.
-type podEvictor struct {
-	helper *drain.Helper
-	node   string
-}
-
-func startPodEviction(ctx context.Context, c *ctl, node string, errOut io.Writer) *podEvictor {
-	p := &podEvictor{node: node, helper: &drain.Helper{
-		Ctx: ctx, Client: c.kube, Force: true, IgnoreAllDaemonSets: true, DeleteEmptyDirData: true,
-		GracePeriodSeconds: -1, PodSelector: kubevirtv1.AppLabel + "!=virt-launcher",
-		EvictErrorRetryDelay: 5 * time.Second, Out: io.Discard, ErrOut: errOut,
-	}}
-	go func() {
-		list, errs := p.helper.GetPodsForDeletion(node)
-		if len(errs) > 0 {
-			fmt.Fprintf(errOut, "listing the other pods of node/%s: %v\n", node, errs)
-			return
-		}
-		if err := p.helper.DeleteOrEvictPods(list.Pods()); err != nil && ctx.Err() == nil {
-			fmt.Fprintf(errOut, "evicting the other pods of node/%s: %v\n", node, err)
-		}
-	}()
-	return p
-}
-
-func (p *podEvictor) left(ctx context.Context) int {
-	h := *p.helper
-	h.Ctx = ctx
-	list, errs := h.GetPodsForDeletion(p.node)
-	if len(errs) > 0 {
-		return -1
-	}
-	return len(list.Pods())
-}
-
 // renderer shows the drain's progress: redrawn in place with a progress bar on a
-// terminal, one line per change otherwise.
+// terminal (and its clock ticking), one line per change otherwise.
 type renderer struct {
 	out   io.Writer
+	node  string
 	tty   bool
-	lines int               // lines drawn last time (terminal)
-	last  map[string]string // VM -> last line printed (plain)
+	start time.Time
+
+	mu    sync.Mutex
+	view  *drainctl.NodeView // the last view shown
+	total int                // the most VMs seen on the node
+	lines int                // lines drawn last time (terminal)
+	last  map[string]string  // VM -> last line printed (plain)
 }
 
-func newRenderer(out io.Writer) *renderer {
+func newRenderer(out io.Writer, node string) *renderer {
 	tty := false
 	if f, ok := out.(*os.File); ok {
 		tty = term.IsTerminal(int(f.Fd()))
 	}
-	return &renderer{out: out, tty: tty, last: map[string]string{}}
+	return &renderer{out: out, node: node, tty: tty, start: time.Now(), last: map[string]string{}}
+}
+
+func (r *renderer) elapsed() time.Duration { return time.Since(r.start) }
+
+// show draws a new view of the node.
+func (r *renderer) show(v drainctl.NodeView) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.view = &v
+	if r.total < len(v.VMs) {
+		r.total = len(v.VMs)
+	}
+	r.draw()
+}
+
+// tick redraws the terminal every second, for the clock, until the returned stop.
+func (r *renderer) tick(ctx context.Context) (stop func()) {
+	if !r.tty {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				r.mu.Lock()
+				if r.view != nil {
+					r.draw()
+				}
+				r.mu.Unlock()
+			}
+		}
+	}()
+	return func() { cancel(); <-done }
 }
 
 func vmLine(vm agent.VMStatus) string {
@@ -205,7 +217,8 @@ func vmLine(vm agent.VMStatus) string {
 	return fmt.Sprintf("%-40s %-22s %s", vm.Namespace+"/"+vm.Name, vm.Strategy, what)
 }
 
-func (r *renderer) render(v view, total int, elapsed time.Duration) {
+func (r *renderer) draw() {
+	v := r.view
 	if !r.tty {
 		seen := map[string]bool{}
 		for _, vm := range v.VMs {
@@ -238,31 +251,25 @@ func (r *renderer) render(v view, total int, elapsed time.Duration) {
 		b.WriteString(vmLine(vm) + "\n")
 		lines++
 	}
-	done := total - len(v.VMs)
+	done := r.total - len(v.VMs)
 	width := 30
 	filled := 0
-	if total > 0 {
-		filled = done * width / total
+	if r.total > 0 {
+		filled = done * width / r.total
 	}
-	fmt.Fprintf(&b, "[%s%s] %d/%d VMs left node/%s", strings.Repeat("#", filled), strings.Repeat("-", width-filled), done, total, v.Node)
+	fmt.Fprintf(&b, "[%s%s] %d/%d VMs left node/%s", strings.Repeat("#", filled), strings.Repeat("-", width-filled), done, r.total, v.Node)
 	if v.PodsLeft > 0 {
 		fmt.Fprintf(&b, ", %d other pods to go", v.PodsLeft)
 	}
-	fmt.Fprintf(&b, " (%s)\n", elapsed.Round(time.Second))
+	fmt.Fprintf(&b, " (%s)\n", r.elapsed().Round(time.Second))
 	lines++
 	r.lines = lines
 	fmt.Fprint(r.out, b.String())
 }
 
 func (r *renderer) done(msg string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	fmt.Fprintln(r.out, msg)
 	r.lines = 0
-}
-
-func usageError(w io.Writer, cmd string, err error) int {
-	if errors.Is(err, flag.ErrHelp) {
-		return exitOK
-	}
-	fmt.Fprintf(w, "node-agent %s: %v\n", cmd, err)
-	return exitUsage
 }

@@ -5,6 +5,7 @@
 //	node-agent drain NODE       taint and cordon a node, follow its VMs until it is empty
 //	node-agent undrain NODE     untaint and uncordon it, cancel pending evacuations
 //	node-agent status NODE      each VM on a node, its strategy and what happens to it
+//	node-agent options          the flags drain, undrain and status share (kubectl's)
 //
 // Installed as kubectl-node_agent on PATH it is also `kubectl node-agent ...`.
 //
@@ -32,6 +33,8 @@ Usage:
                                      (exit 0), or --timeout (exit 1, with what is left); --all-pods, --dry-run
   node-agent undrain NODE [flags]    remove the drain taint and the cordon, cancel pending evacuations
   node-agent status NODE [-o json]   each VM on NODE, its strategy and what is happening to it
+  node-agent options                 the flags drain, undrain and status share: kubectl's connection
+                                     flags (--kubeconfig, --context, --as, --request-timeout, ...)
 
 Installed on PATH as kubectl-node_agent it also runs as 'kubectl node-agent ...'.
 Run 'node-agent <command> -h' for the flags of a command. Bad usage exits with status 2.
@@ -102,12 +105,8 @@ func run(ctx context.Context, stopping <-chan struct{}, args []string, getenv fu
 			return 1
 		}
 		return 0
-	case "drain":
-		return drainCmd(ctx, args[1:], stdout, stderr)
-	case "undrain":
-		return undrainCmd(ctx, args[1:], stdout, stderr)
-	case "status":
-		return statusCmd(ctx, args[1:], stdout, stderr)
+	case "drain", "undrain", "status", "options":
+		return ctlMain(ctx, args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -2,47 +2,71 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
-	"io"
 
-	"github.com/node-agent/node-agent/agent"
+	"github.com/spf13/cobra"
+	"k8s.io/kubectl/pkg/util/templates"
 )
 
-// statusCmd is `node-agent status NODE [-o json]`: each VM on the node, its strategy
-// and what is happening to it (or, when the node is not being drained, what a drain
-// would do to it).
-func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+var (
+	statusLong = templates.LongDesc(`
+		Show each VM on a node, its effective eviction strategy and what is happening to
+		it; when the node is not being drained, how each VM would end up after a drain.`)
+
+	statusExample = templates.Examples(`
+		# What is on node-7 and what a drain does (or would do) to it
+		node-agent status node-7
+
+		# The same as JSON
+		node-agent status node-7 -o json`)
+
+	undrainLong = templates.LongDesc(`
+		Re-enable a node: remove the drain taint and the cordon, and cancel the
+		evacuations still pending from it (KubeVirt v1.8+).`)
+
+	undrainExample = templates.Examples(`
+		# Put node-7 back into service
+		node-agent undrain node-7`)
+)
+
+func newStatusCommand(o *ctlOptions) *cobra.Command {
 	var output string
-	a, node, err := parseCtl("status", args, stderr, func(fs *flag.FlagSet) {
-		fs.StringVar(&output, "o", "text", "output: text or json")
-	})
-	if err == nil && output != "text" && output != "json" {
-		err = fmt.Errorf("-o %q: want text or json", output)
+	c := &cobra.Command{
+		Use:                   "status NODE [-o json]",
+		DisableFlagsInUseLine: true,
+		Short:                 "Show each VM on a node, its strategy and what is happening to it",
+		Long:                  statusLong,
+		Example:               statusExample,
+		Args:                  oneNode,
+		PreRunE: func(*cobra.Command, []string) error {
+			if output != "text" && output != "json" {
+				return usageError{fmt.Errorf("-o %q: want text or json", output)}
+			}
+			return nil
+		},
+		RunE: func(c *cobra.Command, args []string) error { return o.status(c.Context(), args[0], output) },
 	}
+	c.Flags().StringVarP(&output, "output", "o", "text", "Output format. One of: (text, json).")
+	return c
+}
+
+// status shows each VM on the node, its strategy and what is happening to it (or,
+// when the node is not being drained, what a drain would do to it).
+func (o *ctlOptions) status(ctx context.Context, node, output string) error {
+	c, err := o.client()
 	if err != nil {
-		return usageError(stderr, "status", err)
+		return err
 	}
-	c, err := newCtl(a)
+	cfg, err := o.config(ctx, c)
 	if err != nil {
-		fmt.Fprintf(stderr, "node-agent status: %v\n", err)
-		return exitTimeout
+		return err
 	}
-	cfg, cfgErr := c.config(ctx)
-	if cfgErr != nil {
-		fmt.Fprintf(stderr, "warning: %v (using taint key %s from %s)\n", cfgErr, cfg.DrainTaintKey, cfg.DrainTaintKeySource)
-	}
-	v, err := c.look(ctx, node, cfg, true)
+	v, err := c.Look(ctx, node, cfg, true)
 	if err != nil {
-		fmt.Fprintf(stderr, "node-agent status: %v\n", err)
-		return exitTimeout
+		return err
 	}
 	if output == "json" {
-		if err := writeJSON(stdout, v); err != nil {
-			fmt.Fprintf(stderr, "node-agent status: %v\n", err)
-			return exitTimeout
-		}
-		return exitOK
+		return writeJSON(o.stdout, v)
 	}
 	state := "not draining"
 	if v.Draining {
@@ -51,61 +75,63 @@ func statusCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	if v.Cordoned {
 		state += ", cordoned"
 	}
-	fmt.Fprintf(stdout, "node/%s: %s; %d VMs", node, state, len(v.VMs))
+	fmt.Fprintf(o.stdout, "node/%s: %s; %d VMs", node, state, len(v.VMs))
 	if v.Agent != "" {
-		fmt.Fprintf(stdout, "; node-agent: %s", v.Agent)
+		fmt.Fprintf(o.stdout, "; node-agent: %s", v.Agent)
 	}
-	fmt.Fprintln(stdout)
+	fmt.Fprintln(o.stdout)
 	if !v.Draining {
-		printPredictions(stdout, v)
-		return exitOK
+		printPredictions(o.stdout, v)
+		return nil
 	}
 	for _, vm := range v.VMs {
-		fmt.Fprintln(stdout, vmLine(vm))
+		fmt.Fprintln(o.stdout, vmLine(vm))
 	}
-	return exitOK
+	return nil
 }
 
-// undrainCmd is `node-agent undrain NODE`: remove the drain taint and the cordon, and
-// cancel the evacuations still pending on the node.
-func undrainCmd(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	a, node, err := parseCtl("undrain", args, stderr, nil)
+func newUndrainCommand(o *ctlOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:                   "undrain NODE",
+		DisableFlagsInUseLine: true,
+		Short:                 "Remove the drain taint and the cordon, cancel pending evacuations",
+		Long:                  undrainLong,
+		Example:               undrainExample,
+		Args:                  oneNode,
+		RunE:                  func(c *cobra.Command, args []string) error { return o.undrain(c.Context(), args[0]) },
+	}
+}
+
+// undrain removes the drain taint and the cordon, and cancels the evacuations still
+// pending on the node.
+func (o *ctlOptions) undrain(ctx context.Context, node string) error {
+	c, err := o.client()
 	if err != nil {
-		return usageError(stderr, "undrain", err)
+		return err
 	}
-	c, err := newCtl(a)
+	cfg, err := o.config(ctx, c)
 	if err != nil {
-		fmt.Fprintf(stderr, "node-agent undrain: %v\n", err)
-		return exitTimeout
+		return err
 	}
-	cfg, cfgErr := c.config(ctx)
-	if cfgErr != nil {
-		fmt.Fprintf(stderr, "warning: %v (using taint key %s from %s)\n", cfgErr, cfg.DrainTaintKey, cfg.DrainTaintKeySource)
+	if err := c.RemoveDrain(ctx, node, cfg.DrainTaintKey); err != nil {
+		return err
 	}
-	if err := c.setDrain(ctx, node, cfg.DrainTaintKey, false); err != nil {
-		fmt.Fprintf(stderr, "node-agent undrain: %v\n", err)
-		return exitTimeout
-	}
-	fmt.Fprintf(stdout, "node/%s: taint %s removed, uncordoned\n", node, cfg.DrainTaintKey)
-	vmis, _, err := c.onNode(ctx, node)
+	fmt.Fprintf(o.stdout, "node/%s: taint %s removed, uncordoned\n", node, cfg.DrainTaintKey)
+	cancelled, err := c.CancelEvacuations(ctx, node)
 	if err != nil {
-		fmt.Fprintf(stderr, "node-agent undrain: %v\n", err)
-		return exitTimeout
+		return err
 	}
 	failed := false
-	for _, vmi := range vmis {
-		if vmi.Status.EvacuationNodeName != node {
-			continue
-		}
-		if err := agent.CancelEvacuation(ctx, c.subresources, vmi.Namespace, vmi.Name, node); err != nil {
-			fmt.Fprintf(stderr, "node-agent undrain: %v\n", err)
+	for _, vmi := range cancelled {
+		if vmi.Err != nil {
+			fmt.Fprintf(o.stderr, "node-agent undrain: %v\n", vmi.Err)
 			failed = true
 			continue
 		}
-		fmt.Fprintf(stdout, "%s/%s: evacuation cancelled\n", vmi.Namespace, vmi.Name)
+		fmt.Fprintf(o.stdout, "%s/%s: evacuation cancelled\n", vmi.Namespace, vmi.Name)
 	}
 	if failed {
-		return exitTimeout
+		return exitError(exitFailed)
 	}
-	return exitOK
+	return nil
 }

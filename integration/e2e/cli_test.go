@@ -6,6 +6,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -17,6 +18,13 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"k8s.io/utils/ptr"
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/integration/sim"
@@ -26,7 +34,13 @@ import (
 // ctl runs a workstation command; it returns stdout, stderr and the exit status.
 func (sc *scenario) ctl(args ...string) (string, string, int) {
 	sc.t.Helper()
-	cmd := exec.CommandContext(sc.ctx, sc.env.agentBin, append(args, "--kubeconfig="+sc.env.cluster.Kubeconfig)...)
+	return sc.ctlWith(sc.env.cluster.Kubeconfig, args...)
+}
+
+// ctlWith runs a workstation command with another kubeconfig.
+func (sc *scenario) ctlWith(kubeconfig string, args ...string) (string, string, int) {
+	sc.t.Helper()
+	cmd := exec.CommandContext(sc.ctx, sc.env.agentBin, append(args, "--kubeconfig="+kubeconfig)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -205,5 +219,95 @@ func TestCLIBadUsageAndKubectlPlugin(t *testing.T) {
 	out, err := exec.CommandContext(sc.ctx, plugin, "status", sc.nodes[0], "--kubeconfig="+sc.env.cluster.Kubeconfig).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "node/"+sc.nodes[0]+": not draining; 0 VMs") {
 		t.Errorf("as a kubectl plugin: %v\n%s", err, out)
+	}
+}
+
+// limitedOperator is a kubeconfig for a service account of the scenario that may read
+// and write nodes, read VMIs and pods, but not read the KubeVirt CR.
+func (sc *scenario) limitedOperator() (kubeconfig, user string) {
+	sc.t.Helper()
+	name := "limited-operator"
+	if _, err := sc.kube().CoreV1().ServiceAccounts(sc.ns).Create(sc.ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+		sc.t.Fatal(err)
+	}
+	role := &rbacv1.ClusterRole{
+		ObjectMeta: metav1.ObjectMeta{Name: sc.ns + "-" + name},
+		Rules: []rbacv1.PolicyRule{
+			{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "list", "watch", "update", "patch"}},
+			{APIGroups: []string{""}, Resources: []string{"pods", "configmaps"}, Verbs: []string{"get", "list", "watch"}},
+			{APIGroups: []string{"kubevirt.io"}, Resources: []string{"virtualmachineinstances", "virtualmachines", "virtualmachineinstancemigrations"}, Verbs: []string{"get", "list", "watch"}},
+		},
+	}
+	if _, err := sc.kube().RbacV1().ClusterRoles().Create(sc.ctx, role, metav1.CreateOptions{}); err != nil {
+		sc.t.Fatal(err)
+	}
+	binding := &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: role.Name},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: sc.ns, Name: name}},
+	}
+	if _, err := sc.kube().RbacV1().ClusterRoleBindings().Create(sc.ctx, binding, metav1.CreateOptions{}); err != nil {
+		sc.t.Fatal(err)
+	}
+	sc.t.Cleanup(func() {
+		ctx := context.Background()
+		_ = sc.kube().RbacV1().ClusterRoleBindings().Delete(ctx, binding.Name, metav1.DeleteOptions{})
+		_ = sc.kube().RbacV1().ClusterRoles().Delete(ctx, role.Name, metav1.DeleteOptions{})
+	})
+	tr, err := sc.kube().CoreV1().ServiceAccounts(sc.ns).CreateToken(sc.ctx, name, &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr.To[int64](3600)},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	cfg := sc.env.cluster.RESTConfig
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["test"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthority: cfg.CAFile, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos[name] = &clientcmdapi.AuthInfo{Token: tr.Status.Token}
+	kc.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: name}
+	kc.CurrentContext = "test"
+	kubeconfig = filepath.Join(sc.t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, kubeconfig); err != nil {
+		sc.t.Fatal(err)
+	}
+	return kubeconfig, "system:serviceaccount:" + sc.ns + ":" + name
+}
+
+// An operator who cannot read the KubeVirt CR cannot tell the drain taint key: undrain
+// and status say so and fail, and change nothing (they used to remove the taint "",
+// uncordon the node and say that they succeeded).
+func TestCLIUndrainAndStatusFailWhenTheKeyCannotBeRead(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	sc.taint(node, nodeinfo.DefaultDrainTaintKey)
+	sc.cordon(node, true)
+	kubeconfig, user := sc.limitedOperator()
+
+	for _, cmd := range []string{"undrain", "status"} {
+		out, errOut, code := sc.ctlWith(kubeconfig, cmd, node)
+		if code != 1 {
+			t.Errorf("%s without access to the KubeVirt CR exited %d, want 1\nstdout:\n%s\nstderr:\n%s", cmd, code, out, errOut)
+		}
+		for _, want := range []string{"cannot tell the drain taint key", "kubevirts", "--drain-taint-key"} {
+			if !strings.Contains(errOut, want) {
+				t.Errorf("%s: stderr lacks %q:\n%s", cmd, want, errOut)
+			}
+		}
+		n := sc.node(node)
+		if !n.Spec.Unschedulable || !agent.HasDrainTaint(n, nodeinfo.DefaultDrainTaintKey) {
+			t.Fatalf("%s changed the node: unschedulable %v, taints %v", cmd, n.Spec.Unschedulable, n.Spec.Taints)
+		}
+	}
+
+	// kubectl's --as, and the key named: status works, with the same identity.
+	out, errOut, code := sc.ctl("status", node, "--as="+user, "--drain-taint-key="+nodeinfo.DefaultDrainTaintKey)
+	if code != 0 || !strings.Contains(out, "node/"+node+": draining (taint "+nodeinfo.DefaultDrainTaintKey+"), cordoned") {
+		t.Errorf("status --as=%s --drain-taint-key exited %d:\n%s\n%s", user, code, out, errOut)
+	}
+	if out, errOut, code := sc.ctlWith(kubeconfig, "undrain", node, "--drain-taint-key="+nodeinfo.DefaultDrainTaintKey); code != 0 {
+		t.Fatalf("undrain --drain-taint-key exited %d:\n%s\n%s", code, out, errOut)
+	}
+	if n := sc.node(node); n.Spec.Unschedulable || len(n.Spec.Taints) != 0 {
+		t.Errorf("after undrain --drain-taint-key: unschedulable %v, taints %v", n.Spec.Unschedulable, n.Spec.Taints)
 	}
 }

@@ -1,0 +1,104 @@
+package drainctl
+
+import (
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+const thisNode = "node-a"
+
+func testNode(taints ...corev1.Taint) *corev1.Node {
+	n := &corev1.Node{}
+	n.Name, n.Spec.Taints = thisNode, taints
+	return n
+}
+
+func runningVMI(name string, strategy kubevirtv1.EvictionStrategy) (*kubevirtv1.VirtualMachineInstance, *corev1.Pod) {
+	vmi := &kubevirtv1.VirtualMachineInstance{}
+	vmi.Namespace, vmi.Name, vmi.UID = "ns", name, types.UID("uid-"+name)
+	vmi.Spec.EvictionStrategy = &strategy
+	vmi.Status.Phase, vmi.Status.NodeName = kubevirtv1.Running, thisNode
+	vmi.Status.Conditions = []kubevirtv1.VirtualMachineInstanceCondition{{Type: kubevirtv1.VirtualMachineInstanceIsMigratable, Status: corev1.ConditionTrue}}
+	pod := &corev1.Pod{}
+	pod.Namespace, pod.Name = "ns", "virt-launcher-"+name
+	pod.Labels = map[string]string{kubevirtv1.AppLabel: "virt-launcher", kubevirtv1.CreatedByLabel: string(vmi.UID)}
+	pod.Spec.NodeName, pod.Status.Phase = thisNode, corev1.PodRunning
+	return vmi, pod
+}
+
+func TestNewViewByTheAgentsRules(t *testing.T) {
+	cfg := nodeinfo.Config{DrainTaintKey: "example.com/drain", DrainTaintKeySource: nodeinfo.SourceFlag}
+	web, webPod := runningVMI("web", kubevirtv1.EvictionStrategyLiveMigrate)
+	batch, batchPod := runningVMI("batch", kubevirtv1.EvictionStrategyNone)
+	vmis, pods := []*kubevirtv1.VirtualMachineInstance{web, batch}, []*corev1.Pod{webPod, batchPod}
+
+	for _, tt := range []struct {
+		name      string
+		taints    []corev1.Taint
+		draining  bool
+		wantState agent.VMState
+	}{
+		{name: "no taint", wantState: agent.StateRunning},
+		{name: "the drain taint", taints: []corev1.Taint{{Key: "example.com/drain", Effect: corev1.TaintEffectNoSchedule}}, draining: true, wantState: agent.StatePending},
+		{name: "the key with another effect is no drain", taints: []corev1.Taint{{Key: "example.com/drain", Effect: corev1.TaintEffectPreferNoSchedule}}, wantState: agent.StateRunning},
+		{name: "another key is no drain", taints: []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}, wantState: agent.StateRunning},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n := testNode(tt.taints...)
+			n.Spec.Unschedulable = true
+			n.Annotations = map[string]string{agent.AnnotationState: "idle: 2 VMs on the node"}
+			v := newView(n, cfg, vmis, pods)
+			if v.Draining != tt.draining || !v.Cordoned || v.TaintKey != cfg.DrainTaintKey || v.Agent != "idle: 2 VMs on the node" {
+				t.Errorf("view %+v", v)
+			}
+			if len(v.VMs) != 2 || v.Safe() {
+				t.Fatalf("VMs %+v, safe %v", v.VMs, v.Safe())
+			}
+			for _, vm := range v.VMs {
+				if vm.State != tt.wantState {
+					t.Errorf("%s: state %s, want %s", vm.Name, vm.State, tt.wantState)
+				}
+			}
+		})
+	}
+	if v := newView(testNode(), cfg, nil, nil); !v.Safe() || v.VMs == nil {
+		t.Errorf("an empty node: safe %v, VMs %v (want [] for JSON)", v.Safe(), v.VMs)
+	}
+	if v := (NodeView{VMs: []agent.VMStatus{}, PodsLeft: -1}); v.Safe() {
+		t.Error("a node whose other pods cannot be listed is safe")
+	}
+}
+
+func TestDescribeMigrationNamesTheLiveOne(t *testing.T) {
+	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	vmi, _ := runningVMI("web", kubevirtv1.EvictionStrategyLiveMigrate)
+	vmi.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{TargetNode: "node-b"}
+	migration := func(name string, phase kubevirtv1.VirtualMachineInstanceMigrationPhase, age time.Duration) kubevirtv1.VirtualMachineInstanceMigration {
+		m := kubevirtv1.VirtualMachineInstanceMigration{}
+		m.Namespace, m.Name, m.Status.Phase, m.CreationTimestamp = "ns", name, phase, metav1.NewTime(t0.Add(-age))
+		return m
+	}
+	deleting := migration("deleting", kubevirtv1.MigrationRunning, 0)
+	deleting.DeletionTimestamp = &metav1.Time{Time: t0}
+
+	vm := agent.VMStatus{Namespace: "ns", Name: "web", State: agent.StateMigrating, Detail: "to node-b"}
+	describeMigration(&vm, vmi, []kubevirtv1.VirtualMachineInstanceMigration{
+		migration("old", kubevirtv1.MigrationFailed, time.Hour), migration("live", kubevirtv1.MigrationRunning, time.Minute), deleting,
+	})
+	if want := "migration live Running to node-b"; vm.Detail != want {
+		t.Errorf("detail %q, want %q", vm.Detail, want)
+	}
+	vm.Detail = "to node-b"
+	describeMigration(&vm, vmi, []kubevirtv1.VirtualMachineInstanceMigration{deleting, migration("old", kubevirtv1.MigrationSucceeded, time.Hour)})
+	if vm.Detail != "to node-b" {
+		t.Errorf("with no live migration the detail changed to %q", vm.Detail)
+	}
+}
