@@ -59,7 +59,8 @@ func (p *OtherPods) Left(ctx context.Context) int {
 const followRate = 250 * time.Millisecond
 
 // Follow watches the node through informers scoped to it, as the agent on the node
-// does (its Node, its VMIs, its virt-launcher pods; with pods, all its pods), and
+// does (its Node, its VMIs, its virt-launcher pods; with pods, all its pods; cfg is
+// resolved already, the configuration is not watched), and
 // calls show with a new look at it after changes, until the node is safe to power
 // off (it returns that view) or ctx ends (it returns the last view and ctx's error).
 func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, pods *OtherPods, show func(NodeView)) (NodeView, error) {
@@ -73,7 +74,7 @@ func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, p
 		}
 	}
 	view := nodeinfo.NewView(c.Kube, c.KubeVirt, nodeinfo.ViewOptions{
-		NodeName: node, KubeVirtNamespace: c.opts.KubeVirtNamespace, DrainTaintKey: cfg.DrainTaintKey, OnChange: poke,
+		NodeName: node, DrainTaintKey: cfg.DrainTaintKey, OnChange: poke, WithoutConfig: true,
 	})
 	view.Run(ctx)
 	if pods != nil {

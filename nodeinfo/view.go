@@ -40,6 +40,9 @@ type ViewOptions struct {
 	DrainTaintKey string
 	// OnChange is called after every change to anything the View watches.
 	OnChange func()
+	// WithoutConfig leaves out the KubeVirt CR and the ConfigMap (for a caller that has
+	// resolved the configuration already); Config then resolves from DrainTaintKey alone.
+	WithoutConfig bool
 }
 
 // View is what is on one node and how the cluster configures node-agent, from
@@ -71,11 +74,15 @@ func NewView(kube kubernetes.Interface, kubevirt rest.Interface, opts ViewOption
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
 		o.LabelSelector = LauncherLabelSelector
 	})
-	v.add("configmap", core, "configmaps", opts.KubeVirtNamespace, &corev1.ConfigMap{}, byName(LegacyConfigMapName))
+	if !opts.WithoutConfig {
+		v.add("configmap", core, "configmaps", opts.KubeVirtNamespace, &corev1.ConfigMap{}, byName(LegacyConfigMapName))
+	}
 	v.add("vmis", kubevirt, ResourceVMIs, "", &kubevirtv1.VirtualMachineInstance{}, func(o *metav1.ListOptions) {
 		o.LabelSelector = labels.SelectorFromSet(labels.Set{NodeNameLabel: opts.NodeName}).String()
 	})
-	v.add("kubevirt", kubevirt, ResourceKubeVirts, opts.KubeVirtNamespace, &kubevirtv1.KubeVirt{}, func(*metav1.ListOptions) {})
+	if !opts.WithoutConfig {
+		v.add("kubevirt", kubevirt, ResourceKubeVirts, opts.KubeVirtNamespace, &kubevirtv1.KubeVirt{}, func(*metav1.ListOptions) {})
+	}
 	return v
 }
 
@@ -199,14 +206,16 @@ func (v *View) LauncherPods() []*corev1.Pod {
 // unusable, the last good configuration is kept and the error is returned with it.
 func (v *View) Config() (Config, error) {
 	var kvs []*kubevirtv1.KubeVirt
-	for _, obj := range v.informers["kubevirt"].GetStore().List() {
-		kvs = append(kvs, obj.(*kubevirtv1.KubeVirt))
+	var cm *corev1.ConfigMap
+	if !v.opts.WithoutConfig {
+		for _, obj := range v.informers["kubevirt"].GetStore().List() {
+			kvs = append(kvs, obj.(*kubevirtv1.KubeVirt))
+		}
+		if objs := v.informers["configmap"].GetStore().List(); len(objs) > 0 {
+			cm = objs[0].(*corev1.ConfigMap)
+		}
 	}
 	kv := OldestKubeVirt(kvs)
-	var cm *corev1.ConfigMap
-	if objs := v.informers["configmap"].GetStore().List(); len(objs) > 0 {
-		cm = objs[0].(*corev1.ConfigMap)
-	}
 	cfg, err := ResolveConfig(v.opts.DrainTaintKey, kv, cm)
 	v.mu.Lock()
 	defer v.mu.Unlock()
