@@ -107,7 +107,7 @@ func (d *drainOptions) run(ctx context.Context, node string) error {
 	case errors.Is(ctx.Err(), context.Canceled):
 		r.done("interrupted; the drain goes on (node-agent undrain " + node + " withdraws it)")
 	default:
-		left := "unknown (cannot read the node)"
+		left := fmt.Sprintf("unknown (cannot read the node: %v)", err)
 		if last.Node != "" {
 			left = summarize(last)
 		}
