@@ -235,19 +235,12 @@ func (sc *scenario) cordon(node string, on bool) {
 
 func (sc *scenario) patchNode(node string, mutate func(*corev1.Node)) {
 	sc.t.Helper()
-	for {
-		n, err := sc.kube().CoreV1().Nodes().Get(sc.ctx, node, metav1.GetOptions{})
-		if err != nil {
-			sc.t.Fatalf("reading node %s: %v", node, err)
-		}
+	err := nodeinfo.UpdateNode(sc.ctx, sc.kube(), node, func(n *corev1.Node) (bool, error) {
 		mutate(n)
-		_, err = sc.kube().CoreV1().Nodes().Update(sc.ctx, n, metav1.UpdateOptions{})
-		if err == nil {
-			return
-		}
-		if !strings.Contains(err.Error(), "the object has been modified") {
-			sc.t.Fatalf("updating node %s: %v", node, err)
-		}
+		return true, nil
+	})
+	if err != nil {
+		sc.t.Fatal(err)
 	}
 }
 
