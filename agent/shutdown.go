@@ -101,7 +101,7 @@ func (e *Engine) followShutdown(ctx context.Context, st systemd.ShutdownState, t
 		e.hostShutdown(st, deadline)
 	}
 	status, _ := e.Status()
-	if unheld && why != tr.notHeld {
+	if unheld && why != tr.notHeld && status.Ready { // once the VMs left are known
 		tr.notHeld = why
 		e.reportNotHeld(status, why)
 	}

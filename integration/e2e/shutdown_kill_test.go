@@ -64,6 +64,9 @@ func (sc *scenario) startLockPair(node string, env *logind.Env, holderFlags, eng
 func (p *lockPair) startHolder(flags ...string) {
 	p.sc.t.Helper()
 	addr := freeAddr(p.sc.t)
+	if p.holder != nil {
+		addr = p.holder.addr // restarted where the engine looks for it
+	}
 	args := []string{"inhibit", "--node-name=" + p.node, "--listen-address=" + addr, "--engine-url=http://" + p.engineAddr,
 		"--log-format=json", "--log-level=debug"}
 	if !hasFlag(flags, "--logind-dropin-dir") {
