@@ -464,7 +464,7 @@ func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decis
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			o, retry := e.act(ctx, node, v, decisions[v.key], migrations[v.key])
+			o, retry := e.actSafely(ctx, node, v, decisions[v.key], migrations[v.key])
 			switch {
 			case retry:
 				e.retries.refused(v.key, o)
@@ -479,6 +479,19 @@ func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decis
 	}
 	wg.Wait()
 	return outcomes
+}
+
+// actSafely runs act, turning a panic (a bug met on one VM's objects) into a refused
+// request that backs off like any other: syncSafely cannot recover a panic in act's
+// goroutine, and without this one VM would crash the agent and stop every drain.
+func (e *Engine) actSafely(ctx context.Context, node *corev1.Node, v *vm, d Decision, migrations []kubevirtv1.VirtualMachineInstanceMigration) (o outcome, retry bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			e.vmLog(v).WithField("panic", r).WithField("stack", string(debug.Stack())).Error("acting on the VM panicked; retrying with a backoff")
+			o, retry = outcome{StatePending, fmt.Sprintf("acting on it failed (%v); retrying", r)}, true
+		}
+	}()
+	return e.act(ctx, node, v, d, migrations)
 }
 
 // migrationsOf reads, once per sync and namespace, the migrations of the VMs about to

@@ -832,3 +832,52 @@ func TestSyncShutdownEvictsANoneVMRecordedFirst(t *testing.T) {
 		t.Errorf("node not given back: %+v", f.node())
 	}
 }
+
+// panickyEvictor panics for one pod, as a bug met on one VM's objects would, and
+// evicts the others as the fixture's evictor does.
+type panickyEvictor struct {
+	fixtureEvictor
+	pod string
+}
+
+func (x panickyEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) answer {
+	if pod.Name == x.pod {
+		panic("a bad object")
+	}
+	return x.fixtureEvictor.evict(ctx, pod, dryRun)
+}
+
+// A panic while acting on one VM runs in act's own goroutine, where syncSafely cannot
+// recover it: it must not crash the agent, the other VMs are still acted on, and the
+// VM that met it is left pending and backs off.
+func TestSyncPanicActingOnOneVMIsContained(t *testing.T) {
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	bad, badPod := noneVM("bad")
+	good, goodPod := noneVM("good")
+	f := newFixture(t, n, bad, badPod, good, goodPod)
+	f.engine.evictor = panickyEvictor{fixtureEvictor{f}, badPod.Name}
+	f.engine.ShutdownCancelled()
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	evictions := append([]string(nil), f.evictions...)
+	f.mu.Unlock()
+	if len(evictions) != 1 || !strings.Contains(evictions[0], goodPod.Name) {
+		t.Errorf("evictions %v, want only %s", evictions, goodPod.Name)
+	}
+	st, _ := f.engine.Status()
+	found := false
+	for _, v := range st.VMs {
+		if v.Name == "bad" {
+			found = true
+			if v.State != StatePending || !strings.Contains(v.Detail, "a bad object") {
+				t.Errorf("the VM that panicked is %s %q, want pending naming the panic", v.State, v.Detail)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("the VM that panicked is not in the status: %+v", st.VMs)
+	}
+}
