@@ -2,11 +2,8 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -172,34 +169,18 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 		})
 	}
 
-	listener, err := net.Listen("tcp", a.ListenAddress)
-	if err != nil {
-		return fmt.Errorf("--listen-address: %w", err)
-	}
-	server := &http.Server{Handler: engine.Handler(checks...), ReadHeaderTimeout: 10 * time.Second}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- server.Serve(listener) }()
-	log.WithField("listen", listener.Addr().String()).Info("node-agent started")
-
 	view.Run(ctx)
-	engineDone := make(chan error, 1)
-	go func() { engineDone <- engine.Run(ctx) }()
-
-	select {
-	case <-ctx.Done():
-	case <-stopping:
-		if engine.ShuttingDown() {
-			log.Info("SIGTERM during a host shutdown: holding it until the node is safe or the deadline")
-			engine.HoldWhileShuttingDown(parent)
-		}
-		stop()
-	case err := <-serveErr:
-		return fmt.Errorf("serving HTTP: %w", err)
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	_ = server.Shutdown(shutdownCtx)
-	if err := <-engineDone; err != nil && !errors.Is(err, context.Canceled) {
+	err = serve(ctx, stop, stopping, service{
+		name: "node-agent", address: a.ListenAddress, handler: engine.Handler(checks...), log: log, grace: 5 * time.Second,
+		run: engine.Run,
+		holdOnSIGTERM: func() {
+			if engine.ShuttingDown() {
+				log.Info("SIGTERM during a host shutdown: holding it until the node is safe or the deadline")
+				engine.HoldWhileShuttingDown(parent)
+			}
+		},
+	})
+	if err != nil {
 		return err
 	}
 	log.Info("node-agent stopped")

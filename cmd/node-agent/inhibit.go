@@ -2,11 +2,7 @@ package main
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"time"
 
 	"github.com/node-agent/node-agent/systemd"
@@ -30,32 +26,17 @@ func runInhibit(parent context.Context, stopping <-chan struct{}, a inhibitArgs,
 	engine := systemd.NewEngineClient(a.EngineURL)
 	holder := systemd.NewHolder(guard, engine, systemd.HolderOptions{Node: a.NodeName, Block: engine, Log: log})
 
-	listener, err := net.Listen("tcp", a.ListenAddress)
+	err = serve(ctx, stop, stopping, service{
+		name: "shutdown lock holder", address: a.ListenAddress, handler: holder.Handler(), log: log.WithField("engine", a.EngineURL), grace: 2 * time.Second,
+		run: holder.Run,
+		holdOnSIGTERM: func() {
+			if st, _ := holder.State(); st.ShuttingDown && st.Held && !st.Released {
+				log.Info("SIGTERM during a held host shutdown: holding it until the node is safe or the deadline")
+				holder.HoldWhileShuttingDown(parent)
+			}
+		},
+	})
 	if err != nil {
-		return fmt.Errorf("--listen-address: %w", err)
-	}
-	server := &http.Server{Handler: holder.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- server.Serve(listener) }()
-	holderDone := make(chan error, 1)
-	go func() { holderDone <- holder.Run(ctx) }()
-	log.WithField("listen", listener.Addr().String()).WithField("engine", a.EngineURL).Info("shutdown lock holder started")
-
-	select {
-	case <-ctx.Done():
-	case <-stopping:
-		if st, _ := holder.State(); st.ShuttingDown && st.Held && !st.Released {
-			log.Info("SIGTERM during a held host shutdown: holding it until the node is safe or the deadline")
-			holder.HoldWhileShuttingDown(parent)
-		}
-		stop()
-	case err := <-serveErr:
-		return fmt.Errorf("serving HTTP: %w", err)
-	}
-	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer cancel()
-	_ = server.Shutdown(shutdownCtx)
-	if err := <-holderDone; err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
 	log.Info("shutdown lock holder stopped")
