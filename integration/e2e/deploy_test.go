@@ -756,7 +756,9 @@ func (sc *scenario) checkAccess() {
 		{verb: "patch", group: "kubevirt.io", resource: "virtualmachineinstances"},
 		{verb: "delete", group: "kubevirt.io", resource: "virtualmachines"},
 		{verb: "update", group: "kubevirt.io", resource: "virtualmachines"},
-		{verb: "delete", group: "kubevirt.io", resource: "virtualmachineinstancemigrations"},
+		// delete virtualmachineinstancemigrations is granted since withdraw deletes the
+		// migrations the agent created (RBAC cannot narrow it to the agent's label).
+		{verb: "update", group: "kubevirt.io", resource: "virtualmachineinstancemigrations"},
 		{verb: "update", group: "subresources.kubevirt.io", resource: "virtualmachineinstances/migrate"},
 		{verb: "update", group: "subresources.kubevirt.io", resource: "virtualmachines/stop"},
 		{verb: "delete", resource: "pods"}, {verb: "create", resource: "pods"}, {verb: "create", resource: "pods/exec"},
