@@ -16,6 +16,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -349,4 +350,56 @@ func TestShutdownNotHeldIsReported(t *testing.T) {
 			}
 		})
 	}
+}
+
+// The DaemonSet's rolling update deletes the pod during a held host shutdown: the
+// kubelet sends SIGTERM to both containers. The lock holder keeps the lock through its
+// SIGTERM, and the engine keeps draining through its own, until the node is safe: logind
+// starts the poweroff job only after the last VM left, and each process exits only after
+// the release (README "Upgrade").
+func TestShutdownHeldAcrossThePodsDeletion(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	var vms []*kubevirtv1.VirtualMachineInstance
+	for i := 0; i < 2; i++ {
+		vms = append(vms, sc.pinned(fmt.Sprintf("vm%d", i), node, liveMigrate, sim.WithMigrationDuration(3*time.Second)))
+	}
+	env := sc.startLogind()
+	p := sc.startLockPair(node, env, []string{"--shutdown-timeout=2m", "--logind-dropin-dir=" + env.DropInDir}, nil)
+	sc.waitInhibitDelayMax(env, 2*time.Minute)
+	watch := sc.watchVMs(node)
+
+	asked := sc.powerOff(env)
+	sc.eventually(time.Minute, "a migration running", func() (bool, string) {
+		for _, v := range vms {
+			for _, m := range sc.migrationsOf(v.Name) {
+				if m.Status.Phase == kubevirtv1.MigrationRunning {
+					return true, ""
+				}
+			}
+		}
+		return false, "no migration running"
+	})
+	// The kubelet deletes the pod: SIGTERM to both containers at once.
+	terminated := time.Now()
+	_ = p.holder.cmd.Process.Signal(syscall.SIGTERM)
+	_ = p.engine.cmd.Process.Signal(syscall.SIGTERM)
+
+	for _, v := range vms {
+		sc.waitMigrated(v, other)
+	}
+	started := sc.waitPowerOffJob(env, asked, 2*time.Minute)
+	gone := watch.waitEmpty(sc, 30*time.Second)
+	if started.Before(gone.Add(-watchSlack)) {
+		t.Errorf("logind started the poweroff job at %s, before the last VM left at %s", started.Format(time.StampMicro), gone.Format(time.StampMicro))
+	}
+	for _, a := range []*agentProc{p.holder, p.engine} {
+		select {
+		case <-a.exited:
+		case <-time.After(30 * time.Second):
+			t.Errorf("%s did not exit within 30 s of the release", a.node)
+		}
+	}
+	t.Logf("SIGTERM %v after PowerOff; last VM left %v after the SIGTERM; poweroff job %v after that",
+		terminated.Sub(asked).Round(time.Millisecond), gone.Sub(terminated).Round(time.Millisecond), started.Sub(gone).Round(time.Millisecond))
 }
