@@ -82,6 +82,59 @@ func TestAlertingRulesPassPromtool(t *testing.T) {
 	}
 }
 
+// TestEveryAlertHasAFiringCase fails when an alert of prometheusrule.yaml has no promtool
+// case in alerts-test.yaml in which it fires: an alert nobody has seen fire may never fire.
+func TestEveryAlertHasAFiringCase(t *testing.T) {
+	var pr struct {
+		Groups []struct {
+			Rules []struct {
+				Alert string `json:"alert"`
+			} `json:"rules"`
+		} `json:"groups"`
+	}
+	if err := yaml.Unmarshal(rules(t), &pr); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(monitoringDir(t), "alerts-test.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cases struct {
+		Tests []struct {
+			AlertRuleTest []struct {
+				AlertName string `json:"alertname"`
+				ExpAlerts []any  `json:"exp_alerts"`
+			} `json:"alert_rule_test"`
+		} `json:"tests"`
+	}
+	if err := yaml.Unmarshal(raw, &cases); err != nil {
+		t.Fatalf("alerts-test.yaml: %v", err)
+	}
+	fires := map[string]bool{}
+	for _, tc := range cases.Tests {
+		for _, a := range tc.AlertRuleTest {
+			if len(a.ExpAlerts) > 0 {
+				fires[a.AlertName] = true
+			}
+		}
+	}
+	n := 0
+	for _, g := range pr.Groups {
+		for _, r := range g.Rules {
+			if r.Alert == "" {
+				continue
+			}
+			n++
+			if !fires[r.Alert] {
+				t.Errorf("alert %s has no case in alerts-test.yaml in which it fires", r.Alert)
+			}
+		}
+	}
+	if n == 0 {
+		t.Fatal("prometheusrule.yaml has no alerts")
+	}
+}
+
 var metricName = regexp.MustCompile(`\bnode_agent_[a-z_]+`)
 
 // exported lists the metric families the agent exports, each series touched once.
