@@ -113,12 +113,7 @@ func parseInhibitArgs(args []string, getenv func(string) string, out io.Writer) 
 	if u, err := url.Parse(a.EngineURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		errs = append(errs, fmt.Errorf("--engine-url %q: want a URL such as http://127.0.0.1:8095", a.EngineURL))
 	}
-	if a.ShutdownTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("--shutdown-timeout %s: must be positive", a.ShutdownTimeout))
-	}
-	if a.InhibitMode != "delay" && a.InhibitMode != "block" {
-		errs = append(errs, fmt.Errorf("--inhibit-mode %q: want delay or block", a.InhibitMode))
-	}
+	errs = append(errs, validateHold(a.ShutdownTimeout, a.InhibitMode)...)
 	if a.LogFormat != "text" && a.LogFormat != "json" {
 		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", a.LogFormat))
 	}
@@ -126,6 +121,18 @@ func parseInhibitArgs(args []string, getenv func(string) string, out io.Writer) 
 		errs = append(errs, fmt.Errorf("--log-level: %w: want debug, info, warn or error", err))
 	}
 	return a, errors.Join(errs...)
+}
+
+// validateHold checks the flags of the shutdown hold, which run and inhibit share.
+func validateHold(timeout time.Duration, mode string) []error {
+	var errs []error
+	if timeout <= 0 {
+		errs = append(errs, fmt.Errorf("--shutdown-timeout %s: must be positive", timeout))
+	}
+	if mode != "delay" && mode != "block" {
+		errs = append(errs, fmt.Errorf("--inhibit-mode %q: want delay or block", mode))
+	}
+	return errs
 }
 
 // envDefaults sets every flag not given on the command line from NODE_AGENT_<FLAG>.
@@ -193,12 +200,7 @@ func (a runArgs) validate() error {
 	if a.LogFormat != "text" && a.LogFormat != "json" {
 		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", a.LogFormat))
 	}
-	if a.ShutdownTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("--shutdown-timeout %s: must be positive", a.ShutdownTimeout))
-	}
-	if a.InhibitMode != "delay" && a.InhibitMode != "block" {
-		errs = append(errs, fmt.Errorf("--inhibit-mode %q: want delay or block", a.InhibitMode))
-	}
+	errs = append(errs, validateHold(a.ShutdownTimeout, a.InhibitMode)...)
 	if a.LockHolder != "" {
 		if u, err := url.Parse(a.LockHolder); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("--lock-holder %q: want a URL such as http://127.0.0.1:8096, or empty", a.LockHolder))

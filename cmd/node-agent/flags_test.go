@@ -162,6 +162,10 @@ func TestParseRunArgsErrors(t *testing.T) {
 		{"empty KubeVirt namespace", args("--kubevirt-namespace="), nil, []string{"--kubevirt-namespace must not be empty"}},
 		{"zero QPS", args("--kube-api-qps=0"), nil, []string{"--kube-api-qps", "must be positive"}},
 		{"zero burst", args("--kube-api-burst=0"), nil, []string{"--kube-api-burst", "must be positive"}},
+		{"zero shutdown timeout", args("--shutdown-timeout=0s"), nil, []string{"--shutdown-timeout 0s", "must be positive"}},
+		{"negative shutdown timeout from the environment", node, map[string]string{"NODE_AGENT_SHUTDOWN_TIMEOUT": "-5m"}, []string{"--shutdown-timeout -5m0s", "must be positive"}},
+		{"unknown inhibit mode", args("--inhibit-mode=refuse"), nil, []string{`--inhibit-mode "refuse"`, "want delay or block"}},
+		{"lock holder not a URL", args("--lock-holder=127.0.0.1:8096"), nil, []string{`--lock-holder "127.0.0.1:8096"`, "want a URL such as http://127.0.0.1:8096"}},
 		{"bad log format", args("--log-format=xml"), nil, []string{`--log-format "xml"`, "want text or json"}},
 		{"bad log level", args("--log-level=loud"), nil, []string{"--log-level", `"loud"`, "debug, info, warn or error"}},
 		{"missing kubeconfig file", args("--kubeconfig=/nonexistent/kubeconfig"), nil, []string{"--kubeconfig", "/nonexistent/kubeconfig", "no such file"}},
@@ -180,6 +184,40 @@ func TestParseRunArgsErrors(t *testing.T) {
 			_, err := parseRunArgs(tt.args, env(tt.env), &bytes.Buffer{})
 			if err == nil {
 				t.Fatal("parseRunArgs() succeeded, want an error")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestParseInhibitArgsErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want []string
+	}{
+		{"zero shutdown timeout", []string{"--shutdown-timeout=0s"}, nil, []string{"--shutdown-timeout 0s", "must be positive"}},
+		{"unknown inhibit mode from the environment", nil, map[string]string{"NODE_AGENT_INHIBIT_MODE": "never"}, []string{`--inhibit-mode "never"`, "want delay or block"}},
+		{"engine URL without a scheme", []string{"--engine-url=127.0.0.1:8095"}, nil, []string{`--engine-url "127.0.0.1:8095"`, "want a URL"}},
+		{"bad listen address", []string{"--listen-address=8096"}, nil, []string{`--listen-address "8096"`, "want host:port"}},
+		{"stray arguments", []string{"now"}, nil, []string{`unexpected arguments ["now"]`, "takes only flags"}},
+		{
+			"several errors reported together",
+			[]string{"--shutdown-timeout=-1s", "--inhibit-mode=x", "--log-format=xml"},
+			nil,
+			[]string{"--shutdown-timeout -1s", `--inhibit-mode "x"`, `--log-format "xml"`},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseInhibitArgs(tt.args, env(tt.env), &bytes.Buffer{})
+			if err == nil {
+				t.Fatal("parseInhibitArgs() succeeded, want an error")
 			}
 			for _, w := range tt.want {
 				if !strings.Contains(err.Error(), w) {
