@@ -100,6 +100,7 @@ func TestDrainAllPodsNeverSpins(t *testing.T) {
 	a.waitStatus(10*time.Second, "the two refused pods counted", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
 		return st.Draining && st.PodsLeft == 2
 	})
+	a.checkMetrics(map[string]float64{`node_agent_pods_left{node="` + node + `"}`: 2})
 
 	// (No disruption controller runs here: a budget left alone would refuse with 429.)
 	for _, name := range []string{"budget-a", "budget-b"} {
@@ -111,6 +112,7 @@ func TestDrainAllPodsNeverSpins(t *testing.T) {
 	a.waitStatus(90*time.Second, "the refused pods evicted once allowed", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
 		return st.PodsLeft == 0 && len(st.VMs) == 1
 	})
+	a.checkMetrics(map[string]float64{`node_agent_pods_left{node="` + node + `"}`: 0})
 }
 
 func sortedCounts(m map[string]int) []string {

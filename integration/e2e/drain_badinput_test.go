@@ -58,6 +58,8 @@ func TestDrainMalformedLegacyConfigMap(t *testing.T) {
 	if st.TaintKey != nodeinfo.DefaultDrainTaintKey || !strings.Contains(st.ConfigError, "data.migrations") {
 		t.Errorf("/safe-to-shutdown: taint key %q, config error %q", st.TaintKey, st.ConfigError)
 	}
+	// Once per distinct error, which the NodeAgentConfigError alert counts.
+	a.checkMetrics(map[string]float64{`node_agent_config_errors_total{node="` + node + `",source="config"}`: 1})
 
 	sc.taint(node, nodeinfo.DefaultDrainTaintKey)
 	a.waitSafe(2 * time.Minute)

@@ -327,6 +327,11 @@ func TestShutdownPowerOffDrainsThenReleases(t *testing.T) {
 	sc.waitInhibitDelayMax(env, 3*time.Minute)
 	vms := sc.watchVMs(node)
 	bootID := sc.node(node).Status.NodeInfo.BootID
+	a.checkMetrics(map[string]float64{
+		`node_agent_inhibitor_lock_held{node="` + node + `"}`:        1,
+		`node_agent_logind_connected{node="` + node + `"}`:           1,
+		`node_agent_shutdown_delay_max_seconds{node="` + node + `"}`: 180,
+	})
 
 	asked := sc.powerOff(env)
 	sc.waitOutOfService(node, bootID)
@@ -356,6 +361,12 @@ func TestShutdownPowerOffDrainsThenReleases(t *testing.T) {
 		t.Errorf("%s event %s: %q, want Normal", ev.Reason, ev.Type, ev.Message)
 	}
 	sc.nodeEvent(node, agent.ReasonShutdownDelayed)
+	a.checkMetrics(map[string]float64{
+		`node_agent_drains_started_total{node="` + node + `",trigger="shutdown"}`: 1,
+		`node_agent_shutdown_releases_total{node="` + node + `",outcome="safe"}`:  1,
+		`node_agent_shutdown_delay_seconds_count{node="` + node + `"}`:            1,
+		`node_agent_safe_to_shutdown{node="` + node + `"}`:                        1,
+	})
 	if !hasEvent(sc.events(sc.ns, "VirtualMachineInstance", "always"), agent.ReasonShutdownRequested) {
 		t.Errorf("no %s event on the None VM", agent.ReasonShutdownRequested)
 	}
