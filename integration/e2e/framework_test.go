@@ -20,6 +20,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
@@ -46,7 +47,8 @@ type scenario struct {
 
 var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 
-// newScenario creates a namespace and n nodes for the test; they are deleted when it ends.
+// newScenario creates a namespace and n nodes for the test (see the package doc for
+// what is cleaned up when it ends).
 func newScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
 	return newScenarioIn(t, shared, nodes)
@@ -559,3 +561,73 @@ func (a *agentProc) checkJSONLogs(namespace string, vmis ...string) {
 		}
 	}
 }
+
+var (
+	liveMigrate   = sim.WithEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrate)
+	ifPossible    = sim.WithEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrateIfPossible)
+	noneStrategy  = sim.WithEvictionStrategy(kubevirtv1.EvictionStrategyNone)
+	external      = sim.WithEvictionStrategy(kubevirtv1.EvictionStrategyExternal)
+	notMigratable = sim.WithBridgeInterface()
+)
+
+// onNode pins a VM's first start to a node of the scenario.
+func onNode(node string) sim.VMOption {
+	return sim.WithNodeSelector(map[string]string{corev1.LabelHostname: node})
+}
+
+// plainPod creates an unmanaged pod bound to node (as a pod with spec.nodeName is).
+func (sc *scenario) plainPod(name, node string, mutate ...func(*corev1.Pod)) *corev1.Pod {
+	sc.t.Helper()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: sc.ns},
+		Spec: corev1.PodSpec{
+			NodeName:                      node,
+			TerminationGracePeriodSeconds: new(int64),
+			Containers:                    []corev1.Container{{Name: "app", Image: "registry.example/app:1"}},
+		},
+	}
+	for _, m := range mutate {
+		m(pod)
+	}
+	created, err := sc.kube().CoreV1().Pods(sc.ns).Create(sc.ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		sc.t.Fatalf("creating pod %s: %v", name, err)
+	}
+	return created
+}
+
+// waitReplaced waits until the VMIRS has a running VMI other than old on node.
+func (sc *scenario) waitReplaced(rs string, old *kubevirtv1.VirtualMachineInstance, node string) {
+	sc.t.Helper()
+	if _, err := sc.env.sim.WaitForVMIs(sc.ctx, sc.ns, sim.LabelVMIRS+"="+rs, "replaced on "+node, func(vs []*kubevirtv1.VirtualMachineInstance) bool {
+		for _, v := range vs {
+			if v.UID != old.UID && v.Status.Phase == kubevirtv1.Running && v.Status.NodeName == node {
+				return true
+			}
+		}
+		return false
+	}); err != nil {
+		sc.t.Errorf("VMIRS %s: %v", rs, err)
+	}
+}
+
+func (sc *scenario) patchVMIRSNodeSelector(name string, sel map[string]string) {
+	sc.t.Helper()
+	for {
+		rs := &kubevirtv1.VirtualMachineInstanceReplicaSet{}
+		if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIRSs).Name(name).Do(sc.ctx).Into(rs); err != nil {
+			sc.t.Fatal(err)
+		}
+		rs.Spec.Template.Spec.NodeSelector = sel
+		err := sc.env.cluster.KubeVirt.Put().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIRSs).Name(name).Body(rs).Do(sc.ctx).Error()
+		if err != nil && isConflict(err) {
+			continue
+		}
+		if err != nil {
+			sc.t.Fatalf("updating VMIRS %s: %v", name, err)
+		}
+		return
+	}
+}
+
+func isConflict(err error) bool { return apierrors.IsConflict(err) }

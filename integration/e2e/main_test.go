@@ -2,6 +2,35 @@
 // node-agent's, on a real etcd, kube-apiserver, virt-api and virt-controller, with
 // the scheduler, kubelets and virt-handlers simulated (integration/sim). The tests
 // share one cluster; each has a namespace and nodes of its own.
+//
+// # Adding a scenario
+//
+// TestMain starts the cluster and the simulators once and builds the agent (with
+// -race when the tests have it); framework_test.go holds the helpers. A test:
+//
+//   - calls newScenario(t, n): a namespace named after the test and n simulated
+//     nodes labelled with the test's own pool (poolLabel). Every VM the scenario
+//     creates (createVM, createVMI, createVMIRS) selects that pool, so no other
+//     test's VM lands on its nodes and its VMs land nowhere else; onNode pins a
+//     VM's first start to one node. The tests run one after another (no
+//     t.Parallel); a test that changes what every test sees (the KubeVirt CR's
+//     configuration, a cluster-scoped policy or ConfigMap) puts it back in
+//     t.Cleanup, as setClusterEvictionStrategy does.
+//   - runs agents with sc.startAgent(node, flags...) and waits on conditions
+//     with a deadline (sc.eventually, a.waitSafe, sc.waitVMIOn, the sim's
+//     WaitFor* helpers), never a sleep.
+//   - cleans up through t.Cleanup only: the agents it started are stopped and
+//     the namespace's migrations, VMs, VMIRSs and VMIs deleted when it ends (an
+//     unfinished migration would count against KubeVirt's cluster-wide limit in
+//     the tests after it). Its namespace and nodes stay, out of every other
+//     test's way by their pool.
+//
+// A test that needs the cluster configured otherwise (the KubeVirt CR's feature
+// gates or migration limits, no eviction webhook, no subresource API) starts a
+// cluster of its own with newPrivateEnv(t, cluster.Options{...}) and
+// newScenarioIn(t, e, n). It costs a cluster start (15-50 s) and the README's
+// table lists it; share the cluster whenever a namespace and nodes of the test's
+// own are enough.
 package e2e
 
 import (
