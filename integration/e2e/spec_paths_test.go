@@ -1,0 +1,205 @@
+package e2e
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/integration/sim"
+)
+
+// consistently checks cond for the whole of d and fails the test at the first time it
+// is false: the assertion that something does not happen, over a window long enough
+// for the agent to react to what the test changed (it reacts within a second).
+func (sc *scenario) consistently(d time.Duration, what string, cond func() (bool, string)) {
+	sc.t.Helper()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if ok, detail := cond(); !ok {
+			sc.t.Fatalf("%s: no longer so: %s", what, detail)
+		}
+		select {
+		case <-sc.ctx.Done():
+			sc.t.Fatal(sc.ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// A cordon alone, and a taint with the drain key but another effect (PreferNoSchedule,
+// NoExecute), start no drain (SPEC: the drain taint is the key with effect
+// NoSchedule). The VM stays, the agent reports no drain and requests no eviction;
+// the drain taint itself then starts the drain at once, which shows the agent was
+// watching all along.
+func TestDrainNotStartedByCordonOrAnotherEffect(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	always := sc.pinned("always", node, noneStrategy)
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
+	a.waitStatus(30*time.Second, "the VM seen, no drain", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.Ready && !st.Draining && len(st.VMs) == 1
+	})
+	start := time.Now()
+	notDraining := func() (bool, string) {
+		code, st := a.safeToShutdown("")
+		if st.Draining || code != http.StatusServiceUnavailable {
+			return false, "the agent reports a drain"
+		}
+		if v := sc.vmi(always.Name); v == nil || v.UID != always.UID || v.DeletionTimestamp != nil {
+			return false, "the VM is leaving"
+		}
+		return true, ""
+	}
+
+	sc.cordon(node, true)
+	sc.consistently(5*time.Second, "no drain on a cordon alone", notDraining)
+	for _, effect := range []corev1.TaintEffect{corev1.TaintEffectPreferNoSchedule, corev1.TaintEffectNoExecute} {
+		sc.patchNode(node, func(n *corev1.Node) {
+			n.Spec.Taints = []corev1.Taint{{Key: agentOnlyKey, Effect: effect}}
+		})
+		sc.consistently(5*time.Second, "no drain on the key with effect "+string(effect), notDraining)
+	}
+	if n := sc.eventCount(metav1.NamespaceDefault, "Node", node, agent.ReasonDrainStarted); n != 0 {
+		t.Errorf("%d %s events before the drain taint", n, agent.ReasonDrainStarted)
+	}
+	counts, err := evictionsPerPod(sc.env.cluster.AuditLog, sc.ns, start, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(counts) != 0 {
+		t.Errorf("eviction requests before the drain taint: %v", sortedCounts(counts))
+	}
+
+	sc.patchNode(node, func(n *corev1.Node) {
+		n.Spec.Taints = []corev1.Taint{{Key: agentOnlyKey, Effect: corev1.TaintEffectNoSchedule}}
+	})
+	a.waitSafe(2 * time.Minute)
+	sc.waitRestarted(always, other)
+}
+
+// With --all-pods, a mirror pod (a static pod the kubelet mirrors, annotated
+// kubernetes.io/config.mirror) is kept, as kubectl drain keeps it: never asked to
+// evict, still there when the node is safe; a plain pod beside it is evicted.
+func TestDrainAllPodsKeepsMirrorPods(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	mirror := sc.plainPod("static-web-"+node, node, func(p *corev1.Pod) {
+		p.Annotations = map[string]string{corev1.MirrorPodAnnotationKey: "e2e-hash"}
+		p.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: sc.node(node).UID, Controller: ptr.To(true)}}
+	})
+	free := sc.plainPod("free", node)
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey, "--all-pods", "--pod-eviction-retry=1s")
+	a.waitStatus(30*time.Second, "only the plain pod counted", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.Ready && st.PodsLeft == 1
+	})
+	start := time.Now()
+	sc.taint(node, agentOnlyKey)
+	a.waitSafe(time.Minute)
+	if _, ok := sc.podPhase(sc.ns, free.Name, free.UID); ok {
+		t.Error("the plain pod is still there on a safe node")
+	}
+	if _, ok := sc.podPhase(sc.ns, mirror.Name, mirror.UID); !ok {
+		t.Error("the mirror pod is gone")
+	}
+	counts, err := evictionsPerPod(sc.env.cluster.AuditLog, sc.ns, start, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if counts[mirror.Name] != 0 || counts[free.Name] == 0 {
+		t.Errorf("eviction requests: %v; want the plain pod's, none for the mirror pod", sortedCounts(counts))
+	}
+}
+
+// startVM asks virt-api to start a VM (virtctl start), as an operator starts a VM of
+// runStrategy Manual.
+func (sc *scenario) startVM(name string) {
+	sc.t.Helper()
+	if err := sc.env.cluster.KubeVirt.Put().
+		AbsPath("/apis/subresources.kubevirt.io/v1/namespaces", sc.ns, "virtualmachines", name, "start").
+		Body([]byte("{}")).SetHeader("Content-Type", "application/json").Do(sc.ctx).Error(); err != nil {
+		sc.t.Fatalf("start VM %s: %v", name, err)
+	}
+}
+
+// `node-agent status` and `drain --dry-run` predict how each VM ends up, by its owner
+// and run strategy; the drain then does what they said: runStrategy Always restarts
+// elsewhere, a VMIRS replaces its replica elsewhere, runStrategy Manual, Once and
+// RerunOnFailure (whose evicted VMI ends Succeeded) and a bare VMI stay stopped.
+func TestCLIPredictionsComeTrue(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	always := sc.pinned("always", node, noneStrategy)
+	once := sc.createVM("once", noneStrategy, onNode(node), sim.WithRunStrategy(kubevirtv1.RunStrategyOnce))
+	rerun := sc.createVM("rerun", noneStrategy, onNode(node), sim.WithRunStrategy(kubevirtv1.RunStrategyRerunOnFailure))
+	if err := sc.env.sim.Create(sc.ctx, sim.NewVM(sc.ns, "manual", sc.vmOpts([]sim.VMOption{noneStrategy, onNode(node), sim.WithRunStrategy(kubevirtv1.RunStrategyManual)})...)); err != nil {
+		t.Fatal(err)
+	}
+	sc.startVM("manual")
+	manual := sc.waitRunning("manual")
+	rs := sc.createVMIRS("rs", 1, noneStrategy, onNode(node))
+	sc.patchVMIRSNodeSelector("rs", map[string]string{poolLabel: sc.pool})
+	bare := sc.createVMI("bare", noneStrategy, onNode(node))
+
+	want := map[string]string{
+		always.Name: "shut down, restarted on another node (runStrategy Always)",
+		once.Name:   "shut down, stays stopped (runStrategy Once)",
+		rerun.Name:  "shut down, stays stopped (runStrategy RerunOnFailure)",
+		manual.Name: "shut down, stays stopped (runStrategy Manual)",
+		rs[0].Name:  "shut down, replaced on another node by its VMIRS",
+		bare.Name:   "shut down, stays stopped (a bare VMI)",
+	}
+	out, errOut, code := sc.ctl("status", node, "-o", "json")
+	if code != 0 {
+		t.Fatalf("status -o json exited %d: %s", code, errOut)
+	}
+	var st struct {
+		Predicted map[string]string `json:"predicted"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status -o json: %v\n%s", err, out)
+	}
+	dry, errOut, code := sc.ctl("drain", node, "--dry-run")
+	if code != 0 {
+		t.Fatalf("drain --dry-run exited %d: %s", code, errOut)
+	}
+	for name, end := range want {
+		if got := st.Predicted[sc.ns+"/"+name]; got != end {
+			t.Errorf("status predicts %q for %s, want %q", got, name, end)
+		}
+		if !strings.Contains(dry, sc.ns+"/"+name) || !strings.Contains(dry, end) {
+			t.Errorf("drain --dry-run does not say %q for %s:\n%s", end, name, dry)
+		}
+	}
+
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
+	sc.taint(node, agentOnlyKey)
+	a.waitSafe(2 * time.Minute)
+	sc.waitRestarted(always, other)
+	sc.waitReplaced("rs", rs[0], other)
+	for _, v := range []*kubevirtv1.VirtualMachineInstance{once, rerun, manual, bare} {
+		sc.waitStoppedForGood(v.Name, v)
+	}
+	// A VM's controller restarts a VMI right after the old one ends, if it restarts it
+	// at all: the VMs that stay stopped report it, and their VMI is not recreated.
+	for _, name := range []string{once.Name, rerun.Name, manual.Name} {
+		sc.eventually(30*time.Second, "VM "+name+" to report it is not running", func() (bool, string) {
+			vm := &kubevirtv1.VirtualMachine{}
+			if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource("virtualmachines").Name(name).Do(sc.ctx).Into(vm); err != nil {
+				return false, err.Error()
+			}
+			return !vm.Status.Ready && vm.Status.PrintableStatus != kubevirtv1.VirtualMachineStatusStarting &&
+				vm.Status.PrintableStatus != kubevirtv1.VirtualMachineStatusRunning, string(vm.Status.PrintableStatus)
+		})
+		if v := sc.vmi(name); v != nil && !v.IsFinal() {
+			t.Errorf("VM %s was started again: VMI %s in phase %s", name, v.UID, v.Status.Phase)
+		}
+	}
+}
