@@ -222,7 +222,7 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 		return err
 	}
 	if e.pods != nil {
-		e.pods.stop()
+		e.pods.Stop()
 	}
 	if rec.Completed == nil || len(left) > 0 {
 		msg := fmt.Sprintf("Drain withdrawn: %s cancelled, %s the agent created deleted", plural(cancelled, "evacuation"), plural(len(deleted), "migration"))

@@ -103,7 +103,7 @@ type Engine struct {
 	evictor  evictor
 	warnedMu sync.Mutex
 	warned   map[string]sets // warnings already sent this drain: VM -> causes
-	pods     *podDrainer
+	pods     *PodDrainer
 }
 
 type sets map[string]struct{}
@@ -152,7 +152,10 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		status:      NodeStatus{Node: opts.NodeName, Reason: "starting"},
 	}
 	if opts.AllPods || opts.ShutdownAllPods {
-		e.pods = newPodDrainer(clients.Kube, opts.NodeName, opts.PodEvictionRetry, opts.EvictionBackoffMax, opts.Clock, e.log, recorder, metrics)
+		e.pods = NewPodDrainer(clients.Kube, PodDrainerOptions{
+			Node: opts.NodeName, Retry: opts.PodEvictionRetry, RetryMax: opts.EvictionBackoffMax, Clock: opts.Clock,
+			Log: e.log, Recorder: recorder, Metrics: metrics,
+		})
 	}
 	return e
 }
@@ -170,7 +173,7 @@ func (e *Engine) Run(ctx context.Context) error {
 	for e.processNext(ctx) {
 	}
 	if e.pods != nil {
-		e.pods.stop()
+		e.pods.Stop()
 	}
 	return nil
 }
@@ -289,7 +292,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		// against "safe to power off" whether or not a drain runs.
 		podsLeft := 0
 		if e.pods != nil {
-			podsLeft = e.pods.ensure(ctx, e.view.LauncherPods(), false)
+			podsLeft = e.otherPods(ctx, false)
 		}
 		e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil, withPods(podsLeft))
 		return e.pods != nil, nil
@@ -430,7 +433,7 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 	}
 	podsLeft := 0
 	if (rec.Trigger == TriggerTaint && e.opts.AllPods) || (trigger == TriggerShutdown && e.opts.ShutdownAllPods) {
-		podsLeft = e.pods.ensure(ctx, e.view.LauncherPods(), true)
+		podsLeft = e.otherPods(ctx, true)
 	}
 	safe := e.report(ctx, node, cfg, trigger, vms, outcomes, withPods(podsLeft))
 	if safe && rec.Completed == nil {
@@ -445,6 +448,17 @@ func (e *Engine) drain(ctx context.Context, node *corev1.Node, cfg nodeinfo.Conf
 		e.log.WithField("took", took.Round(time.Millisecond).String()).Info("drain completed: no VM left on the node")
 	}
 	return true, errors.Join(errs...)
+}
+
+// otherPods counts the node's other pods a drain evicts (with evict, evicting those
+// due first); one when they cannot be listed, so that the node is not reported safe.
+func (e *Engine) otherPods(ctx context.Context, evict bool) int {
+	left, err := e.pods.Ensure(ctx, e.view.LauncherPods(), evict)
+	if err != nil {
+		e.log.WithError(err).Warn("cannot list the node's other pods")
+		return 1
+	}
+	return left
 }
 
 // actConcurrency bounds the evictions in flight at once: a node's hundred VMs are acted

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -23,15 +24,17 @@ import (
 // pods, which a virt-launcher pod owns.
 const hotplugDiskLabel = "hotplug-disk"
 
-// podDrainer evicts the node's other pods (--all-pods) as
+// PodDrainer evicts a node's other pods (--all-pods) as
 // `kubectl drain --ignore-daemonsets --delete-emptydir-data --force` would, with
 // kubectl's own drain helper choosing the pods. virt-launcher pods are left to the
 // engine, which decides per VM, and so are KubeVirt's hotplug attachment pods while the
-// virt-launcher pod that owns them is on the node. It evicts from the engine's sync,
-// each pod at most once per its backoff: a refused eviction (a budget's 429, a pod
-// under two budgets' 500, an admission webhook's denial) is retried with a per-pod
-// exponential backoff, never in a loop, and reported once per pod and cause.
-type podDrainer struct {
+// virt-launcher pod that owns them is on the node. Each pod is evicted at most once per
+// its backoff, in a single request (no client-side retries): a refused eviction (a
+// budget's 429, a pod under two budgets' 500, an admission webhook's denial) is retried
+// with a per-pod exponential backoff, never in a loop, and reported once per pod and
+// cause. The agent's engine drives it from its sync; `node-agent drain --all-pods`
+// (drainctl) from its follow loop, so both evict by the same rule.
+type PodDrainer struct {
 	helper   *drain.Helper
 	node     string
 	log      logrus.FieldLogger
@@ -47,15 +50,11 @@ type podDrainer struct {
 // is tried again; it doubles up to the engine's EvictionBackoffMax.
 const DefaultPodEvictionRetry = 5 * time.Second
 
-// OtherPodsHelper is kubectl's drain helper set up as the agent evicts a node's other
-// pods (--all-pods): as `kubectl drain --ignore-daemonsets --delete-emptydir-data
-// --force`, each pod's own grace period, virt-launcher pods left out (a drain decides
-// per VM), a refused eviction retried after retry. `node-agent drain --all-pods` uses
-// the same helper. Set Ctx before use.
-func OtherPodsHelper(kube kubernetes.Interface, retry time.Duration, out, errOut io.Writer) *drain.Helper {
-	if retry <= 0 {
-		retry = DefaultPodEvictionRetry
-	}
+// otherPodsHelper is kubectl's drain helper set up as a drain evicts a node's other
+// pods: as `kubectl drain --ignore-daemonsets --delete-emptydir-data --force`, each
+// pod's own grace period, virt-launcher pods left out (a drain decides per VM). It
+// only lists: PodDrainer evicts. Set Ctx before use.
+func otherPodsHelper(kube kubernetes.Interface, out, errOut io.Writer) *drain.Helper {
 	return &drain.Helper{
 		Client:              kube,
 		Force:               true,
@@ -63,38 +62,59 @@ func OtherPodsHelper(kube kubernetes.Interface, retry time.Duration, out, errOut
 		DeleteEmptyDirData:  true,
 		GracePeriodSeconds:  -1,
 		PodSelector:         nodeinfo.NotLauncherLabelSelector,
-		// Zero would retry a refused eviction in a busy loop.
-		EvictErrorRetryDelay: retry,
-		Out:                  out,
-		ErrOut:               errOut,
+		Out:                 out,
+		ErrOut:              errOut,
 	}
 }
 
-func newPodDrainer(kube kubernetes.Interface, node string, retry, retryMax time.Duration, clk clock.Clock, log logrus.FieldLogger, recorder record.EventRecorder, metrics *Metrics) *podDrainer {
-	b := flowcontrol.NewBackOff(retry, max(retry, retryMax))
-	b.Clock = clk
-	return &podDrainer{
-		node:     node,
-		log:      log.WithField("drain", "pods"),
-		recorder: recorder,
-		metrics:  metrics,
+// PodDrainerOptions configure a PodDrainer.
+type PodDrainerOptions struct {
+	// Node is the node whose pods are evicted.
+	Node string
+	// Retry is the first pause after a refused eviction (DefaultPodEvictionRetry when
+	// zero); it doubles up to RetryMax.
+	Retry, RetryMax time.Duration
+	// Clock is the backoff's clock (the real one when nil).
+	Clock clock.Clock
+	// Log receives a line per eviction and per refusal (once per pod and cause).
+	Log logrus.FieldLogger
+	// Recorder, when set, gets a Warning EvictionRefused event on the pod once per
+	// pod and cause.
+	Recorder record.EventRecorder
+	// Metrics, when set, counts the requests (node_agent_eviction_requests_total).
+	Metrics *Metrics
+}
+
+// NewPodDrainer returns a PodDrainer for the node's other pods.
+func NewPodDrainer(kube kubernetes.Interface, opts PodDrainerOptions) *PodDrainer {
+	if opts.Retry <= 0 {
+		opts.Retry = DefaultPodEvictionRetry
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.RealClock{}
+	}
+	b := flowcontrol.NewBackOff(opts.Retry, max(opts.Retry, opts.RetryMax))
+	b.Clock = opts.Clock
+	log := opts.Log.WithField("drain", "pods")
+	return &PodDrainer{
+		node:     opts.Node,
+		log:      log,
+		recorder: opts.Recorder,
+		metrics:  opts.Metrics,
 		backoff:  b,
 		warned:   map[types.UID]sets{},
-		// The drainer evicts each pod itself, with a backoff, from the helper's list.
-		helper: OtherPodsHelper(kube, retry,
-			log.WithField("drain", "pods").WriterLevel(logrus.InfoLevel),
-			log.WithField("drain", "pods").WriterLevel(logrus.WarnLevel)),
+		helper:   otherPodsHelper(kube, log.WriterLevel(logrus.InfoLevel), log.WriterLevel(logrus.WarnLevel)),
 	}
 }
 
-// ensure returns how many evictable pods are on the node; with evict, it first asks
-// for the eviction of each one that is not terminating and not backing off. launchers
-// are the node's virt-launcher pods (a hotplug pod whose owner runs among them stays).
-func (p *podDrainer) ensure(ctx context.Context, launchers []*corev1.Pod, evict bool) int {
+// Ensure returns how many evictable pods are on the node; with evict, it first asks
+// for the eviction of each one that is not terminating and not backing off, once.
+// launchers are the node's virt-launcher pods (a hotplug pod whose owner runs among
+// them stays). It fails only when the pods cannot be listed.
+func (p *PodDrainer) Ensure(ctx context.Context, launchers []*corev1.Pod, evict bool) (int, error) {
 	pods, err := p.evictable(ctx, launchers)
 	if err != nil {
-		p.log.WithError(err).Warn("cannot list the node's other pods")
-		return 1
+		return 0, fmt.Errorf("listing the other pods of node %s: %w", p.node, err)
 	}
 	present := map[types.UID]bool{}
 	for _, pod := range pods {
@@ -102,7 +122,7 @@ func (p *podDrainer) ensure(ctx context.Context, launchers []*corev1.Pod, evict 
 	}
 	p.forget(present)
 	if !evict {
-		return len(pods)
+		return len(pods), nil
 	}
 	now := p.backoff.Clock.Now()
 	for _, pod := range pods {
@@ -111,11 +131,11 @@ func (p *podDrainer) ensure(ctx context.Context, launchers []*corev1.Pod, evict 
 		}
 		p.evict(ctx, pod)
 	}
-	return len(pods)
+	return len(pods), nil
 }
 
 // evictable lists, through kubectl's drain filters, the pods a drain evicts.
-func (p *podDrainer) evictable(ctx context.Context, launchers []*corev1.Pod) ([]corev1.Pod, error) {
+func (p *PodDrainer) evictable(ctx context.Context, launchers []*corev1.Pod) ([]corev1.Pod, error) {
 	running := map[string]bool{}
 	for _, l := range launchers {
 		if l.Spec.NodeName == p.node && l.Status.Phase != corev1.PodSucceeded && l.Status.Phase != corev1.PodFailed {
@@ -152,16 +172,16 @@ func hotplugOwner(pod *corev1.Pod) string {
 }
 
 // evict asks for one pod's eviction, once; a refusal starts or lengthens its backoff.
-func (p *podDrainer) evict(ctx context.Context, pod corev1.Pod) {
+func (p *PodDrainer) evict(ctx context.Context, pod corev1.Pod) {
 	// Not the helper's EvictPod: its client retries a 429 itself, as long as the
 	// answer's Retry-After says (a budget's is 10 s, ten times over), which would hold
-	// the engine's sync for minutes.
+	// the engine's sync (or the workstation's follow loop) for minutes.
 	a := apiEvictor{kube: p.helper.Client}.evict(ctx, &pod, false)
 	log := p.log.WithFields(logrus.Fields{"namespace": pod.Namespace, "pod": pod.Name})
 	if a.result == evicted || a.result == gone {
 		p.backoff.DeleteEntry(string(pod.UID))
 		if a.result == evicted {
-			p.metrics.Requests.WithLabelValues("pod", "evicted").Inc()
+			p.count("evicted")
 			log.Info("pod evicted")
 		}
 		return
@@ -171,7 +191,7 @@ func (p *podDrainer) evict(ctx context.Context, pod corev1.Pod) {
 	if a.result == failed {
 		outcome = "error"
 	}
-	p.metrics.Requests.WithLabelValues("pod", outcome).Inc()
+	p.count(outcome)
 	p.mu.Lock()
 	causes := p.warned[pod.UID]
 	if causes == nil {
@@ -185,12 +205,21 @@ func (p *podDrainer) evict(ctx context.Context, pod corev1.Pod) {
 		log.WithField("cause", a.cause).Debug("eviction refused again; backing off")
 		return
 	}
-	p.recorder.Eventf(&pod, corev1.EventTypeWarning, ReasonEvictionRefused, "Eviction from node %s refused, retrying with a backoff: %s", p.node, a.msg)
+	if p.recorder != nil {
+		p.recorder.Eventf(&pod, corev1.EventTypeWarning, ReasonEvictionRefused, "Eviction from node %s refused, retrying with a backoff: %s", p.node, a.msg)
+	}
 	log.WithFields(logrus.Fields{"cause": a.cause, "reason": a.msg}).Warn("pod eviction refused; retrying with a backoff")
 }
 
+// count counts an eviction request of another pod by outcome.
+func (p *PodDrainer) count(outcome string) {
+	if p.metrics != nil {
+		p.metrics.Requests.WithLabelValues("pod", outcome).Inc()
+	}
+}
+
 // forget drops what is kept about pods that are gone.
-func (p *podDrainer) forget(present map[types.UID]bool) {
+func (p *PodDrainer) forget(present map[types.UID]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for uid := range p.warned {
@@ -201,8 +230,8 @@ func (p *podDrainer) forget(present map[types.UID]bool) {
 	}
 }
 
-// stop forgets the drain's backoffs and reports (the drain ended or was withdrawn).
-func (p *podDrainer) stop() {
+// Stop forgets the drain's backoffs and reports (the drain ended or was withdrawn).
+func (p *PodDrainer) Stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for uid := range p.warned {

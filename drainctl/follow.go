@@ -6,52 +6,59 @@ import (
 	"io"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/kubectl/pkg/drain"
+	"k8s.io/utils/clock"
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
-// OtherPods evicts a node's other pods (not virt-launcher pods) in the background, with
-// the agent's own kubectl drain helper settings (agent.OtherPodsHelper).
+// OtherPods evicts a node's other pods (not virt-launcher pods) as the agent on the
+// node does, through its own agent.PodDrainer: the pods kubectl drain
+// --ignore-daemonsets --delete-emptydir-data --force would evict, each in a single
+// request at most once per its backoff (no client-side retries of a 429). Follow
+// drives it.
 type OtherPods struct {
-	helper *drain.Helper
-	node   string
+	drainer *agent.PodDrainer
+	retry   time.Duration
 }
 
-// EvictOtherPods starts evicting the node's other pods, as `kubectl drain
-// --ignore-daemonsets --delete-emptydir-data --force`; it stops when ctx ends.
-// Problems are written to errOut.
-func (c *Client) EvictOtherPods(ctx context.Context, node string, errOut io.Writer) *OtherPods {
-	p := &OtherPods{node: node, helper: agent.OtherPodsHelper(c.Kube, agent.DefaultPodEvictionRetry, io.Discard, errOut)}
-	helper := *p.helper
-	helper.Ctx = ctx
-	go func() {
-		list, errs := helper.GetPodsForDeletion(node)
-		if len(errs) > 0 {
-			fmt.Fprintf(errOut, "listing the other pods of node/%s: %v\n", node, errs)
-			return
-		}
-		if err := helper.DeleteOrEvictPods(list.Pods()); err != nil && ctx.Err() == nil {
-			fmt.Fprintf(errOut, "evicting the other pods of node/%s: %v\n", node, err)
-		}
-	}()
-	return p
+// EvictOtherPods returns what evicts the node's other pods while Follow follows the
+// node. Refusals are written to errOut, once per pod and cause.
+func (c *Client) EvictOtherPods(node string, errOut io.Writer) *OtherPods {
+	log := logrus.New()
+	log.SetOutput(errOut)
+	log.SetLevel(logrus.WarnLevel)
+	log.SetFormatter(&logrus.TextFormatter{DisableTimestamp: true})
+	return c.otherPods(node, clock.RealClock{}, log)
 }
 
-// Left counts the node's other pods still to evict; -1 when they cannot be listed.
-func (p *OtherPods) Left(ctx context.Context) int {
-	h := *p.helper
-	h.Ctx = ctx
-	list, errs := h.GetPodsForDeletion(p.node)
-	if len(errs) > 0 {
+func (c *Client) otherPods(node string, clk clock.Clock, log logrus.FieldLogger) *OtherPods {
+	return &OtherPods{
+		retry: agent.DefaultPodEvictionRetry,
+		drainer: agent.NewPodDrainer(c.Kube, agent.PodDrainerOptions{
+			Node: node, Retry: agent.DefaultPodEvictionRetry, RetryMax: otherPodsRetryMax, Clock: clk,
+			Log: log.WithField("node", node),
+		}),
+	}
+}
+
+// otherPodsRetryMax bounds the backoff of a pod whose eviction is refused, as the
+// agent's default --eviction-backoff-max does.
+const otherPodsRetryMax = time.Minute
+
+// evict asks for the eviction of the pods that are due and counts the pods left; -1
+// when they cannot be listed. launchers are the node's virt-launcher pods.
+func (p *OtherPods) evict(ctx context.Context, launchers []*corev1.Pod) int {
+	left, err := p.drainer.Ensure(ctx, launchers, true)
+	if err != nil {
 		return -1
 	}
-	return len(list.Pods())
+	return left
 }
 
 // followRate bounds how often Follow looks again (each look lists the migrations of
@@ -78,7 +85,7 @@ func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, p
 	})
 	view.Run(ctx)
 	if pods != nil {
-		// The other pods leaving is a change too; they are counted by the helper.
+		// The other pods leaving is a change too; they are counted by the drainer.
 		lw := cache.NewFilteredListWatchFromClient(c.Kube.CoreV1().RESTClient(), "pods", "", func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", node).String()
 		})
@@ -104,11 +111,17 @@ func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, p
 			}
 		}
 		next = time.Now().Add(followRate)
+		// A pod whose eviction was refused is tried again when its backoff ends,
+		// whether or not anything changed by then.
+		var retry <-chan time.Time
 		if n, err := view.Node(); err == nil {
 			vmis := view.VMIs()
 			v := c.complete(ctx, newView(n, cfg, vmis, view.LauncherPods()), cfg, vmis, false)
 			if pods != nil {
-				v.PodsLeft = pods.Left(ctx)
+				v.PodsLeft = pods.evict(ctx, view.LauncherPods())
+				if v.PodsLeft != 0 {
+					retry = time.After(pods.retry)
+				}
 			}
 			last = v
 			show(v)
@@ -120,6 +133,7 @@ func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, p
 		case <-ctx.Done():
 			return last, ctx.Err()
 		case <-changed:
+		case <-retry:
 		}
 	}
 }

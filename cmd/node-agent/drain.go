@@ -94,7 +94,7 @@ func (d *drainOptions) run(ctx context.Context, node string) error {
 	defer cancel()
 	var pods *drainctl.OtherPods
 	if d.allPods {
-		pods = c.EvictOtherPods(followCtx, node, d.stderr)
+		pods = c.EvictOtherPods(node, d.stderr)
 	}
 	r := newRenderer(d.stdout, node)
 	stopTicking := r.tick(followCtx)

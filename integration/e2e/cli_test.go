@@ -20,8 +20,10 @@ import (
 	"github.com/creack/pty"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"k8s.io/utils/ptr"
@@ -146,6 +148,61 @@ func TestCLIDrainFollowsUntilEmptyThenUndrain(t *testing.T) {
 	n := sc.node(node)
 	if n.Spec.Unschedulable || len(n.Spec.Taints) != 0 {
 		t.Errorf("after undrain: unschedulable %v, taints %v", n.Spec.Unschedulable, n.Spec.Taints)
+	}
+}
+
+// `drain --all-pods` evicts the other pods by the agent's rule: a pod a budget
+// protects is asked once per backoff (one request, not client-go's retries of the
+// 429), the refusal written to stderr once; at the timeout the pod is named; once
+// the budget is gone the next drain evicts it and the node is empty.
+func TestCLIDrainAllPods(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	guarded := sc.plainPod("guarded", node, func(p *corev1.Pod) { p.Labels = map[string]string{"app": "guarded"} })
+	free := sc.plainPod("free", node)
+	if _, err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Create(sc.ctx, &policyv1.PodDisruptionBudget{
+		ObjectMeta: metav1.ObjectMeta{Name: "guard"},
+		Spec: policyv1.PodDisruptionBudgetSpec{
+			MaxUnavailable: ptr.To(intstr.FromInt32(0)),
+			Selector:       &metav1.LabelSelector{MatchLabels: map[string]string{"app": "guarded"}},
+		},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	start := time.Now()
+	out, errOut, code := sc.ctl("drain", node, "--all-pods", "--timeout=12s")
+	end := time.Now()
+	if code != 1 {
+		t.Fatalf("drain with a guarded pod exited %d, want 1\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if !strings.Contains(out, "1 other pods") {
+		t.Errorf("the timeout does not name the pod left:\n%s", out)
+	}
+	if n := strings.Count(errOut, "pod eviction refused"); n != 1 || !strings.Contains(errOut, "pod=guarded") {
+		t.Errorf("want one refusal of pod guarded on stderr, got %d:\n%s", n, errOut)
+	}
+	if _, ok := sc.podPhase(sc.ns, free.Name, free.UID); ok {
+		t.Error("the free pod was not evicted")
+	}
+	counts, err := evictionsPerPod(sc.env.cluster.AuditLog, sc.ns, start, end)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// At 0 s and after 5 s (the backoff then doubles to 10 s).
+	if n := counts[guarded.Name]; n < 1 || n > 2 {
+		t.Errorf("%d eviction requests for the guarded pod in 12 s, want 1 or 2", n)
+	}
+
+	if err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Delete(sc.ctx, "guard", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code = sc.ctl("drain", node, "--all-pods", "--timeout=1m")
+	if code != 0 || !strings.Contains(out, "drained in") {
+		t.Fatalf("drain once the budget is gone exited %d, want 0\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if _, ok := sc.podPhase(sc.ns, guarded.Name, guarded.UID); ok {
+		t.Error("the guarded pod is still there once its budget is gone")
 	}
 }
 
