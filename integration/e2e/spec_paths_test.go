@@ -203,3 +203,34 @@ func TestCLIPredictionsComeTrue(t *testing.T) {
 		}
 	}
 }
+
+// "Keeps the last good key", end to end, with a last good key that is not the default:
+// the KubeVirt CR names a custom key, then an invalid one; the agent keeps the custom
+// key (not the default), says so, and drains on it.
+func TestDrainKeepsTheLastGoodCustomKey(t *testing.T) {
+	const good, bad = "e2e.node-agent.test/last-good", "not a key!"
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	always := sc.pinned("always", node, noneStrategy)
+	sc.setDrainTaintKey(good)
+	a := sc.startAgent(node)
+	a.waitStatus(30*time.Second, "the custom key in force", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.Ready && st.TaintKey == good && st.ConfigError == ""
+	})
+
+	sc.setDrainTaintKey(bad)
+	st := a.waitStatus(30*time.Second, "the invalid key reported", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.ConfigError != ""
+	})
+	if st.TaintKey != good || !strings.Contains(st.ConfigError, bad) {
+		t.Errorf("/safe-to-shutdown: taint key %q, config error %q; want the last good key %q and an error naming %q", st.TaintKey, st.ConfigError, good, bad)
+	}
+	ev := sc.nodeEvent(node, agent.ReasonConfigError)
+	if !strings.Contains(ev.Message, bad) || !strings.Contains(ev.Message, good) {
+		t.Errorf("ConfigError event %q: want it to name the invalid key and the key kept", ev.Message)
+	}
+
+	sc.taint(node, good)
+	a.waitSafe(2 * time.Minute)
+	sc.waitRestarted(always, other)
+}
