@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,7 +14,9 @@ import (
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/integration/logind"
 	"github.com/node-agent/node-agent/integration/sim"
+	"github.com/node-agent/node-agent/nodeinfo"
 )
 
 // consistently checks cond for the whole of d and fails the test at the first time it
@@ -233,4 +236,89 @@ func TestDrainKeepsTheLastGoodCustomKey(t *testing.T) {
 	sc.taint(node, good)
 	a.waitSafe(2 * time.Minute)
 	sc.waitRestarted(always, other)
+}
+
+// The drain taint removed by someone while a host shutdown is pending: the drain is not
+// withdrawn (the SPEC withdraws only when no shutdown is pending), the agent puts its
+// taint back, the shutdown stays held while a VM is on the node, and goes ahead once
+// it has left.
+func TestShutdownTaintRemovedWhileShutdownPending(t *testing.T) {
+	sc := newScenario(t, 2)
+	node := sc.nodes[0]
+	stuck := sc.pinned("stuck", node, liveMigrate, notMigratable)
+	env := sc.startLogind()
+	a := sc.startShutdownAgent(node, env, "--shutdown-timeout=3m", "--logind-dropin-dir="+env.DropInDir)
+	sc.waitInhibitDelayMax(env, 3*time.Minute)
+	bootID := sc.node(node).Status.NodeInfo.BootID
+
+	asked := sc.powerOff(env)
+	sc.waitOutOfService(node, bootID)
+	sc.untaint(node, nodeinfo.DefaultDrainTaintKey)
+	sc.waitOutOfService(node, bootID)
+	st := a.waitStatus(30*time.Second, "the shutdown's drain going on", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, stuck.Name)
+		return st.Draining && st.Trigger == agent.TriggerShutdown && v != nil && v.State == agent.StateBlocked
+	})
+	if n := sc.eventCount(metav1.NamespaceDefault, "Node", node, agent.ReasonDrainWithdrawn); n != 0 {
+		t.Errorf("%d %s events while the shutdown is pending; status %+v", n, agent.ReasonDrainWithdrawn, st)
+	}
+	if at, started, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || started {
+		t.Fatalf("logind started the poweroff job at %v (err %v) with a VM on the node", at, err)
+	}
+
+	// The operator moves the VM by hand (here: deletes it); the shutdown goes ahead.
+	if err := sc.env.cluster.KubeVirt.Delete().Namespace(sc.ns).Resource("virtualmachines").Name(stuck.Name).Do(sc.ctx).Error(); err != nil {
+		t.Fatal(err)
+	}
+	sc.waitPowerOffJob(env, asked, 2*time.Minute)
+	if ev := sc.nodeEvent(node, agent.ReasonShutdownReleased); ev.Type != corev1.EventTypeNormal {
+		t.Errorf("%s event %s %q, want Normal (released when safe)", ev.Reason, ev.Type, ev.Message)
+	}
+}
+
+// PrepareForShutdown(false) in the middle of a drain: the shutdown's deadline passed with
+// a LiveMigrate VM still migrating (its target cannot be scheduled: the pool has one
+// node), the poweroff job started and was cancelled. The agent withdraws the drain: the
+// evacuation it requested is cancelled (the VMI no longer marked), the VM stays running
+// where it is, and its own taint and cordon go.
+func TestShutdownCancelledMidDrainWithdrawsEvacuations(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	vmi := sc.createVM("vm", liveMigrate)
+	env := sc.startLogind(logind.WithInhibitDelayMax(time.Minute))
+	a := sc.startShutdownAgent(node, env, "--drain-taint-key="+agentOnlyKey, "--shutdown-timeout=20s")
+
+	asked := sc.powerOff(env)
+	if _, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, "vm", "marked for evacuation", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.EvacuationNodeName == node
+	}); err != nil {
+		t.Fatal(err)
+	}
+	sc.waitPowerOffJob(env, asked, time.Minute)
+	if ev := sc.nodeEvent(node, agent.ReasonShutdownReleased); ev.Type != corev1.EventTypeWarning || !strings.Contains(ev.Message, "vm") {
+		t.Errorf("%s event %s %q: want a Warning naming the VM left", ev.Reason, ev.Type, ev.Message)
+	}
+	if n, err := env.CancelJobs(sc.ctx); err != nil || n < 1 {
+		t.Fatalf("cancelling the poweroff job: %d jobs, %v", n, err)
+	}
+
+	sc.waitEvent(sc.ns, "VirtualMachineInstance", "vm", agent.ReasonEvacuationCancelled, time.Minute)
+	if _, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, "vm", "no longer marked for evacuation", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.EvacuationNodeName == ""
+	}); err != nil {
+		t.Fatal(err)
+	}
+	sc.eventually(time.Minute, "the agent's taint and cordon removed", func() (bool, string) {
+		n := sc.node(node)
+		return !hasTaintKey(n, agentOnlyKey) && !n.Spec.Unschedulable, fmt.Sprintf("taints %v, unschedulable %v", n.Spec.Taints, n.Spec.Unschedulable)
+	})
+	a.waitStatus(30*time.Second, "the drain withdrawn", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, "vm")
+		return !st.Draining && v != nil && v.State == agent.StateRunning
+	})
+	after := sc.vmi("vm")
+	if after.UID != vmi.UID || after.Status.Phase != kubevirtv1.Running || after.Status.NodeName != node {
+		t.Errorf("the VM did not stay: uid %s phase %s node %s", after.UID, after.Status.Phase, after.Status.NodeName)
+	}
+	sc.waitLock(env, a)
 }
