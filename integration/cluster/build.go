@@ -1,6 +1,7 @@
 // Package cluster starts a real Kubernetes control plane for the tests and the demo:
-// etcd and kube-apiserver, and KubeVirt's own virt-api and virt-controller, each built
-// from a pinned Go module under integration/build and cached per machine.
+// etcd, kube-apiserver, kube-scheduler and kube-controller-manager, and KubeVirt's own
+// virt-api and virt-controller, each built from a pinned Go module under
+// integration/build and cached per machine.
 package cluster
 
 import (
@@ -26,15 +27,18 @@ const (
 
 // Binaries are the paths of the built control-plane programs.
 type Binaries struct {
-	KubeAPIServer     string
-	Etcd              string
-	VirtAPI           string
-	VirtController    string
-	KubeVirtManifests string
+	KubeAPIServer         string
+	KubeScheduler         string
+	KubeControllerManager string
+	Etcd                  string
+	VirtAPI               string
+	VirtController        string
+	KubeVirtManifests     string
 }
 
 // build is one `go build` in one of the pinned modules.
 type build struct {
+	name     string   // names the cache entry; default module
 	module   string   // folder under integration/build
 	version  string   // for the cache key and the message
 	packages []string // what to build into the output folder
@@ -51,6 +55,11 @@ func builds() []build {
 			why: "etcd " + EtcdVersion},
 		{module: "kube-apiserver", version: KubernetesVersion, packages: []string{"k8s.io/kubernetes/cmd/kube-apiserver"},
 			ldflags: kubeVersionLDFlags, why: "kube-apiserver " + KubernetesVersion + " (the first build takes 4-15 minutes on 2 cores)"},
+		// The same module and pins as the API server, a cache entry of its own so that
+		// one can be rebuilt without the other.
+		{name: "kube-controllers", module: "kube-apiserver", version: KubernetesVersion,
+			packages: []string{"k8s.io/kubernetes/cmd/kube-scheduler", "k8s.io/kubernetes/cmd/kube-controller-manager"},
+			ldflags:  kubeVersionLDFlags, why: "kube-scheduler and kube-controller-manager " + KubernetesVersion + " (the first build takes 5-17 minutes more on 2 cores)"},
 		{module: "kubevirt", version: KubeVirtVersion,
 			packages: []string{"kubevirt.io/kubevirt/cmd/virt-api", "kubevirt.io/kubevirt/cmd/virt-controller", "./cmd/kubevirt-manifests"},
 			why:      "KubeVirt " + KubeVirtVersion + " virt-api and virt-controller (the first build takes 2-4 minutes)"},
@@ -114,15 +123,25 @@ func EnsureBinaries(ctx context.Context, out io.Writer) (Binaries, error) {
 		if err != nil {
 			return Binaries{}, err
 		}
-		dirs[b.module] = dir
+		dirs[b.entry()] = dir
 	}
 	return Binaries{
-		Etcd:              filepath.Join(dirs["etcd"], "etcd"),
-		KubeAPIServer:     filepath.Join(dirs["kube-apiserver"], "kube-apiserver"),
-		VirtAPI:           filepath.Join(dirs["kubevirt"], "virt-api"),
-		VirtController:    filepath.Join(dirs["kubevirt"], "virt-controller"),
-		KubeVirtManifests: filepath.Join(dirs["kubevirt"], "kubevirt-manifests"),
+		Etcd:                  filepath.Join(dirs["etcd"], "etcd"),
+		KubeAPIServer:         filepath.Join(dirs["kube-apiserver"], "kube-apiserver"),
+		KubeScheduler:         filepath.Join(dirs["kube-controllers"], "kube-scheduler"),
+		KubeControllerManager: filepath.Join(dirs["kube-controllers"], "kube-controller-manager"),
+		VirtAPI:               filepath.Join(dirs["kubevirt"], "virt-api"),
+		VirtController:        filepath.Join(dirs["kubevirt"], "virt-controller"),
+		KubeVirtManifests:     filepath.Join(dirs["kubevirt"], "kubevirt-manifests"),
 	}, nil
+}
+
+// entry names the build's cache folder.
+func (b build) entry() string {
+	if b.name != "" {
+		return b.name
+	}
+	return b.module
 }
 
 func ensureBuild(ctx context.Context, root, cache string, b build, out io.Writer) (string, error) {
@@ -131,7 +150,7 @@ func ensureBuild(ctx context.Context, root, cache string, b build, out io.Writer
 	if err != nil {
 		return "", err
 	}
-	dir := filepath.Join(cache, b.module+"-"+b.version+"-"+key)
+	dir := filepath.Join(cache, b.entry()+"-"+b.version+"-"+key)
 	done := filepath.Join(dir, ".complete")
 	if _, err := os.Stat(done); err == nil {
 		return dir, nil
@@ -167,7 +186,7 @@ func ensureBuild(ctx context.Context, root, cache string, b build, out io.Writer
 	if err := os.Rename(tmp, dir); err != nil {
 		return "", fmt.Errorf("moving the build into %s: %w", dir, err)
 	}
-	fmt.Fprintf(out, "node-agent: built %s in %s\n", b.module, time.Since(start).Round(time.Second))
+	fmt.Fprintf(out, "node-agent: built %s in %s\n", b.entry(), time.Since(start).Round(time.Second))
 	return dir, nil
 }
 

@@ -79,7 +79,7 @@ type Cluster struct {
 
 // Start builds (once per machine) and starts a cluster. On error everything started
 // is stopped again.
-func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
+func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	out := opts.Out
 	if out == nil {
 		out = os.Stderr
@@ -88,31 +88,32 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 	if err != nil {
 		return nil, err
 	}
-	c = &Cluster{binaries: bins, Dir: opts.Dir, opts: opts}
+	c := &Cluster{binaries: bins, Dir: opts.Dir, opts: opts}
 	if c.Dir == "" {
 		if c.Dir, err = os.MkdirTemp("", "node-agent-cluster-"); err != nil {
 			return nil, fmt.Errorf("creating the cluster folder: %w", err)
 		}
 		c.ownDir = true
 	}
-	defer func() {
-		if err != nil {
-			fmt.Fprintf(out, "node-agent: the test cluster did not start; its logs are in %s\n", c.Dir)
-			c.stopProcesses()
-		}
-	}()
 	start := time.Now()
-	if err := c.startKubernetes(ctx); err != nil {
+	if err := c.start(ctx); err != nil {
+		fmt.Fprintf(out, "node-agent: the test cluster did not start; its logs are in %s\n", c.Dir)
+		c.stopProcesses()
 		return nil, err
-	}
-	if !opts.WithoutKubeVirt {
-		if err := c.installKubeVirt(ctx, opts.KubeVirtConfiguration); err != nil {
-			return nil, err
-		}
 	}
 	fmt.Fprintf(out, "node-agent: test cluster up in %s (API server %s, logs in %s)\n",
 		time.Since(start).Round(100*time.Millisecond), c.RESTConfig.Host, c.Dir)
 	return c, nil
+}
+
+func (c *Cluster) start(ctx context.Context) error {
+	if err := c.startKubernetes(ctx); err != nil {
+		return err
+	}
+	if !c.opts.WithoutKubeVirt {
+		return c.installKubeVirt(ctx, c.opts.KubeVirtConfiguration)
+	}
+	return nil
 }
 
 // Stop ends every program. The folder is removed unless keepLogs is set (or it was
@@ -131,10 +132,14 @@ func (c *Cluster) stopProcesses() {
 	c.etcd.stop(5 * time.Second)
 }
 
+func (c *Cluster) processes() []*process {
+	return []*process{c.etcd, c.apiserver, c.virtAPI, c.virtCtrl}
+}
+
 // Logs returns the log file of each program, for a failing test to point at.
 func (c *Cluster) Logs() map[string]string {
 	logs := map[string]string{}
-	for _, p := range []*process{c.etcd, c.apiserver, c.virtAPI, c.virtCtrl} {
+	for _, p := range c.processes() {
 		if p != nil {
 			logs[p.name] = p.logPath
 		}
@@ -144,7 +149,7 @@ func (c *Cluster) Logs() map[string]string {
 
 // DumpLogs writes the last lines of every program's log to w.
 func (c *Cluster) DumpLogs(w io.Writer, bytesEach int) {
-	for _, p := range []*process{c.etcd, c.apiserver, c.virtAPI, c.virtCtrl} {
+	for _, p := range c.processes() {
 		if p != nil {
 			fmt.Fprintf(w, "----- %s (%s) -----\n%s\n", p.name, p.logPath, p.tail(bytesEach))
 		}

@@ -2,7 +2,9 @@ package cluster
 
 import (
 	"context"
+	"io"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -41,5 +43,25 @@ func TestStart(t *testing.T) {
 	}
 	if _, err := c.Kube.CoreV1().Namespaces().Get(ctx, "default", metav1.GetOptions{}); err != nil {
 		t.Errorf("reading the default namespace: %v", err)
+	}
+}
+
+// TestStartFailsCleanly: a start that fails once the cluster's folder is chosen (here
+// the folder is a file, so its certificates cannot be written) returns the error and
+// stops what it started, instead of panicking in its cleanup.
+func TestStartFailsCleanly(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	notADir := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Start(ctx, Options{Dir: notADir, Out: io.Discard})
+	if err == nil {
+		c.Stop(false)
+		t.Fatal("Start succeeded in a folder that is a file")
+	}
+	if c != nil {
+		t.Errorf("Start returned a cluster with its error %v", err)
 	}
 }
