@@ -281,7 +281,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 	// The drain taint is a trigger when someone else put it there: the agent's own, added
 	// for a host shutdown, serves that shutdown only, and no VM is evicted for a
 	// shutdown that was cancelled (the taint is on its way off then).
-	tainted := HasDrainTaint(node, cfg.DrainTaintKey) && !ownTaintOnly(node, cfg.DrainTaintKey)
+	tainted := TaintTriggersDrain(node, cfg.DrainTaintKey)
 	if !tainted && !shutdown {
 		if hasRecord {
 			if err := e.withdraw(ctx, node, &rec); err != nil {

@@ -325,11 +325,25 @@ func (e *Engine) nodeErrorLocked() string {
 	return strings.Join(msgs, "; ")
 }
 
-// ownTaintOnly says whether the drain taint on the node is only the agent's own, added
-// for a host shutdown: it is no trigger once that shutdown is no longer pending (it is
-// removed when the node is given back; until then it starts no drain).
-func ownTaintOnly(node *corev1.Node, taintKey string) bool {
+// TaintTriggersDrain says whether the drain taint on the node asks for a drain: the
+// key:NoSchedule taint, put there by someone other than the agent. The agent's own,
+// added for a host shutdown, serves that shutdown only: it is no trigger once that
+// shutdown is no longer pending (it is removed when the node is given back; until
+// then it starts no drain). The engine and the workstation's status (drainctl) both
+// read the taint through it.
+func TaintTriggersDrain(node *corev1.Node, taintKey string) bool {
+	if !HasDrainTaint(node, taintKey) {
+		return false
+	}
 	var own Ownership
 	ok, _ := readAnnotation(node, AnnotationOwned, &own)
-	return ok && own.TaintKey == taintKey
+	return !ok || own.TaintKey != taintKey
+}
+
+// ShutdownPendingOnNode says whether the Node records a host shutdown of its current
+// boot that was not cancelled: the agent on the node drains it for that shutdown.
+func ShutdownPendingOnNode(node *corev1.Node) bool {
+	var sd ShutdownRecord
+	ok, err := readAnnotation(node, AnnotationShutdown, &sd)
+	return err == nil && ok && sd.Cancelled == nil && sd.BootID == node.Status.NodeInfo.BootID
 }

@@ -39,7 +39,7 @@ func newView(node *corev1.Node, cfg nodeinfo.Config, vmis []*kubevirtv1.VirtualM
 	v := NodeView{
 		Node:     node.Name,
 		TaintKey: cfg.DrainTaintKey,
-		Draining: agent.HasDrainTaint(node, cfg.DrainTaintKey),
+		Draining: agent.TaintTriggersDrain(node, cfg.DrainTaintKey) || agent.ShutdownPendingOnNode(node),
 		Cordoned: node.Spec.Unschedulable,
 		Agent:    node.Annotations[agent.AnnotationState],
 	}

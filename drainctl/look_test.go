@@ -1,6 +1,8 @@
 package drainctl
 
 import (
+	"encoding/json"
+	"reflect"
 	"testing"
 	"time"
 
@@ -74,6 +76,52 @@ func TestNewViewByTheAgentsRules(t *testing.T) {
 	}
 	if v := (NodeView{VMs: []agent.VMStatus{}, PodsLeft: -1}); v.Safe() {
 		t.Error("a node whose other pods cannot be listed is safe")
+	}
+}
+
+// The drain taint the agent added for a host shutdown is a drain while that shutdown
+// is pending and none once it was cancelled (it stays on until the node is given
+// back), as the agent on the node reads it; someone else's taint is a drain.
+func TestNewViewReadsTheAgentsOwnTaintAsTheAgentDoes(t *testing.T) {
+	cfg := nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey}
+	drainTaint := corev1.Taint{Key: cfg.DrainTaintKey, Effect: corev1.TaintEffectNoSchedule}
+	const boot = "boot-1"
+	started := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	cancelled := started.Add(time.Minute)
+	node := func(own *agent.Ownership, sd *agent.ShutdownRecord) *corev1.Node {
+		n := testNode(drainTaint)
+		n.Spec.Unschedulable = true
+		n.Status.NodeInfo.BootID = boot
+		n.Annotations = map[string]string{}
+		for key, v := range map[string]any{agent.AnnotationOwned: own, agent.AnnotationShutdown: sd} {
+			if reflect.ValueOf(v).IsNil() {
+				continue
+			}
+			raw, err := json.Marshal(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n.Annotations[key] = string(raw)
+		}
+		return n
+	}
+	own := &agent.Ownership{TaintKey: cfg.DrainTaintKey, Cordoned: true, BootID: boot, Reason: "shutdown", Since: started}
+	for _, tt := range []struct {
+		name string
+		node *corev1.Node
+		want bool
+	}{
+		{"an operator's taint", node(nil, nil), true},
+		{"the agent's taint for a pending shutdown", node(own, &agent.ShutdownRecord{BootID: boot, Started: started}), true},
+		{"the agent's taint for a cancelled shutdown", node(own, &agent.ShutdownRecord{BootID: boot, Started: started, Cancelled: &cancelled}), false},
+		{"the agent's taint, the shutdown record gone", node(own, nil), false},
+		{"the agent's taint for a shutdown of an earlier boot", node(own, &agent.ShutdownRecord{BootID: "boot-0", Started: started}), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if v := newView(tt.node, cfg, nil, nil); v.Draining != tt.want {
+				t.Errorf("draining %v, want %v", v.Draining, tt.want)
+			}
+		})
 	}
 }
 
