@@ -1,0 +1,151 @@
+// Command testreport reads `go test -json` on its standard input and prints what a plain
+// `go test` prints (each package's result line and what it printed outside its tests, and
+// the whole output of each failed test), then the tests that were skipped, each with
+// the reason it gave. On CI (CI set to anything but "" or "false") a skipped test fails
+// the run unless NODE_AGENT_ALLOW_SKIP allows it: a comma-separated list of test names
+// (a name allows its subtests too), or "all". A skip is a part of the suite that did not
+// run: CI must not turn green without it in silence.
+//
+//	go test -json ./... | go run ./hack/testreport
+//
+// Its exit status is 1 when a test or a package failed, or a skip is not allowed.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+// event is one line of `go test -json` (cmd/test2json's TestEvent, and the build events).
+type event struct {
+	Action     string
+	Package    string
+	ImportPath string
+	Test       string
+	Output     string
+}
+
+// skip is a skipped test and what it said.
+type skip struct {
+	Package, Test, Reason string
+}
+
+// result is what the run showed.
+type result struct {
+	failed bool
+	skips  []skip
+}
+
+func main() {
+	res, err := report(os.Stdin, os.Stdout)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "testreport:", err)
+		os.Exit(1)
+	}
+	if !verdict(os.Stdout, res, os.Getenv("CI"), os.Getenv("NODE_AGENT_ALLOW_SKIP")) {
+		os.Exit(1)
+	}
+}
+
+// report copies the run's output as a plain `go test` shows it and collects the skips.
+func report(in io.Reader, out io.Writer) (result, error) {
+	var res result
+	buffered := map[string][]string{} // a running test's output, by package and name
+	sc := bufio.NewScanner(in)
+	sc.Buffer(make([]byte, 1024*1024), 64*1024*1024)
+	for sc.Scan() {
+		line := sc.Bytes()
+		var e event
+		if len(line) == 0 || line[0] != '{' || json.Unmarshal(line, &e) != nil {
+			fmt.Fprintf(out, "%s\n", line) // not an event: go test's own message
+			continue
+		}
+		key := e.Package + " " + e.Test
+		switch {
+		case e.Action == "build-output":
+			fmt.Fprint(out, e.Output)
+		case e.Action == "build-fail":
+			res.failed = true
+		case e.Test == "":
+			// The package's own output and its result line ("ok", "FAIL", or "?" with
+			// no test files: a skip of the package that is no test's).
+			if e.Action == "output" && e.Output != "PASS\n" {
+				fmt.Fprint(out, e.Output)
+			}
+			if e.Action == "fail" {
+				res.failed = true
+			}
+		case e.Action == "output":
+			buffered[key] = append(buffered[key], e.Output)
+		case e.Action == "fail":
+			res.failed = true
+			fmt.Fprint(out, strings.Join(buffered[key], ""))
+			delete(buffered, key)
+		case e.Action == "skip":
+			res.skips = append(res.skips, skip{Package: e.Package, Test: e.Test, Reason: reason(buffered[key])})
+			fmt.Fprint(out, strings.Join(buffered[key], ""))
+			delete(buffered, key)
+		case e.Action == "pass":
+			delete(buffered, key)
+		}
+	}
+	return res, sc.Err()
+}
+
+// reason is what a skipped test logged, without the framework's own lines.
+func reason(lines []string) string {
+	var kept []string
+	for _, l := range lines {
+		t := strings.TrimSpace(l)
+		if t == "" || strings.HasPrefix(t, "=== ") || strings.HasPrefix(t, "--- SKIP") {
+			continue
+		}
+		kept = append(kept, t)
+	}
+	r := strings.Join(kept, " | ")
+	if len(r) > 500 {
+		r = r[:500] + "…"
+	}
+	return r
+}
+
+// verdict prints the skipped tests and says whether the run passes.
+func verdict(out io.Writer, res result, ci, allow string) bool {
+	ok := !res.failed
+	if len(res.skips) == 0 {
+		fmt.Fprintln(out, "testreport: no test was skipped")
+		return ok
+	}
+	onCI := ci != "" && ci != "false"
+	fmt.Fprintf(out, "testreport: %d skipped tests:\n", len(res.skips))
+	var refused []string
+	for _, s := range res.skips {
+		mark := ""
+		if onCI && !allowed(s.Test, allow) {
+			mark = " [not allowed on CI]"
+			refused = append(refused, s.Test)
+		}
+		fmt.Fprintf(out, "  SKIP %s %s%s: %s\n", s.Package, s.Test, mark, s.Reason)
+	}
+	if len(refused) > 0 {
+		fmt.Fprintf(out, "testreport: FAIL: on CI (CI=%s) these tests must run: %s; set NODE_AGENT_ALLOW_SKIP to their names (comma-separated) or to all to accept that they did not (README: \"Tests that skip\")\n",
+			ci, strings.Join(refused, ", "))
+		return false
+	}
+	return ok
+}
+
+// allowed reports whether NODE_AGENT_ALLOW_SKIP's value allows test to skip.
+func allowed(test, allow string) bool {
+	for _, a := range strings.Split(allow, ",") {
+		a = strings.TrimSpace(a)
+		if a == "all" || (a != "" && (test == a || strings.HasPrefix(test, a+"/"))) {
+			return true
+		}
+	}
+	return false
+}
