@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # node-agent's image: docker build -t REGISTRY/node-agent:TAG .
-# (manifests/daemonset.yaml runs it; pin the tag there with a kustomize overlay.)
+# (manifests/base/daemonset.yaml runs it; pin the tag there with a kustomize overlay.)
 
 # Build on the builder's platform, for the target's (GOOS/GOARCH): no emulation.
 FROM --platform=$BUILDPLATFORM golang:1.26 AS build
@@ -19,7 +19,7 @@ COPY --from=build /out/node-agent /node-agent
 # Non-root by default (uid 65532): the image needs no privilege of its own. The DaemonSet
 # runs the engine (`run`) so; only its lock-holder container (`inhibit`) runs as uid 0, for
 # the host's system bus and logind's drop-in folder, and says why there
-# (manifests/daemonset.yaml); with InhibitDelayMaxSec set on the hosts and polkit allowing
+# (manifests/base/daemonset.yaml); with InhibitDelayMaxSec set on the hosts and polkit allowing
 # delay locks, it can stay non-root too.
 USER 65532:65532
 ENTRYPOINT ["/node-agent"]

@@ -1,11 +1,12 @@
 package e2e
 
-// Reading manifests/ as `kubectl apply -k` would, and applying it server-side, for the
-// deployment tests (deploy_test.go). kubectl is not available here, and the agent's
-// go.mod does not carry kustomize: this reader implements the kustomization features
-// the manifests use (resources: files and folders; patches: strategic merge patches by
-// path) and refuses every other field, so that a feature it does not implement fails
-// the test instead of being silently skipped.
+// Reading manifests/ as `kubectl apply -k` does, and applying it server-side, for the
+// deployment tests (deploy_test.go). kubectl is not available here; its `-k` is
+// cli-runtime's KustomizeVisitor, which runs kustomize's krusty with the default options
+// and the legacy resource order and decodes the YAML it renders. loadKustomization does
+// the same with the same library (sigs.k8s.io/kustomize/api, pinned in go.mod at the
+// version k8s.io/cli-runtime and k8s.io/kubectl v0.37.2 build with), so every field of
+// a kustomization works here as with kubectl.
 
 import (
 	"bufio"
@@ -14,98 +15,44 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/util/strategicpatch"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 )
 
-// kustomization is the part of kustomize's Kustomization that the manifests use.
-type kustomization struct {
-	APIVersion string   `json:"apiVersion"`
-	Kind       string   `json:"kind"`
-	Resources  []string `json:"resources"`
-	Patches    []struct {
-		Path string `json:"path"`
-	} `json:"patches"`
-}
-
-// loadKustomization returns the objects that `kubectl apply -k dir` would apply, in order.
+// loadKustomization returns the objects that `kubectl apply -k dir` applies, in the
+// order it applies them.
 func loadKustomization(dir string) ([]*unstructured.Unstructured, error) {
-	path := filepath.Join(dir, "kustomization.yaml")
-	raw, err := os.ReadFile(path)
+	opts := krusty.MakeDefaultOptions()
+	opts.Reorder = krusty.ReorderOptionLegacy // as kubectl's -k
+	m, err := krusty.MakeKustomizer(opts).Run(filesys.MakeFsOnDisk(), dir)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("kustomize build %s: %w", dir, err)
 	}
-	var k kustomization
-	if err := yaml.UnmarshalStrict(raw, &k); err != nil {
-		return nil, fmt.Errorf("%s: %w (this test reads only apiVersion, kind, resources and patches[].path)", path, err)
+	rendered, err := m.AsYaml()
+	if err != nil {
+		return nil, fmt.Errorf("kustomize build %s: %w", dir, err)
 	}
-	if k.APIVersion != "kustomize.config.k8s.io/v1beta1" || k.Kind != "Kustomization" {
-		return nil, fmt.Errorf("%s: apiVersion %q kind %q, want kustomize.config.k8s.io/v1beta1 Kustomization", path, k.APIVersion, k.Kind)
-	}
-	var objs []*unstructured.Unstructured
-	for _, r := range k.Resources {
-		p := filepath.Join(dir, r)
-		fi, err := os.Stat(p)
-		if err != nil {
-			return nil, fmt.Errorf("%s: resource %s: %w", path, r, err)
-		}
-		var more []*unstructured.Unstructured
-		if fi.IsDir() {
-			more, err = loadKustomization(p)
-		} else {
-			more, err = readObjects(p)
-		}
-		if err != nil {
-			return nil, err
-		}
-		objs = append(objs, more...)
-	}
-	seen := map[string]bool{}
-	for _, o := range objs {
-		id := objectID(o)
-		if seen[id] {
-			return nil, fmt.Errorf("%s: %s is defined twice", path, id)
-		}
-		seen[id] = true
-	}
-	for _, p := range k.Patches {
-		patches, err := readObjects(filepath.Join(dir, p.Path))
-		if err != nil {
-			return nil, err
-		}
-		for _, patch := range patches {
-			if err := applyStrategicPatch(objs, patch); err != nil {
-				return nil, fmt.Errorf("%s: patch %s: %w", path, p.Path, err)
-			}
-		}
-	}
-	return objs, nil
+	return readObjects(dir, rendered)
 }
 
 func objectID(o *unstructured.Unstructured) string {
 	return o.GroupVersionKind().GroupKind().String() + " " + o.GetNamespace() + "/" + o.GetName()
 }
 
-// readObjects reads every YAML document of a file that holds an object.
-func readObjects(path string) ([]*unstructured.Unstructured, error) {
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
+// readObjects decodes every YAML document of raw (from source) that holds an object.
+func readObjects(source string, raw []byte) ([]*unstructured.Unstructured, error) {
 	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(raw)))
 	var objs []*unstructured.Unstructured
 	for {
@@ -114,54 +61,21 @@ func readObjects(path string) ([]*unstructured.Unstructured, error) {
 			return objs, nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return nil, fmt.Errorf("%s: %w", source, err)
 		}
 		js, err := yaml.YAMLToJSON(doc)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return nil, fmt.Errorf("%s: %w", source, err)
 		}
 		if s := strings.TrimSpace(string(js)); s == "null" || s == "" {
 			continue // only comments
 		}
 		o := &unstructured.Unstructured{}
 		if err := o.UnmarshalJSON(js); err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return nil, fmt.Errorf("%s: %w", source, err)
 		}
 		objs = append(objs, o)
 	}
-}
-
-// applyStrategicPatch patches the object that patch names (kind, namespace, name), as
-// kustomize's patchesStrategicMerge does, with the Go type's patch strategy.
-func applyStrategicPatch(objs []*unstructured.Unstructured, patch *unstructured.Unstructured) error {
-	for i, o := range objs {
-		if objectID(o) != objectID(patch) {
-			continue
-		}
-		typed, err := scheme.Scheme.New(o.GroupVersionKind())
-		if err != nil {
-			return fmt.Errorf("%s: %w", objectID(o), err)
-		}
-		orig, err := o.MarshalJSON()
-		if err != nil {
-			return err
-		}
-		p, err := patch.MarshalJSON()
-		if err != nil {
-			return err
-		}
-		merged, err := strategicpatch.StrategicMergePatch(orig, p, typed)
-		if err != nil {
-			return fmt.Errorf("%s: %w", objectID(o), err)
-		}
-		out := &unstructured.Unstructured{}
-		if err := out.UnmarshalJSON(merged); err != nil {
-			return err
-		}
-		objs[i] = out
-		return nil
-	}
-	return fmt.Errorf("no object %s to patch", objectID(patch))
 }
 
 // fieldManager is the server-side apply field manager of the deployment tests.

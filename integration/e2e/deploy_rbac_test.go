@@ -54,7 +54,7 @@ type neededRule struct {
 // the WatchList feature off), as its reflector's fallback.
 const watchListFallback = "informers list only as client-go's fallback where the API server serves no streaming list; this one does"
 
-// agentNeeds is every permission `node-agent run` needs; manifests/rbac.yaml must grant
+// agentNeeds is every permission `node-agent run` needs; manifests/base/rbac.yaml must grant
 // exactly these. A rule added to the manifests without a line here fails the test.
 var agentNeeds = []neededRule{
 	{group: "", resource: "nodes", verbs: []string{"get", "update"},

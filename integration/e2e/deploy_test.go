@@ -44,6 +44,7 @@ import (
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/integration/cluster"
+	"github.com/node-agent/node-agent/integration/logind"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
@@ -399,34 +400,63 @@ func (sc *scenario) tokenClient(token string) (kubernetes.Interface, rest.Interf
 	return kube, kv
 }
 
-// startDeployed runs bin as the DaemonSet's container would run it on node: its args and
-// env, with the test's overrides after them (a later flag wins): the token's kubeconfig
-// instead of the in-cluster one, a free local port, and no shutdown inhibitor (there is
-// no system bus here).
-func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, extra ...string) *agentProc {
+// startDeployed runs bin as the DaemonSet's pod runs it on node: both containers, the
+// engine and the lock holder, each with its args and env from the manifests and the
+// test's overrides after them (a later flag wins): free local ports instead of the fixed
+// ones (the engine's --lock-holder and the holder's --engine-url follow), the token's
+// kubeconfig instead of the in-cluster one, and for the host folders the holder mounts,
+// bus's: its private system bus for /run/dbus and its logind drop-in folder for
+// /etc/systemd/logind.conf.d. extra goes to the engine. It waits until the engine is
+// ready and logind lists the holder's delay lock.
+func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus *logind.Env, extra ...string) (engine, holder *agentProc) {
 	sc.t.Helper()
-	c := d.ds.Spec.Template.Spec.Containers[0]
-	if len(c.Args) == 0 || c.Args[0] != "run" {
-		sc.t.Fatalf("the DaemonSet's args %v do not start with run", c.Args)
+	containers := map[string]corev1.Container{}
+	for _, c := range d.ds.Spec.Template.Spec.Containers {
+		containers[c.Name] = c
 	}
-	var env []string
-	for _, e := range c.Env {
-		switch {
-		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
-			env = append(env, e.Name+"="+node)
-		case e.ValueFrom == nil:
-			env = append(env, e.Name+"="+e.Value)
-		default:
-			sc.t.Fatalf("env %s: a source this test does not know", e.Name)
+	e, h := containers["node-agent"], containers["lock-holder"]
+	if len(e.Args) == 0 || e.Args[0] != "run" || len(h.Args) == 0 || h.Args[0] != "inhibit" {
+		sc.t.Fatalf("the DaemonSet's containers %v: want node-agent running run and lock-holder running inhibit", containerNames(d.ds.Spec.Template.Spec.Containers))
+	}
+	mounts := map[string]string{} // the holder's mount path -> the host path
+	for _, m := range h.VolumeMounts {
+		for _, v := range d.ds.Spec.Template.Spec.Volumes {
+			if v.Name == m.Name && v.HostPath != nil {
+				mounts[m.MountPath] = v.HostPath.Path
+			}
 		}
 	}
-	addr := freeAddr(sc.t)
-	args := append(append([]string{}, c.Args...), "--kubeconfig="+d.kubeconfig, "--listen-address="+addr, "--shutdown-inhibitor=false")
-	args = append(args, extra...)
-	sc.t.Logf("node-agent %s (env %s)", strings.Join(args, " "), strings.Join(env, " "))
-	a := sc.spawnAgent(bin, node, addr, args, env)
-	a.waitServing("/readyz", 60*time.Second)
-	return a
+	if mounts["/run/dbus"] != "/run/dbus" || mounts["/etc/systemd/logind.conf.d"] != "/etc/systemd/logind.conf.d" {
+		sc.t.Fatalf("the lock holder's host folders %v: want the host's /run/dbus and /etc/systemd/logind.conf.d at the same paths", mounts)
+	}
+	env := func(c corev1.Container) []string {
+		var out []string
+		for _, e := range c.Env {
+			switch {
+			case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
+				out = append(out, e.Name+"="+node)
+			case e.Name == "DBUS_SYSTEM_BUS_ADDRESS" && e.Value == "unix:path=/run/dbus/system_bus_socket":
+				out = append(out, e.Name+"="+bus.Address) // the host's bus, in the mounted /run/dbus
+			case e.ValueFrom == nil:
+				out = append(out, e.Name+"="+e.Value)
+			default:
+				sc.t.Fatalf("env %s of %s: a source this test does not know", e.Name, c.Name)
+			}
+		}
+		return out
+	}
+	engineAddr, holderAddr := freeAddr(sc.t), freeAddr(sc.t)
+	holderArgs := append(append([]string{}, h.Args...), "--listen-address="+holderAddr, "--engine-url=http://"+engineAddr,
+		"--logind-dropin-dir="+bus.DropInDir)
+	sc.t.Logf("lock holder: node-agent %s (env %s)", strings.Join(holderArgs, " "), strings.Join(env(h), " "))
+	holder = sc.spawnAgent(bin, node+"-holder", holderAddr, holderArgs, env(h))
+	engineArgs := append(append([]string{}, e.Args...), "--kubeconfig="+d.kubeconfig, "--listen-address="+engineAddr, "--lock-holder=http://"+holderAddr)
+	engineArgs = append(engineArgs, extra...)
+	sc.t.Logf("engine: node-agent %s (env %s)", strings.Join(engineArgs, " "), strings.Join(env(e), " "))
+	engine = sc.spawnAgent(bin, node, engineAddr, engineArgs, env(e))
+	engine.waitServing("/readyz", 60*time.Second)
+	sc.waitLock(bus, holder)
+	return engine, holder
 }
 
 // applyManifests applies manifests/ server-side and removes it again when the test ends
@@ -508,7 +538,9 @@ func (sc *scenario) taintsPatch(node string, add ...corev1.Taint) string {
 
 // The deployment, end to end: manifests/ applied server-side; the agent built with
 // hack/build.sh and run as the DaemonSet runs it, with its service account's token bound
-// to its pod on node A. It re-enables its node after a "reboot", drains a LiveMigrate
+// to its pod on node A: both containers, the lock holder holding its delay lock on a real
+// systemd-logind (a private system bus in place of the host's /run/dbus, logind's
+// drop-in folder in place of the host's /etc/systemd/logind.conf.d). It re-enables its node after a "reboot", drains a LiveMigrate
 // and a None VM (and, with --all-pods, a plain pod) with events, and withdraws a drain
 // with virt-api's evacuate/cancel, all through the policy; the policy refuses changes to
 // node B and to what node A's agent does not own; RBAC refuses secrets and deletes; the
@@ -529,6 +561,8 @@ func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 	}
 	d := sc.agentPodOn(nodeA)
 	kube, kv := sc.tokenClient(d.token)
+	// The host's system bus and logind, which the lock holder uses as the manifests mount them.
+	bus := sc.startLogind()
 
 	// The policy is active once the API server has seen it, its binding and its
 	// parameter (the KubeVirt CR): poll a refused and an allowed dry-run change.
@@ -553,7 +587,18 @@ func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 	// The agent's own key is one KubeVirt does not react to, so that what moves a VM
 	// below is the agent's doing, and a withdrawn drain has an evacuation to cancel.
 	// --all-pods (not in the DaemonSet's args) exercises kubectl's drain helper.
-	a := sc.startDeployed(bin, d, nodeA, "--drain-taint-key="+agentOnlyKey, "--all-pods", "--pod-eviction-retry=1s", "--resync=1s")
+	a, holder := sc.startDeployed(bin, d, nodeA, bus, "--drain-taint-key="+agentOnlyKey, "--all-pods", "--pod-eviction-retry=1s", "--resync=1s")
+	// The holder raised logind's InhibitDelayMaxSec to its --shutdown-timeout (10 min by
+	// default) through the host's drop-in folder.
+	timeout := 10 * time.Minute
+	for _, c := range d.ds.Spec.Template.Spec.Containers {
+		if v := flagValue(c.Args, "shutdown-timeout"); c.Name == "lock-holder" && v != "" {
+			if timeout, err = time.ParseDuration(v); err != nil {
+				t.Fatalf("the lock holder's --shutdown-timeout=%s: %v", v, err)
+			}
+		}
+	}
+	sc.waitInhibitDelayMax(bus, timeout)
 	sc.eventually(time.Minute, "the agent to re-enable node A", func() (bool, string) {
 		n := sc.node(nodeA)
 		_, owned := n.Annotations[agent.AnnotationOwned]
@@ -714,6 +759,8 @@ func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 		}
 	}
 	sc.checkAccess()
+	// The lock holder kept its one delay lock through all of it.
+	sc.waitLock(bus, holder)
 
 	// 6. The roles grant exactly what the code needs, and the agent used nothing else.
 	sc.checkRoles()

@@ -859,8 +859,13 @@ func TestShutdownInContainerCgroupLayouts(t *testing.T) {
 			sc := newScenario(t, 0)
 			node := sc.addNode()
 			c, err := sc.bootContainer(node, tc.layout)
+			var be bootError
+			if errors.As(err, &be) {
+				// Listed, and a failure on CI unless allowed, as the other tier-2 skips.
+				t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container with cgroup %s only: %v", tc.layout, be)
+			}
 			if err != nil {
-				t.Fatalf("booting the container with cgroup %s: %v", tc.layout, err)
+				t.Fatal(err)
 			}
 			ctx, cancel := context.WithTimeout(sc.ctx, time.Minute)
 			defer cancel()
