@@ -31,6 +31,8 @@ type NodeView interface {
 	Config() (nodeinfo.Config, error)
 	// NamespaceMigrations lists the migrations of a namespace (read once per sync).
 	NamespaceMigrations(ctx context.Context, namespace string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	// AddChangeHandler has f called after every change the view sees (before Run).
+	AddChangeHandler(f func())
 }
 
 var _ NodeView = (*nodeinfo.View)(nil)
@@ -108,7 +110,8 @@ type Engine struct {
 
 type sets map[string]struct{}
 
-// New creates an engine. Enqueue it on every change of the view; Run works the queue.
+// New creates an engine; it attaches itself to the view's changes (each enqueues a
+// look at the node). Run works the queue.
 func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics *Metrics, opts Options) *Engine {
 	if opts.Resync <= 0 {
 		opts.Resync = 5 * time.Second
@@ -157,6 +160,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 			Log: e.log, Recorder: recorder, Metrics: metrics,
 		})
 	}
+	view.AddChangeHandler(e.Enqueue)
 	return e
 }
 

@@ -70,6 +70,7 @@ func (fakeView) LauncherPodsListed() bool                   { return true }
 func (fakeView) Node() (*corev1.Node, error)                { return &corev1.Node{}, nil }
 func (fakeView) VMIs() []*kubevirtv1.VirtualMachineInstance { return nil }
 func (fakeView) LauncherPods() []*corev1.Pod                { return nil }
+func (fakeView) AddChangeHandler(func())                    {}
 func (fakeView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
 }

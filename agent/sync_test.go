@@ -177,6 +177,7 @@ type fixtureView struct{ f *fixture }
 
 func (fixtureView) Synced() (bool, string)   { return true, "" }
 func (fixtureView) LauncherPodsListed() bool { return true }
+func (fixtureView) AddChangeHandler(func())  {}
 func (v fixtureView) Node() (*corev1.Node, error) {
 	return v.f.kube.CoreV1().Nodes().Get(context.Background(), thisNode, metav1.GetOptions{})
 }

@@ -58,6 +58,7 @@ type View struct {
 	mu       sync.Mutex
 	listErrs map[string]error
 	lastGood *Config
+	handlers []func() // AddChangeHandler's
 }
 
 // NewView creates the informers; Run starts them.
@@ -93,24 +94,41 @@ func (v *View) add(name string, client cache.Getter, resource, namespace string,
 		v.mu.Lock()
 		v.listErrs[name] = err
 		v.mu.Unlock()
-		if v.opts.OnChange != nil {
-			v.opts.OnChange()
-		}
+		v.notify()
 	})
-	if v.opts.OnChange != nil {
-		changed := func() {
-			v.mu.Lock()
-			delete(v.listErrs, name)
-			v.mu.Unlock()
-			v.opts.OnChange()
-		}
-		_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    func(any) { changed() },
-			UpdateFunc: func(any, any) { changed() },
-			DeleteFunc: func(any) { changed() },
-		})
+	changed := func() {
+		v.mu.Lock()
+		delete(v.listErrs, name)
+		v.mu.Unlock()
+		v.notify()
 	}
+	_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { changed() },
+		UpdateFunc: func(any, any) { changed() },
+		DeleteFunc: func(any) { changed() },
+	})
 	v.informers[name] = inf
+}
+
+// AddChangeHandler has f called after every change to anything the View watches (as
+// OnChange is). Add handlers before Run.
+func (v *View) AddChangeHandler(f func()) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.handlers = append(v.handlers, f)
+}
+
+// notify calls OnChange and the change handlers.
+func (v *View) notify() {
+	if v.opts.OnChange != nil {
+		v.opts.OnChange()
+	}
+	v.mu.Lock()
+	handlers := v.handlers
+	v.mu.Unlock()
+	for _, f := range handlers {
+		f()
+	}
 }
 
 // Run starts the informers; they stop when ctx ends.
