@@ -322,3 +322,48 @@ func TestShutdownCancelledMidDrainWithdrawsEvacuations(t *testing.T) {
 	}
 	sc.waitLock(env, a)
 }
+
+// `node-agent undrain` cancels the evacuations still under way: a LiveMigrate VM whose
+// migration cannot finish (the pool has one node) is being evacuated after
+// `node-agent drain` gave up following it; the agent is stopped, so what cancels the
+// evacuation is undrain alone. The VMI is no longer marked, the VM stays running where
+// it is, and the node is untainted and uncordoned.
+func TestCLIUndrainCancelsEvacuationsStillMigrating(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	vmi := sc.createVM("vm", liveMigrate)
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
+	key := "--drain-taint-key=" + agentOnlyKey
+
+	out, errOut, code := sc.ctl("drain", node, key, "--timeout=10s")
+	if code != 1 {
+		t.Fatalf("drain exited %d, want 1 (timed out with the VM migrating)\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if _, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, "vm", "marked for evacuation", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.EvacuationNodeName == node
+	}); err != nil {
+		t.Fatal(err)
+	}
+	a.stop()
+
+	out, errOut, code = sc.ctl("undrain", node, key)
+	if code != 0 {
+		t.Fatalf("undrain exited %d\nstdout:\n%s\nstderr:\n%s", code, out, errOut)
+	}
+	if !strings.Contains(out+errOut, sc.ns+"/vm") {
+		t.Errorf("undrain does not name the evacuation it cancelled:\n%s%s", out, errOut)
+	}
+	if _, err := sc.env.sim.WaitForVMI(sc.ctx, sc.ns, "vm", "no longer marked for evacuation", func(v *kubevirtv1.VirtualMachineInstance) bool {
+		return v != nil && v.Status.EvacuationNodeName == ""
+	}); err != nil {
+		t.Fatal(err)
+	}
+	n := sc.node(node)
+	if n.Spec.Unschedulable || hasTaintKey(n, agentOnlyKey) {
+		t.Errorf("after undrain: unschedulable %v, taints %v", n.Spec.Unschedulable, n.Spec.Taints)
+	}
+	after := sc.vmi("vm")
+	if after.UID != vmi.UID || after.Status.Phase != kubevirtv1.Running || after.Status.NodeName != node {
+		t.Errorf("the VM did not stay: uid %s phase %s node %s", after.UID, after.Status.Phase, after.Status.NodeName)
+	}
+}
