@@ -367,3 +367,39 @@ func TestCLIUndrainCancelsEvacuationsStillMigrating(t *testing.T) {
 		t.Errorf("the VM did not stay: uid %s phase %s node %s", after.UID, after.Status.Phase, after.Status.NodeName)
 	}
 }
+
+// --shutdown-all-pods: on a host shutdown the other pods are evicted too, and the
+// shutdown is held until they are gone: a pod whose eviction an admission policy denies
+// keeps the node unsafe and the poweroff job unstarted (the VM has long left); once
+// allowed, it is evicted and the shutdown goes ahead. Without the flag a taint-started
+// drain leaves the pods alone (TestDrainEvictsVMsOnly).
+func TestShutdownAllPodsHeldUntilThePodsLeft(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	always := sc.pinned("always", node, noneStrategy)
+	free := sc.plainPod("free", node)
+	denied := sc.plainPod("denied", node)
+	sc.denyEvictionOf(denied.Name)
+	env := sc.startLogind()
+	a := sc.startShutdownAgent(node, env, "--shutdown-all-pods", "--pod-eviction-retry=1s", "--shutdown-timeout=3m", "--logind-dropin-dir="+env.DropInDir)
+	sc.waitInhibitDelayMax(env, 3*time.Minute)
+
+	asked := sc.powerOff(env)
+	sc.waitRestarted(always, other)
+	sc.eventually(time.Minute, "the free pod evicted", func() (bool, string) {
+		_, ok := sc.podPhase(sc.ns, free.Name, free.UID)
+		return !ok, "still there"
+	})
+	a.waitStatus(30*time.Second, "the denied pod left, no VM", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.Draining && st.Trigger == agent.TriggerShutdown && len(st.VMs) == 0 && st.PodsLeft == 1
+	})
+	if at, started, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || started {
+		t.Fatalf("logind started the poweroff job at %v (err %v) with a pod left to evict", at, err)
+	}
+
+	sc.allowEvictions()
+	started := sc.waitPowerOffJob(env, asked, 2*time.Minute)
+	if _, ok := sc.podPhase(sc.ns, denied.Name, denied.UID); ok {
+		t.Errorf("the poweroff job started at %s with the pod still on the node", started.Format(time.StampMilli))
+	}
+}
