@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -29,51 +30,68 @@ func TestSyncPanicIsAnErrorNotACrash(t *testing.T) {
 
 // On SIGTERM during a host shutdown, the agent holds until the node is safe or the
 // deadline: the kubelet's graceful shutdown then waits on it before the VMs' bucket.
+// The test runs in a synctest bubble: synctest.Wait returns once the hold is blocked
+// (or has returned), so "still holding" is checked, not raced.
 func TestHoldWhileShuttingDown(t *testing.T) {
-	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
-	e := New(fakeView{}, Clients{}, record.NewFakeRecorder(16), nil, Options{NodeName: thisNode, Clock: clk})
-
-	// Not shutting down: returns at once.
-	e.HoldWhileShuttingDown(context.Background())
-
-	e.mu.Lock()
-	e.intent = shutdownIntent{pending: true, deadline: clk.Now().Add(time.Minute)}
-	e.mu.Unlock()
-	e.setStatus(func(s *NodeStatus) {
-		*s = NodeStatus{Ready: true, Draining: true, Trigger: TriggerShutdown, VMs: []VMStatus{{Name: "vm", State: StateMigrating}}}
-	})
 	for _, tc := range []struct {
 		name    string
-		release func()
+		release func(e *Engine, clk *clocktesting.FakeClock)
 	}{
-		{"the node becomes safe", func() {
+		{"the node becomes safe", func(e *Engine, _ *clocktesting.FakeClock) {
 			e.setStatus(func(s *NodeStatus) { s.VMs, s.Safe = nil, true })
 		}},
-		{"the deadline passes", func() {
-			e.setStatus(func(s *NodeStatus) { s.VMs, s.Safe = []VMStatus{{Name: "vm", State: StateBlocked}}, false })
+		{"the deadline passes", func(_ *Engine, clk *clocktesting.FakeClock) {
 			clk.Step(2 * time.Minute)
+		}},
+		{"the shutdown is cancelled", func(e *Engine, _ *clocktesting.FakeClock) {
+			e.mu.Lock()
+			e.intent = shutdownIntent{cancelled: true}
+			e.mu.Unlock()
+			e.statusChanged()
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.name == "the deadline passes" {
-				e.setStatus(func(s *NodeStatus) { s.Safe = false })
-			}
-			done := make(chan struct{})
-			go func() {
+			synctest.Test(t, func(t *testing.T) {
+				clk := clocktesting.NewFakeClock(time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
+				e := New(fakeView{}, Clients{}, record.NewFakeRecorder(16), nil, Options{NodeName: thisNode, Clock: clk})
+				defer e.queue.ShutDown()
+
+				// Not shutting down: returns at once.
 				e.HoldWhileShuttingDown(context.Background())
-				close(done)
-			}()
-			select {
-			case <-done:
-				t.Fatal("returned while VMs were left before the deadline")
-			default:
-			}
-			tc.release()
-			select {
-			case <-done:
-			case <-time.After(10 * time.Second):
-				t.Fatal("still holding")
-			}
+
+				e.mu.Lock()
+				e.intent = shutdownIntent{pending: true, deadline: clk.Now().Add(time.Minute)}
+				e.mu.Unlock()
+				e.setStatus(func(s *NodeStatus) {
+					*s = NodeStatus{Ready: true, Draining: true, Trigger: TriggerShutdown, VMs: []VMStatus{{Name: "vm", State: StateMigrating}}}
+				})
+				done := make(chan struct{})
+				go func() {
+					e.HoldWhileShuttingDown(context.Background())
+					close(done)
+				}()
+				synctest.Wait()
+				select {
+				case <-done:
+					t.Fatal("returned while VMs were left before the deadline")
+				default:
+				}
+				// A status change that leaves VMs does not end it either.
+				e.setStatus(func(s *NodeStatus) { s.VMs = []VMStatus{{Name: "vm", State: StateBlocked}} })
+				synctest.Wait()
+				select {
+				case <-done:
+					t.Fatal("returned on a status change with VMs left")
+				default:
+				}
+				tc.release(e, clk)
+				synctest.Wait()
+				select {
+				case <-done:
+				default:
+					t.Fatal("still holding")
+				}
+			})
 		})
 	}
 }

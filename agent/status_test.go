@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -11,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/record"
 	kubevirtv1 "kubevirt.io/api/core/v1"
@@ -345,31 +349,72 @@ func TestMetricsExposeVMs(t *testing.T) {
 	leftStatus(&st)
 	st.VMs = append(st.VMs, VMStatus{Namespace: "ns3", Name: "web", Strategy: string(kubevirtv1.EvictionStrategyLiveMigrate), State: StateMigrating})
 	e.metrics.observe(st)
-	r := get(t, e.Handler(), "/metrics")
-	if r.code != http.StatusOK {
-		t.Fatalf("/metrics = %d", r.code)
+	node := map[string]string{"node": "node-a"}
+	vms := func(state VMState) map[string]string {
+		return map[string]string{"node": "node-a", "state": string(state), "strategy": "LiveMigrate"}
 	}
-	for _, want := range []string{
-		`node_agent_vms{node="node-a",state="migrating",strategy="LiveMigrate"} 2`,
-		`node_agent_vms{node="node-a",state="blocked",strategy="LiveMigrate"} 1`,
-		`node_agent_draining{node="node-a"} 1`,
-		`node_agent_safe_to_shutdown{node="node-a"} 0`,
+	m := scrape(t, e.Handler())
+	for _, want := range []struct {
+		name   string
+		labels map[string]string
+		value  float64
+	}{
+		{"node_agent_vms", vms(StateMigrating), 2},
+		{"node_agent_vms", vms(StateBlocked), 1},
+		{"node_agent_draining", node, 1},
+		{"node_agent_safe_to_shutdown", node, 0},
 	} {
-		if !strings.Contains(r.body, want) {
-			t.Errorf("/metrics lacks %q", want)
+		if got, ok := m.value(want.name, want.labels); !ok || got != want.value {
+			t.Errorf("/metrics: %s%v = %v (present %v), want %v", want.name, want.labels, got, ok, want.value)
 		}
 	}
 
 	// The gauge follows the status: VMs gone, series gone.
 	safeStatus(&st)
 	e.metrics.observe(st)
-	r = get(t, e.Handler(), "/metrics")
-	if strings.Contains(r.body, "node_agent_vms{") {
-		t.Errorf("/metrics still shows VMs after they left:\n%s", grepLines(r.body, "node_agent_vms"))
+	m = scrape(t, e.Handler())
+	if n := len(m["node_agent_vms"].GetMetric()); n != 0 {
+		t.Errorf("/metrics still shows %d node_agent_vms series after the VMs left", n)
 	}
-	if !strings.Contains(r.body, "node_agent_safe_to_shutdown 1") {
-		t.Errorf("/metrics lacks node_agent_safe_to_shutdown 1")
+	if got, ok := m.value("node_agent_safe_to_shutdown", node); !ok || got != 1 {
+		t.Errorf("/metrics: node_agent_safe_to_shutdown = %v (present %v), want 1", got, ok)
 	}
+}
+
+// families are the metric families of a /metrics answer, parsed as Prometheus does.
+type families map[string]*dto.MetricFamily
+
+// scrape reads /metrics from h and parses it with Prometheus's text parser.
+func scrape(t *testing.T, h http.Handler) families {
+	t.Helper()
+	r := get(t, h, "/metrics")
+	if r.code != http.StatusOK {
+		t.Fatalf("/metrics = %d", r.code)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	m, err := parser.TextToMetricFamilies(strings.NewReader(r.body))
+	if err != nil {
+		t.Fatalf("parsing /metrics: %v", err)
+	}
+	return m
+}
+
+// value is the value of the gauge or counter sample of name whose labels are labels.
+func (f families) value(name string, labels map[string]string) (float64, bool) {
+	for _, m := range f[name].GetMetric() {
+		got := map[string]string{}
+		for _, l := range m.GetLabel() {
+			got[l.GetName()] = l.GetValue()
+		}
+		if !maps.Equal(got, labels) {
+			continue
+		}
+		if g := m.GetGauge(); g != nil {
+			return g.GetValue(), true
+		}
+		return m.GetCounter().GetValue(), m.GetCounter() != nil
+	}
+	return 0, false
 }
 
 func TestHandlerOnlyGet(t *testing.T) {
@@ -379,14 +424,4 @@ func TestHandlerOnlyGet(t *testing.T) {
 	if rec.Code != http.StatusMethodNotAllowed {
 		t.Errorf("POST /safe-to-shutdown = %d, want 405", rec.Code)
 	}
-}
-
-func grepLines(s, substr string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, substr) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

@@ -7,11 +7,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/node-agent/node-agent/nodeinfo"
+	"github.com/node-agent/node-agent/agent"
 )
 
 // Without a system bus the agent keeps draining on the taint; /readyz and the metrics
-// say that host shutdowns are not held.
+// say that host shutdowns are not held. The drain taint key is one KubeVirt does not
+// watch (its evacuation controller would move the VM on kubevirt.io/drain by itself):
+// the VM leaves only if the agent drains.
 func TestShutdownNoBusIsDegradedNotDown(t *testing.T) {
 	sc := newScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
@@ -21,7 +23,7 @@ func TestShutdownNoBusIsDegradedNotDown(t *testing.T) {
 	addr := freeAddr(t)
 	noBus := "DBUS_SYSTEM_BUS_ADDRESS=unix:path=" + filepath.Join(t.TempDir(), "no-bus-here")
 	a := sc.spawnAgent(sc.env.agentBin, node, addr, []string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig,
-		"--node-name=" + node, "--listen-address=" + addr, "--resync=1s", "--shutdown-inhibitor=true",
+		"--node-name=" + node, "--listen-address=" + addr, "--resync=1s", "--shutdown-inhibitor=true", "--drain-taint-key=" + agentOnlyKey,
 		"--logind-dropin-dir="}, []string{noBus})
 	a.waitServing("/healthz", 60*time.Second)
 	sc.eventually(time.Minute, "/readyz to say the inhibitor is degraded", func() (bool, string) {
@@ -33,10 +35,16 @@ func TestShutdownNoBusIsDegradedNotDown(t *testing.T) {
 		`node_agent_logind_connected{node="` + node + `"}`:    0,
 	})
 
-	sc.taint(node, nodeinfo.DefaultDrainTaintKey)
+	sc.taint(node, agentOnlyKey)
 	a.waitSafe(2 * time.Minute)
 	if moved := sc.waitVMIOn("vm", other); moved.UID != vmi.UID {
 		t.Error("the VM was not migrated")
+	}
+	events := sc.events("default", "Node", node)
+	for _, reason := range []string{agent.ReasonDrainStarted, agent.ReasonDrainCompleted} {
+		if !hasEvent(events, reason) {
+			t.Errorf("no %s event on the node", reason)
+		}
 	}
 	select {
 	case <-a.exited:
