@@ -8,7 +8,9 @@ import (
 
 func TestPredictEnd(t *testing.T) {
 	shutdown := Decision{Action: ActionShutdown}
-	vm := func(rs kubevirtv1.VirtualMachineRunStrategy) Owner { return Owner{Kind: "VirtualMachine", RunStrategy: rs} }
+	vm := func(rs kubevirtv1.VirtualMachineRunStrategy) Owner {
+		return Owner{Kind: "VirtualMachine", RunStrategy: rs}
+	}
 	tests := []struct {
 		name  string
 		d     Decision
