@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -11,6 +13,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	kubevirtv1 "kubevirt.io/api/core/v1"
@@ -102,7 +105,7 @@ func (e *Engine) createMigration(ctx context.Context, vmi *kubevirtv1.VirtualMac
 		ObjectMeta: metav1.ObjectMeta{
 			GenerateName: "node-agent-evacuation-",
 			Namespace:    vmi.Namespace,
-			Labels:       map[string]string{AnnotationPrefix + "node": e.opts.NodeName},
+			Labels:       map[string]string{LabelMigrationNode: ownMigrationLabelValue(e.opts.NodeName)},
 			Annotations:  map[string]string{kubevirtv1.EvacuationMigrationAnnotation: e.opts.NodeName},
 		},
 		Spec: kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmi.Name},
@@ -151,10 +154,25 @@ func cancelFailure(err error) string {
 	}
 }
 
-// ownMigrationSelector selects the migrations the agent created for its node (the
-// fallback where no eviction webhook turns an eviction into an evacuation).
+// LabelMigrationNode labels the migrations the agent creates with its node (the node's
+// name, or a hash of it when the name is too long for a label value).
+const LabelMigrationNode = AnnotationPrefix + "node"
+
+// ownMigrationLabelValue is the value of LabelMigrationNode for node: its name when it
+// is a valid label value (up to 63 characters), else "sha256-" and the start of the
+// name's SHA-256 (a node name may have 253 characters). The full name is in the
+// migration's evacuation annotation, which deleteOwnMigrations checks too.
+func ownMigrationLabelValue(node string) string {
+	if len(validation.IsValidLabelValue(node)) == 0 {
+		return node
+	}
+	sum := sha256.Sum256([]byte(node))
+	return "sha256-" + hex.EncodeToString(sum[:])[:56]
+}
+
+// ownMigrationSelector selects the migrations the agent created for its node.
 func ownMigrationSelector(node string) string {
-	return AnnotationPrefix + "node=" + node
+	return LabelMigrationNode + "=" + ownMigrationLabelValue(node)
 }
 
 // deleteOwnMigrations deletes the unfinished migrations that the agent created for its
@@ -167,7 +185,7 @@ func deleteOwnMigrations(ctx context.Context, kubevirt rest.Interface, node stri
 		return nil, nil, fmt.Errorf("listing the migrations the agent created for node %s: %w", node, err)
 	}
 	for _, m := range list.Items {
-		if m.IsFinal() || m.DeletionTimestamp != nil {
+		if m.IsFinal() || m.DeletionTimestamp != nil || m.Annotations[kubevirtv1.EvacuationMigrationAnnotation] != node {
 			continue
 		}
 		key := m.Namespace + "/" + m.Name

@@ -23,7 +23,7 @@ import (
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
-const ownMigrationLabel = agent.AnnotationPrefix + "node"
+const ownMigrationLabel = agent.LabelMigrationNode
 
 func TestNoEvictionWebhook(t *testing.T) {
 	// MigrationPriorityQueue (beta in KubeVirt 1.8, on by default) off: KubeVirt's
