@@ -20,7 +20,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
@@ -613,21 +612,18 @@ func (sc *scenario) waitReplaced(rs string, old *kubevirtv1.VirtualMachineInstan
 
 func (sc *scenario) patchVMIRSNodeSelector(name string, sel map[string]string) {
 	sc.t.Helper()
-	for {
-		rs := &kubevirtv1.VirtualMachineInstanceReplicaSet{}
-		if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIRSs).Name(name).Do(sc.ctx).Into(rs); err != nil {
-			sc.t.Fatal(err)
-		}
-		rs.Spec.Template.Spec.NodeSelector = sel
-		err := sc.env.cluster.KubeVirt.Put().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIRSs).Name(name).Body(rs).Do(sc.ctx).Error()
-		if err != nil && isConflict(err) {
-			continue
-		}
-		if err != nil {
-			sc.t.Fatalf("updating VMIRS %s: %v", name, err)
-		}
-		return
-	}
+	sc.setTemplateNodeSelector(nodeinfo.ResourceVMIRSs, name, sel)
 }
 
-func isConflict(err error) bool { return apierrors.IsConflict(err) }
+// setTemplateNodeSelector replaces the nodeSelector of a VM's or VMIRS's VMI template
+// with one JSON patch (no read-modify-write, so no conflict to retry).
+func (sc *scenario) setTemplateNodeSelector(resource, name string, sel map[string]string) {
+	sc.t.Helper()
+	patch, err := json.Marshal([]map[string]any{{"op": "add", "path": "/spec/template/spec/nodeSelector", "value": sel}})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	if err := sc.env.cluster.KubeVirt.Patch(types.JSONPatchType).Namespace(sc.ns).Resource(resource).Name(name).Body(patch).Do(sc.ctx).Error(); err != nil {
+		sc.t.Fatalf("setting the nodeSelector of %s %s: %v", resource, name, err)
+	}
+}

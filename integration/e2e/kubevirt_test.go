@@ -117,21 +117,7 @@ func TestKubeVirtEvictionShutsDownNoneVMs(t *testing.T) {
 
 func (sc *scenario) patchVMNodeSelector(name string, sel map[string]string) {
 	sc.t.Helper()
-	for {
-		vm := &kubevirtv1.VirtualMachine{}
-		if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMs).Name(name).Do(sc.ctx).Into(vm); err != nil {
-			sc.t.Fatal(err)
-		}
-		vm.Spec.Template.Spec.NodeSelector = sel
-		err := sc.env.cluster.KubeVirt.Put().Namespace(sc.ns).Resource(nodeinfo.ResourceVMs).Name(name).Body(vm).Do(sc.ctx).Error()
-		if apierrors.IsConflict(err) {
-			continue
-		}
-		if err != nil {
-			sc.t.Fatalf("updating VM %s: %v", name, err)
-		}
-		return
-	}
+	sc.setTemplateNodeSelector(nodeinfo.ResourceVMs, name, sel)
 }
 
 // The seed document's legacy path: the drain taint makes KubeVirt migrate the node's
