@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/nodeinfo"
@@ -31,10 +32,38 @@ const KubeVirtName = "kubevirt"
 // into an evacuation (KubeVirt's supported drain path).
 const evictionWebhook = "virt-launcher-eviction-interceptor.kubevirt.io"
 
+// The service accounts KubeVirt's install runs virt-api, virt-controller and
+// virt-handler as (components/serviceaccountnames.go). KubeVirt's webhooks treat
+// their requests apart: the VMI mutator drops status changes from anyone else, and
+// the VMI validators refuse anyone else's change of the reserved kubevirt.io/ labels
+// (kubevirt.io/nodeName, ...).
+const (
+	VirtAPIServiceAccount        = "kubevirt-apiserver"
+	VirtControllerServiceAccount = "kubevirt-controller"
+	VirtHandlerServiceAccount    = "kubevirt-handler"
+)
+
+// ServiceAccountUser is the user name of the service account sa of KubeVirt's
+// namespace, as the API server authenticates its token.
+func ServiceAccountUser(sa string) string {
+	return "system:serviceaccount:" + KubeVirtNamespace + ":" + sa
+}
+
+// KubeVirtClientAs returns a kubevirt.io/v1 REST client that acts as KubeVirt's
+// service account sa (impersonated by the cluster admin, with the admin's
+// permissions): for a test to write what only KubeVirt's own programs may write,
+// such as a VMI's status or its kubevirt.io/nodeName label.
+func (c *Cluster) KubeVirtClientAs(sa string) (rest.Interface, error) {
+	cfg := rest.CopyConfig(c.RESTConfig)
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: ServiceAccountUser(sa), Groups: []string{"system:masters", "system:authenticated"}}
+	return nodeinfo.NewKubeVirtClient(cfg)
+}
+
 // kubevirtManifests is what integration/build/kubevirt/cmd/kubevirt-manifests prints.
 type kubevirtManifests struct {
 	CRDs              []*extv1.CustomResourceDefinition                       `json:"crds"`
 	ValidatingWebhook *admissionregistrationv1.ValidatingWebhookConfiguration `json:"validatingWebhook"`
+	MutatingWebhook   *admissionregistrationv1.MutatingWebhookConfiguration   `json:"mutatingWebhook"`
 }
 
 // InstallKubeVirt installs KubeVirt into a cluster started with
@@ -74,7 +103,7 @@ func (c *Cluster) installKubeVirt(ctx context.Context, cfg kubevirtv1.KubeVirtCo
 	if err != nil {
 		return err
 	}
-	if err := c.registerVirtAPI(ctx, m.ValidatingWebhook, apiPort); err != nil {
+	if err := c.registerVirtAPI(ctx, m, apiPort); err != nil {
 		return err
 	}
 	return c.startVirtController(ctx)
@@ -122,8 +151,12 @@ func (c *Cluster) createKubeVirtCR(ctx context.Context, cfg kubevirtv1.KubeVirtC
 		return fmt.Errorf("creating the KubeVirt CR: %w", err)
 	}
 	// virt-controller and virt-api ignore spec.configuration until virt-operator has
-	// reported the installation deployed; there is no virt-operator here.
+	// reported the installation deployed; there is no virt-operator here. virt-operator
+	// also records the cluster's default architecture, which virt-api's VMI mutator
+	// writes into every new VMI (the validator refuses a VMI without one): amd64, the
+	// architecture of the simulated nodes.
 	created.Status.Phase = kubevirtv1.KubeVirtPhaseDeployed
+	created.Status.DefaultArchitecture = "amd64"
 	created.Status.ObservedKubeVirtVersion = KubeVirtVersion
 	created.Status.TargetKubeVirtVersion = KubeVirtVersion
 	if err := c.KubeVirt.Put().Namespace(KubeVirtNamespace).Resource(nodeinfo.ResourceKubeVirts).Name(KubeVirtName).
@@ -176,8 +209,12 @@ func (c *Cluster) startVirtAPI(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	port := ports[0]
+	kubeconfig, err := c.serviceAccountKubeconfig(VirtAPIServiceAccount)
+	if err != nil {
+		return 0, err
+	}
 	c.virtAPI, err = startProcess(c.Dir, "virt-api", c.binaries.VirtAPI,
-		"--kubeconfig="+c.Kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(port),
+		"--kubeconfig="+kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(port),
 		"--console-server-port="+strconv.Itoa(ports[1]),
 		"--tls-cert-file="+cert, "--tls-key-file="+key,
 		"--handler-cert-file="+handlerCert, "--handler-key-file="+handlerKey)
@@ -193,28 +230,55 @@ func (c *Cluster) startVirtAPI(ctx context.Context) (int, error) {
 	return port, nil
 }
 
-// registerVirtAPI registers virt-api's eviction webhook, exactly as KubeVirt generates
-// it but addressed by URL, and its subresource API through the aggregator (an
-// ExternalName service that resolves to localhost); Options.WithoutEvictionWebhook and
-// Options.WithoutSubresourceAPI leave either out.
-func (c *Cluster) registerVirtAPI(ctx context.Context, generated *admissionregistrationv1.ValidatingWebhookConfiguration, port int) error {
-	base := "https://127.0.0.1:" + strconv.Itoa(port)
-	cfg := &admissionregistrationv1.ValidatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: generated.Name}}
-	for _, hook := range generated.Webhooks {
-		if hook.Name != evictionWebhook || hook.ClientConfig.Service == nil || hook.ClientConfig.Service.Path == nil {
-			continue
-		}
-		url := base + *hook.ClientConfig.Service.Path
-		hook.ClientConfig = admissionregistrationv1.WebhookClientConfig{URL: &url, CABundle: c.caPEM}
-		cfg.Webhooks = append(cfg.Webhooks, hook)
+// registerVirtAPI registers virt-api's webhooks, every one KubeVirt's install
+// registers (components.NewVirtAPIMutatingWebhookConfiguration and
+// NewVirtAPIValidatingWebhookConfiguration: VMI, VM, VMIRS, pool, migration, ...
+// mutators and validators, and the pods/eviction interceptor), exactly as generated
+// but addressed by URL; and its subresource API through the aggregator (an
+// ExternalName service that resolves to localhost). Options.WithoutEvictionWebhook
+// leaves the eviction interceptor out, Options.WithoutSubresourceAPI the API.
+func (c *Cluster) registerVirtAPI(ctx context.Context, m kubevirtManifests, port int) error {
+	if m.MutatingWebhook == nil || m.ValidatingWebhook == nil {
+		return fmt.Errorf("KubeVirt's generated manifests have no virt-api webhook configurations")
 	}
-	if len(cfg.Webhooks) != 1 {
+	base := "https://127.0.0.1:" + strconv.Itoa(port)
+	byURL := func(hook string, cc *admissionregistrationv1.WebhookClientConfig) error {
+		if cc.Service == nil || cc.Service.Path == nil {
+			return fmt.Errorf("KubeVirt's webhook %s is not served by a service path", hook)
+		}
+		url := base + *cc.Service.Path
+		*cc = admissionregistrationv1.WebhookClientConfig{URL: &url, CABundle: c.caPEM}
+		return nil
+	}
+	mutating := &admissionregistrationv1.MutatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: m.MutatingWebhook.Name}}
+	for _, hook := range m.MutatingWebhook.Webhooks {
+		if err := byURL(hook.Name, &hook.ClientConfig); err != nil {
+			return err
+		}
+		mutating.Webhooks = append(mutating.Webhooks, hook)
+	}
+	validating := &admissionregistrationv1.ValidatingWebhookConfiguration{ObjectMeta: metav1.ObjectMeta{Name: m.ValidatingWebhook.Name}}
+	found := false
+	for _, hook := range m.ValidatingWebhook.Webhooks {
+		if hook.Name == evictionWebhook {
+			found = true
+			if c.opts.WithoutEvictionWebhook {
+				continue
+			}
+		}
+		if err := byURL(hook.Name, &hook.ClientConfig); err != nil {
+			return err
+		}
+		validating.Webhooks = append(validating.Webhooks, hook)
+	}
+	if !found {
 		return fmt.Errorf("KubeVirt's generated webhooks have no %s entry", evictionWebhook)
 	}
-	if !c.opts.WithoutEvictionWebhook {
-		if _, err := c.Kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Create(ctx, cfg, metav1.CreateOptions{}); err != nil {
-			return fmt.Errorf("registering virt-api's eviction webhook: %w", err)
-		}
+	if _, err := c.Kube.AdmissionregistrationV1().MutatingWebhookConfigurations().Create(ctx, mutating, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("registering virt-api's mutating webhooks: %w", err)
+	}
+	if _, err := c.Kube.AdmissionregistrationV1().ValidatingWebhookConfigurations().Create(ctx, validating, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("registering virt-api's validating webhooks: %w", err)
 	}
 	if c.opts.WithoutSubresourceAPI {
 		return nil
@@ -269,6 +333,27 @@ func (c *Cluster) registerVirtAPI(ctx context.Context, generated *admissionregis
 	})
 }
 
+// serviceAccountKubeconfig writes a kubeconfig that authenticates as the service
+// account sa of KubeVirt's namespace (a client certificate with its user name), for
+// the KubeVirt program the install runs as sa: KubeVirt's webhooks tell its own
+// programs' requests by that name. Its permissions are a cluster admin's
+// (system:masters), not the ClusterRoles of KubeVirt's install.
+func (c *Cluster) serviceAccountKubeconfig(sa string) (string, error) {
+	pair, err := c.ca.issue(ServiceAccountUser(sa), []string{"system:masters"}, nil)
+	if err != nil {
+		return "", err
+	}
+	pki := filepath.Join(c.Dir, "pki")
+	cert, key, err := pair.write(pki, sa+"-client")
+	if err != nil {
+		return "", err
+	}
+	cfg := rest.CopyConfig(c.RESTConfig)
+	cfg.CertFile, cfg.KeyFile = cert, key
+	path := filepath.Join(c.Dir, sa+".kubeconfig")
+	return path, writeKubeconfig(path, cfg)
+}
+
 func (c *Cluster) startVirtController(ctx context.Context) error {
 	serving, err := c.ca.issue("virt-controller", nil, []string{"127.0.0.1", "localhost"})
 	if err != nil {
@@ -282,8 +367,12 @@ func (c *Cluster) startVirtController(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	kubeconfig, err := c.serviceAccountKubeconfig(VirtControllerServiceAccount)
+	if err != nil {
+		return err
+	}
 	c.virtCtrl, err = startProcess(c.Dir, "virt-controller", c.binaries.VirtController,
-		"--kubeconfig="+c.Kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(ports[0]),
+		"--kubeconfig="+kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(ports[0]),
 		"--prom-cert-file="+cert, "--prom-key-file="+key,
 		"--leader-elect-lease-duration=3s", "--leader-elect-renew-deadline=2s", "--leader-elect-retry-period=500ms")
 	if err != nil {

@@ -124,12 +124,15 @@ func TestAgentRejectsInvalidTaintKeyFlag(t *testing.T) {
 func TestDrainUnknownClusterEvictionStrategy(t *testing.T) {
 	const bogus = kubevirtv1.EvictionStrategy("MoveItSomehow")
 	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	// Created first: with the bogus value in the CR, virt-api refuses new VMIs
+	// without a strategy of their own.
+	unset := sc.pinned("unset", node)
+	sc.withoutOwnEvictionStrategy("unset")
+	always := sc.pinned("always", node, noneStrategy)
 	if err := sc.setClusterEvictionStrategy(bogus); err != nil {
 		t.Fatalf("the KubeVirt CRD refuses evictionStrategy %q: %v", bogus, err)
 	}
-	node, other := sc.nodes[0], sc.nodes[1]
-	unset := sc.pinned("unset", node)
-	always := sc.pinned("always", node, noneStrategy)
 	pod := sc.launcherPod(unset, node)
 	a := sc.startAgent(node)
 	a.waitStatus(30*time.Second, "the cluster's strategy to be read", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
@@ -165,17 +168,23 @@ func TestDrainVMIWithoutStatus(t *testing.T) {
 	migrating := sc.pinned("migrating", node, liveMigrate)
 	a := sc.startAgent(node)
 
+	// Only KubeVirt's own programs may set a VMI's kubevirt.io/nodeName label and
+	// its status (virt-api's VMI webhooks): act as virt-controller.
+	kv, err := sc.env.cluster.KubeVirtClientAs(cluster.VirtControllerServiceAccount)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ghost := sim.NewVMI(sc.ns, "ghost", liveMigrate,
 		sim.WithLabels(map[string]string{nodeinfo.NodeNameLabel: node}),
 		sim.WithNodeSelector(map[string]string{poolLabel: "nowhere"}))
-	if err := sc.env.sim.Create(sc.ctx, ghost); err != nil {
-		t.Fatal(err)
+	if err := kv.Post().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Body(ghost).Do(sc.ctx).Error(); err != nil {
+		t.Fatalf("creating the VMI: %v", err)
 	}
 	// The VMI CRD has no status subresource: empty it with a plain update, once.
-	err := wait.PollUntilContextTimeout(sc.ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+	err = wait.PollUntilContextTimeout(sc.ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
 		cur := sc.vmi("ghost")
 		cur.Status = kubevirtv1.VirtualMachineInstanceStatus{}
-		err := sc.env.cluster.KubeVirt.Put().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Name("ghost").Body(cur).Do(ctx).Error()
+		err := kv.Put().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Name("ghost").Body(cur).Do(ctx).Error()
 		return err == nil, ignoreConflict(err)
 	})
 	if err != nil {

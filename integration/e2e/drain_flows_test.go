@@ -19,6 +19,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -136,7 +137,9 @@ func vmStatus(st agent.NodeStatus, ns, name string) *agent.VMStatus {
 
 // setClusterEvictionStrategy sets the KubeVirt CR's spec.configuration.evictionStrategy
 // for the test and puts the previous value back after it. It returns the API
-// server's error, if it refuses the value.
+// server's error, if it refuses the value. For a value KubeVirt knows it waits until
+// virt-api defaults new VMIs to it (virt-api reads the CR through an informer), and
+// after the test until virt-api is back to the previous one.
 func (sc *scenario) setClusterEvictionStrategy(s kubevirtv1.EvictionStrategy) error {
 	sc.t.Helper()
 	var previous *kubevirtv1.EvictionStrategy
@@ -154,9 +157,73 @@ func (sc *scenario) setClusterEvictionStrategy(s kubevirtv1.EvictionStrategy) er
 			c.EvictionStrategy = previous
 		}); err != nil {
 			sc.t.Errorf("restoring the cluster's evictionStrategy: %v", err)
+			return
+		}
+		want := kubevirtv1.EvictionStrategyNone // KubeVirt's default
+		if previous != nil {
+			want = *previous
+		}
+		if err := sc.waitDefaultEvictionStrategy(ctx, want); err != nil {
+			sc.t.Errorf("restoring the cluster's evictionStrategy: %v", err)
 		}
 	})
+	switch s {
+	case kubevirtv1.EvictionStrategyNone, kubevirtv1.EvictionStrategyLiveMigrate,
+		kubevirtv1.EvictionStrategyLiveMigrateIfPossible, kubevirtv1.EvictionStrategyExternal:
+		if err := sc.waitDefaultEvictionStrategy(sc.ctx, s); err != nil {
+			sc.t.Fatal(err)
+		}
+	}
 	return nil
+}
+
+// waitDefaultEvictionStrategy waits until virt-api's VMI mutator gives a new VMI
+// without an evictionStrategy of its own the strategy s, asking with dry-run
+// creations (the webhooks run, nothing is stored).
+func (sc *scenario) waitDefaultEvictionStrategy(ctx context.Context, s kubevirtv1.EvictionStrategy) error {
+	var last string
+	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+		got := &kubevirtv1.VirtualMachineInstance{}
+		err := sc.env.cluster.KubeVirt.Post().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).
+			Param("dryRun", metav1.DryRunAll).Body(sim.NewVMI(sc.ns, "default-probe")).Do(ctx).Into(got)
+		switch {
+		case err != nil:
+			last = err.Error()
+		case got.Spec.EvictionStrategy == nil:
+			last = "no evictionStrategy"
+		default:
+			last = string(*got.Spec.EvictionStrategy)
+		}
+		return last == string(s), nil
+	})
+	if err != nil {
+		return fmt.Errorf("waiting for virt-api to give new VMIs evictionStrategy %s (last: %s): %w", s, last, err)
+	}
+	return nil
+}
+
+// withoutOwnEvictionStrategy removes the VMI's own spec.evictionStrategy, as a VMI
+// created by a KubeVirt before the field was defaulted has none: then the cluster's
+// applies. Only KubeVirt's own programs may change a VMI's spec (virt-api's VMI
+// update webhook), so this acts as virt-controller.
+func (sc *scenario) withoutOwnEvictionStrategy(name string) {
+	sc.t.Helper()
+	kv, err := sc.env.cluster.KubeVirtClientAs(cluster.VirtControllerServiceAccount)
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	err = wait.PollUntilContextTimeout(sc.ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+		cur := sc.vmi(name)
+		cur.Spec.EvictionStrategy = nil
+		err := kv.Put().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Name(name).Body(cur).Do(ctx).Error()
+		return err == nil, ignoreConflict(err)
+	})
+	if err != nil {
+		sc.t.Fatalf("removing the evictionStrategy of VMI %s: %v", name, err)
+	}
+	if got := sc.vmi(name).Spec.EvictionStrategy; got != nil {
+		sc.t.Fatalf("VMI %s still has evictionStrategy %s", name, *got)
+	}
 }
 
 // legacyConfigMap creates the kubevirt-config ConfigMap of the seed document with
@@ -454,15 +521,15 @@ func TestDrainExternal(t *testing.T) {
 
 // The KubeVirt CR's spec.configuration.evictionStrategy applies to a VMI that has
 // none of its own: LiveMigrate there, so the VM is migrated, not shut down.
+// (virt-api writes the cluster's value into every new VMI; a VMI without one was
+// made by a KubeVirt before the field was defaulted.)
 func TestDrainClusterEvictionStrategy(t *testing.T) {
 	sc := newScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
+	plain := sc.pinned("plain", node)
+	sc.withoutOwnEvictionStrategy("plain")
 	if err := sc.setClusterEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrate); err != nil {
 		t.Fatal(err)
-	}
-	plain := sc.pinned("plain", node)
-	if plain.Spec.EvictionStrategy != nil {
-		t.Fatalf("the VMI has its own evictionStrategy %s", *plain.Spec.EvictionStrategy)
 	}
 	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
 	a.waitStatus(30*time.Second, "the cluster's strategy to apply", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {

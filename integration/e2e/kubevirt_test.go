@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -259,6 +260,33 @@ func TestKubeVirtEvictionRefusesNonMigratableLiveMigrateVM(t *testing.T) {
 	}
 	if p, err := sc.kube().CoreV1().Pods(pod.Namespace).Get(sc.ctx, pod.Name, metav1.GetOptions{}); err != nil || p.DeletionTimestamp != nil {
 		t.Errorf("the virt-launcher pod was deleted: %v", err)
+	}
+}
+
+// virt-api's webhooks work as KubeVirt's install registers them: a VMI created
+// without an evictionStrategy gets the cluster's (the VMI mutator writes it into
+// the spec) and runs; a VMI with an invalid spec is refused by the VMI validator.
+func TestKubeVirtWebhooksDefaultAndValidate(t *testing.T) {
+	sc := newScenario(t, 1)
+	if err := sc.setClusterEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrateIfPossible); err != nil {
+		t.Fatal(err)
+	}
+	vmi := sc.createVMI("plain")
+	if got := vmi.Spec.EvictionStrategy; got == nil || *got != kubevirtv1.EvictionStrategyLiveMigrateIfPossible {
+		t.Errorf("spec.evictionStrategy of a VMI created without one = %v, want the cluster's %s", got, kubevirtv1.EvictionStrategyLiveMigrateIfPossible)
+	}
+	if !slices.Contains(vmi.Finalizers, kubevirtv1.VirtualMachineInstanceFinalizer) {
+		t.Errorf("the VMI has no %s finalizer (the mutator's): %v", kubevirtv1.VirtualMachineInstanceFinalizer, vmi.Finalizers)
+	}
+
+	bad := sim.NewVMI(sc.ns, "bad", sc.vmOpts([]sim.VMOption{sim.WithEvictionStrategy("MoveItSomehow")})...)
+	err := sc.env.sim.Create(sc.ctx, bad)
+	if !apierrors.IsInvalid(err) && !apierrors.IsBadRequest(err) || !strings.Contains(err.Error(), "evictionStrategy") ||
+		!strings.Contains(err.Error(), "virtualmachineinstances-create-validator.kubevirt.io") {
+		t.Errorf("creating a VMI with evictionStrategy MoveItSomehow: got %v, want a refusal by the VMI validator naming evictionStrategy", err)
+	}
+	if v := sc.vmi("bad"); v != nil {
+		t.Errorf("the invalid VMI was stored: %s", describeVMI(v))
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -246,8 +247,9 @@ func failMigration(ms *kubevirtv1.VirtualMachineInstanceMigrationState, reason s
 
 // migrate takes the next step of a live migration, as the source and target
 // virt-handlers do (pkg/virt-handler/migration-source.go, migration-target.go),
-// one VMI write per step. It returns when to look again and what to do once the
-// step is written.
+// one VMI write per step: prepare the target and start, transfer, hand the VMI
+// over to the target, clean up once finished. It returns when to look again and
+// what to do once the step is written.
 func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Duration, func()) {
 	ms := v.Status.MigrationState
 	if ms == nil || ms.MigrationUID == "" {
@@ -264,34 +266,19 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 		}
 		return 0, nil
 	}
-	targetLabel := v.Labels[kubevirtv1.MigrationTargetNodeNameLabel]
-
 	// Finished (by us, or by virt-controller when the target pod died before the
-	// start): the target cleans up and its virt-launcher exits if it failed.
+	// start).
 	if ms.Completed || (ms.Failed && ms.EndTimestamp != nil) {
-		if targetLabel == "" {
-			return 0, nil
-		}
-		delete(v.Labels, kubevirtv1.MigrationTargetNodeNameLabel)
-		delete(v.Annotations, kubevirtv1.CreateMigrationTarget)
-		if !ms.Failed {
-			return 0, nil
-		}
-		ns, targetPod := v.Namespace, ms.TargetPod
-		return 0, func() {
-			if p := s.getPod(ns, targetPod); p != nil {
-				s.launcherExited(p.UID, 0, reasonCompleted)
-			}
-		}
+		s.migrationCleanup(v, log)
+		return 0, nil
 	}
-	if ms.TargetNode == "" || targetLabel != ms.TargetNode {
+	if ms.TargetNode == "" || v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] != ms.TargetNode {
 		return 0, nil // not handed over to the handlers (yet)
 	}
 	if ms.EndTimestamp == nil && ms.SourceNode != v.Status.NodeName {
 		return 0, nil // not our source
 	}
 	run := s.migrationRun(v, ms.MigrationUID)
-
 	if ms.AbortRequested && ms.AbortStatus == "" {
 		ms.AbortStatus = kubevirtv1.MigrationAbortSucceeded
 		failMigration(ms, "Live migration aborted ")
@@ -307,39 +294,50 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 		started, exited := s.processes(target)
 		targetUp = started && !exited
 	}
+	if ms.TargetNodeAddress == "" || ms.StartTimestamp == nil {
+		s.migrationStart(ms, run, targetUp, log)
+		return 0, nil
+	}
+	if wait, busy := s.migrationTransfer(ms, run, targetUp, log); busy {
+		return wait, nil
+	}
+	return 0, s.migrationHandover(v, d, target, log)
+}
 
-	switch {
-	case ms.TargetNodeAddress == "":
-		if !targetUp {
-			return 0, nil
-		}
-		// Target: the migration proxy listens.
+// migrationStart prepares the target (its migration proxy listens) and then,
+// once that is written, starts the transfer on the source.
+func (s *Sim) migrationStart(ms *kubevirtv1.VirtualMachineInstanceMigrationState, run *migrationRun, targetUp bool, log logrus.FieldLogger) {
+	if !targetUp {
+		return // the target's virt-launcher does not run (yet)
+	}
+	if ms.TargetNodeAddress == "" {
 		ms.TargetNodeAddress = s.nodeIP(ms.TargetNode)
 		ms.TargetDirectMigrationNodePorts = map[string]int{"40111": 0, "40112": 49152, "40113": 49153}
 		log.Info("virt-handler: migration target prepared")
-		return 0, nil
-	case ms.StartTimestamp == nil:
-		if !targetUp {
-			return 0, nil
-		}
-		// Source: libvirt starts migrating.
-		ms.StartTimestamp = ptr.To(metav1.Now())
-		ms.Mode = kubevirtv1.MigrationPreCopy
-		s.mu.Lock()
-		run.started = time.Now()
-		s.mu.Unlock()
-		log.Infof("virt-handler: migration started (attempt %d, %s)", run.attempt+1, run.duration)
-		return 0, nil
+		return
+	}
+	ms.StartTimestamp = ptr.To(metav1.Now())
+	ms.Mode = kubevirtv1.MigrationPreCopy
+	s.mu.Lock()
+	run.started = time.Now()
+	s.mu.Unlock()
+	log.Infof("virt-handler: migration started (attempt %d, %s)", run.attempt+1, run.duration)
+}
+
+// migrationTransfer runs the transfer: the incoming domain appears on the
+// target, the memory is copied for the run's duration, and an injected failure
+// ends it. It reports whether the transfer still runs (and when to look again);
+// false means the target may take the VMI over.
+func (s *Sim) migrationTransfer(ms *kubevirtv1.VirtualMachineInstanceMigrationState, run *migrationRun, targetUp bool, log logrus.FieldLogger) (time.Duration, bool) {
+	switch {
 	case !targetUp:
 		failMigration(ms, "Live migration failed: the target virt-launcher pod went away")
 		log.Info("virt-handler: migration failed, target pod gone")
-		return 0, nil
+		return 0, true
 	case !ms.TargetNodeDomainDetected:
-		// Target: the incoming domain appears.
 		ms.TargetNodeDomainDetected = true
-		return 0, nil
+		return 0, true
 	}
-
 	s.mu.Lock()
 	started := run.started
 	s.mu.Unlock()
@@ -347,21 +345,27 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 		started = ms.StartTimestamp.Time
 	}
 	if left := time.Until(started.Add(run.duration)); left > 0 {
-		return left, nil
+		return left, true
 	}
 	if run.attempt < run.failures {
 		failMigration(ms, fmt.Sprintf("Live migration failed: sim: injected failure (attempt %d of %d failing)",
 			run.attempt+1, run.failures))
 		log.Infof("virt-handler: migration failed as injected (attempt %d)", run.attempt+1)
-		return 0, nil
+		return 0, true
 	}
+	return 0, false
+}
+
+// migrationHandover moves the VMI to the target once the transfer is done: the
+// domain runs there, the target takes the VMI over (node, labels), the source's
+// virt-launcher exits, and the target marks the migration completed.
+func (s *Sim) migrationHandover(v *kubevirtv1.VirtualMachineInstance, d domain, target *corev1.Pod, log logrus.FieldLogger) func() {
+	ms := v.Status.MigrationState
 	switch {
 	case ms.TargetNodeDomainReadyTimestamp == nil:
-		// Target: the domain runs there.
 		ms.TargetNodeDomainReadyTimestamp = ptr.To(metav1.Now())
-		return 0, nil
+		return nil
 	case ms.EndTimestamp == nil:
-		// Target: acknowledges the completion and takes the VMI over.
 		ms.EndTimestamp = ptr.To(metav1.Now())
 		v.Labels[kubevirtv1.NodeNameLabel] = ms.TargetNode
 		delete(v.Annotations, kubevirtv1.EvictionSourceAnnotation)
@@ -370,7 +374,7 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 		v.Status.MigrationTransport = kubevirtv1.MigrationTransportUnix
 		v.Status.LauncherContainerImageVersion = ""
 		targetNode, targetUID, targetName, sourceUID := ms.TargetNode, target.UID, target.Name, d.podUID
-		return 0, func() {
+		return func() {
 			s.mu.Lock()
 			if dp := s.domains[v.UID]; dp != nil {
 				dp.node, dp.podUID, dp.podName = targetNode, targetUID, targetName
@@ -381,10 +385,36 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 			s.launcherExited(sourceUID, 0, reasonCompleted)
 		}
 	default:
-		// Target: finalizes the migration.
 		ms.Completed = true
-		return 0, nil
+		return nil
 	}
+}
+
+// migrationCleanup is the target's clean-up after a finished migration
+// (migration-target.go finalizeMigration): after a failure it signals its
+// virt-launcher to exit; then it removes the VMI's migration-target label and
+// annotation. The label goes only once the target pod is seen terminated, so
+// that the VMI write that follows finds one active pod: KubeVirt's evacuation
+// controller, which requeues a node on VMI and migration events but not on pod
+// events, then creates the retry of a failed evacuation at once.
+func (s *Sim) migrationCleanup(v *kubevirtv1.VirtualMachineInstance, log logrus.FieldLogger) {
+	ms := v.Status.MigrationState
+	if v.Labels[kubevirtv1.MigrationTargetNodeNameLabel] == "" {
+		return
+	}
+	if ms.Failed {
+		if p := s.getPod(v.Namespace, ms.TargetPod); p != nil && !podTerminal(p) {
+			if started, exited := s.processes(p); started {
+				if !exited {
+					log.Info("virt-handler: migration failed, target virt-launcher told to clean up")
+					s.launcherExited(p.UID, 0, reasonCompleted)
+				}
+				return // the pod's event requeues the VMI once the kubelet reported it
+			}
+		}
+	}
+	delete(v.Labels, kubevirtv1.MigrationTargetNodeNameLabel)
+	delete(v.Annotations, kubevirtv1.CreateMigrationTarget)
 }
 
 // migrationRun returns the run of migration uid, counting a new attempt for
@@ -447,7 +477,9 @@ func setPhase(v *kubevirtv1.VirtualMachineInstance, p kubevirtv1.VirtualMachineI
 }
 
 // updateVMI applies change to a copy of vmi and writes it if it changed. The
-// VMI CRD has no status subresource: status is written with a plain update.
+// VMI CRD has no status subresource: status is written with a plain update, as
+// virt-handler's service account (KubeVirt's VMI mutator drops anyone else's
+// status change).
 func (s *Sim) updateVMI(ctx context.Context, vmi *kubevirtv1.VirtualMachineInstance,
 	change func(*kubevirtv1.VirtualMachineInstance)) error {
 	nv := vmi.DeepCopy()
@@ -459,7 +491,7 @@ func (s *Sim) updateVMI(ctx context.Context, vmi *kubevirtv1.VirtualMachineInsta
 }
 
 func (s *Sim) putVMI(ctx context.Context, v *kubevirtv1.VirtualMachineInstance) error {
-	err := s.kv.Put().Namespace(v.Namespace).Resource(nodeinfo.ResourceVMIs).Name(v.Name).
+	err := s.handlerKV.Put().Namespace(v.Namespace).Resource(nodeinfo.ResourceVMIs).Name(v.Name).
 		Body(v).Do(ctx).Error()
 	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("updating VMI %s/%s: %w", v.Namespace, v.Name, err)

@@ -212,19 +212,12 @@ func NewVMIRS(ns, name string, replicas int32, opts ...VMOption) *kubevirtv1.Vir
 }
 
 // NewMigration builds a VirtualMachineInstanceMigration of the VMI vmiName; an
-// empty name makes the API server generate one. It carries the finalizer and
-// label that virt-api's migration mutating webhook adds in a real cluster (the
-// test cluster registers only the eviction webhook): without the finalizer,
-// deleting a running migration would not abort it.
+// empty name makes the API server generate one. virt-api's migration mutating
+// webhook adds its finalizer and kubevirt.io/vmi-name label, as in a real cluster.
 func NewMigration(ns, name, vmiName string) *kubevirtv1.VirtualMachineInstanceMigration {
 	m := &kubevirtv1.VirtualMachineInstanceMigration{
-		ObjectMeta: metav1.ObjectMeta{
-			Namespace:  ns,
-			Name:       name,
-			Labels:     map[string]string{kubevirtv1.MigrationSelectorLabel: vmiName},
-			Finalizers: []string{kubevirtv1.VirtualMachineInstanceMigrationFinalizer},
-		},
-		Spec: kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmiName},
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+		Spec:       kubevirtv1.VirtualMachineInstanceMigrationSpec{VMIName: vmiName},
 	}
 	if name == "" {
 		m.GenerateName = "sim-migration-"

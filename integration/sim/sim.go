@@ -97,7 +97,18 @@ type Options struct {
 	// WaitTimeout bounds the Wait* helpers when their context has no deadline.
 	// Default: 3m.
 	WaitTimeout time.Duration
+	// VirtHandlerUser is the user virt-handler writes VMIs as, impersonated with
+	// the configuration given to Start (which must allow impersonation, as a
+	// cluster admin's does) and a cluster admin's permissions. KubeVirt's VMI
+	// webhooks let only its own service accounts change a VMI's status and its
+	// reserved kubevirt.io/ labels. Default: KubeVirt's virt-handler service
+	// account in the kubevirt namespace.
+	VirtHandlerUser string
 }
+
+// DefaultVirtHandlerUser is virt-handler's service account in a KubeVirt
+// installed in the kubevirt namespace.
+const DefaultVirtHandlerUser = "system:serviceaccount:kubevirt:kubevirt-handler"
 
 // Sim runs the simulated scheduler, kubelets and virt-handlers.
 type Sim struct {
@@ -105,6 +116,8 @@ type Sim struct {
 	opts Options
 	kube kubernetes.Interface
 	kv   rest.Interface
+	// handlerKV is kv as virt-handler (Options.VirtHandlerUser).
+	handlerKV rest.Interface
 
 	pods       cache.SharedIndexInformer
 	nodes      cache.SharedIndexInformer
@@ -165,11 +178,24 @@ func Start(ctx context.Context, cfg *rest.Config, opts Options) (*Sim, error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.VirtHandlerUser == "" {
+		opts.VirtHandlerUser = DefaultVirtHandlerUser
+	}
+	handlerCfg := rest.CopyConfig(cfg)
+	handlerCfg.Impersonate = rest.ImpersonationConfig{
+		UserName: opts.VirtHandlerUser,
+		Groups:   []string{"system:masters", "system:authenticated"},
+	}
+	handlerKV, err := nodeinfo.NewKubeVirtClient(handlerCfg)
+	if err != nil {
+		return nil, err
+	}
 	s := &Sim{
 		log:        opts.Log.WithField("component", "sim"),
 		opts:       opts,
 		kube:       kube,
 		kv:         kv,
+		handlerKV:  handlerKV,
 		schedQ:     newQueue("sim-scheduler"),
 		kubeletQ:   newQueue("sim-kubelet"),
 		handlerQ:   newQueue("sim-virt-handler"),
