@@ -156,6 +156,25 @@ func (c *Cluster) DumpLogs(w io.Writer, bytesEach int) {
 	}
 }
 
+// ErrorLines returns, by program, the lines of the logs of virt-api and
+// virt-controller that report an error or worse (KubeVirt's JSON lines at level
+// error or fatal, klog's E and F lines, Go panics), for a test suite to check that
+// KubeVirt found nothing wrong with what it was shown.
+func (c *Cluster) ErrorLines() (map[string][]string, error) {
+	out := map[string][]string{}
+	for _, p := range []*process{c.virtAPI, c.virtCtrl} {
+		if p == nil {
+			continue
+		}
+		lines, err := p.errorLines()
+		if err != nil {
+			return nil, err
+		}
+		out[p.name] = lines
+	}
+	return out, nil
+}
+
 // CA returns the PEM of the authority that signed every serving certificate.
 func (c *Cluster) CA() []byte { return c.caPEM }
 

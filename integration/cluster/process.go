@@ -1,13 +1,17 @@
 package cluster
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -118,4 +122,42 @@ func freePorts(n int) ([]int, error) {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
+}
+
+// errorLines returns the lines of the program's log that report an error or
+// worse: KubeVirt's JSON lines at level error or fatal, klog's E and F lines,
+// and Go panics.
+func (p *process) errorLines() ([]string, error) {
+	f, err := os.Open(p.logPath)
+	if err != nil {
+		return nil, fmt.Errorf("reading the log of %s: %w", p.name, err)
+	}
+	defer f.Close()
+	var lines []string
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 64*1024), 4*1024*1024)
+	for sc.Scan() {
+		if line := sc.Text(); isErrorLine(line) {
+			lines = append(lines, line)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("reading the log of %s: %w", p.name, err)
+	}
+	return lines, nil
+}
+
+// klogError matches the header of a klog line at severity E or F.
+var klogError = regexp.MustCompile(`^[EF]\d{4} \d\d:\d\d:\d\d`)
+
+func isErrorLine(line string) bool {
+	if strings.HasPrefix(line, "{") {
+		var entry struct {
+			Level string `json:"level"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil {
+			return entry.Level == "error" || entry.Level == "fatal" || entry.Level == "panic"
+		}
+	}
+	return klogError.MatchString(line) || strings.HasPrefix(line, "panic:")
 }

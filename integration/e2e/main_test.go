@@ -92,6 +92,10 @@ func runMain(m *testing.M) int {
 	fmt.Fprintf(os.Stderr, "e2e: cluster, simulators and agent ready in %s\n", time.Since(start).Round(100*time.Millisecond))
 	shared = &env{cluster: c, sim: s, agentBin: agentBin}
 	code := m.Run()
+	if err := checkControlPlaneLogs(c); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		code = 1
+	}
 	if code != 0 {
 		c.DumpLogs(os.Stderr, 4000)
 	}
