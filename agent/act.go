@@ -2,13 +2,16 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
@@ -156,6 +159,47 @@ func (e *Engine) forgetWarned(present map[string]bool) {
 	}
 }
 
+// withdrawRetryFor is how long a withdraw is retried (with the queue's backoff, up to
+// 30 s apart) after answers that may change: virt-api or the API server restarting or
+// overloaded, a timeout, no connection. After it, or at once for any other refusal,
+// what was not undone is reported and the withdraw completes.
+const withdrawRetryFor = 2 * time.Minute
+
+// withdrawProgress is what a withdraw retried over several syncs has done so far.
+type withdrawProgress struct {
+	failingSince time.Time       // first answer that may change; zero if none yet
+	cancelled    map[string]bool // evacuations cancelled by an earlier try
+}
+
+// retry says whether the withdraw should be tried again after err, now.
+func (w *withdrawProgress) retry(err error, now time.Time) bool {
+	if !transient(err) {
+		return false
+	}
+	if w.failingSince.IsZero() {
+		w.failingSince = now
+	}
+	return now.Sub(w.failingSince) < withdrawRetryFor
+}
+
+func (w *withdrawProgress) done(key string) {
+	if w.cancelled == nil {
+		w.cancelled = map[string]bool{}
+	}
+	w.cancelled[key] = true
+}
+
+// transient says whether a request's failure may go away by itself: the server is
+// unavailable, overloaded or timed out, or there was no answer at all.
+func transient(err error) bool {
+	var status apierrors.APIStatus
+	if !errors.As(err, &status) {
+		return true // no answer from the server: a connection or transport error
+	}
+	return apierrors.IsServiceUnavailable(err) || apierrors.IsServerTimeout(err) || apierrors.IsTimeout(err) ||
+		apierrors.IsTooManyRequests(err) || apierrors.IsInternalError(err) || status.Status().Code >= http.StatusInternalServerError
+}
+
 // withdraw ends a drain whose trigger went away: nothing new is started, the
 // evacuations this drain requested are cancelled and the migrations the agent created
 // itself are deleted. What cannot be undone (a KubeVirt without evacuate/cancel, a
@@ -182,10 +226,18 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 		if !ok || rec.Requested[key] == ActionNone || vmi.Status.EvacuationNodeName != node.Name {
 			continue
 		}
+		if e.withdrawing.cancelled[key] {
+			cancelled++ // by an earlier try of this withdraw; the cache does not show it yet
+			continue
+		}
 		log := e.log.WithFields(logrus.Fields{"namespace": vmi.Namespace, "vmi": vmi.Name})
 		if err := CancelEvacuation(ctx, e.clients.Subresources, vmi.Namespace, vmi.Name, node.Name); err != nil {
 			if ctx.Err() != nil {
 				return err
+			}
+			if e.withdrawing.retry(err, e.opts.Clock.Now()) {
+				log.WithError(err).Warn("cancelling the evacuation failed for now; retrying the withdraw")
+				return fmt.Errorf("withdrawing the drain: %w", err)
 			}
 			why := cancelFailure(err)
 			left = append(left, fmt.Sprintf("evacuation of %s (%s)", key, why))
@@ -195,6 +247,7 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 			continue
 		}
 		cancelled++
+		e.withdrawing.done(key)
 		e.metrics.Withdrawals.WithLabelValues("evacuation", "cancelled").Inc()
 		e.recorder.Eventf(vmi, corev1.EventTypeNormal, ReasonEvacuationCancelled, "Drain of node %s withdrawn: evacuation cancelled", node.Name)
 		log.Info("evacuation cancelled")
@@ -203,6 +256,10 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 	if err != nil {
 		if ctx.Err() != nil {
 			return err
+		}
+		if e.withdrawing.retry(err, e.opts.Clock.Now()) {
+			e.log.WithError(err).Warn("listing the migrations the agent created failed for now; retrying the withdraw")
+			return fmt.Errorf("withdrawing the drain: %w", err)
 		}
 		left = append(left, "the migrations the agent created ("+err.Error()+")")
 		e.metrics.Withdrawals.WithLabelValues("migration", "failed").Inc()
@@ -221,6 +278,7 @@ func (e *Engine) withdraw(ctx context.Context, node *corev1.Node, rec *DrainReco
 	if err := e.writeRecord(ctx, node.Name, nil); err != nil {
 		return err
 	}
+	e.withdrawing = withdrawProgress{}
 	if e.pods != nil {
 		e.pods.Stop()
 	}

@@ -106,6 +106,9 @@ type Engine struct {
 	warnedMu sync.Mutex
 	warned   map[string]sets // warnings already sent this drain: VM -> causes
 	pods     *PodDrainer
+	// withdrawing is the withdraw under way, kept across the syncs that retry it after
+	// an answer that may change (virt-api restarting, a timeout); only sync uses it.
+	withdrawing withdrawProgress
 }
 
 type sets map[string]struct{}
@@ -301,6 +304,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil, withPods(podsLeft))
 		return e.pods != nil, nil
 	}
+	e.withdrawing = withdrawProgress{} // a withdraw cut short by a new trigger starts afresh next time
 	if !tainted {
 		// A drain for the shutdown alone: a cancel ends it where it stands.
 		parent := ctx

@@ -58,6 +58,8 @@ type fixture struct {
 	cancels   []string // evacuate/cancel requests to virt-api: namespace/name
 	evictions []string // evictions requested: "[dry-run ]namespace/pod recorded|unrecorded"
 	refusing  func(old, updated *corev1.Node) error
+	// cancelAnswer, when set, is the HTTP status virt-api answers evacuate/cancel with.
+	cancelAnswer func() int
 }
 
 func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixture {
@@ -111,7 +113,14 @@ func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixtur
 			}
 			f.mu.Lock()
 			f.cancels = append(f.cancels, parts[len(parts)-5]+"/"+parts[len(parts)-3])
+			answer := f.cancelAnswer
 			f.mu.Unlock()
+			if answer != nil {
+				if code := answer(); code != http.StatusOK {
+					return &http.Response{StatusCode: code, Header: http.Header{"Content-Type": {"application/json"}},
+						Body: io.NopCloser(strings.NewReader(fmt.Sprintf(`{"kind":"Status","apiVersion":"v1","status":"Failure","code":%d}`, code)))}, nil
+				}
+			}
 			return &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {"application/json"}}, Body: io.NopCloser(strings.NewReader("{}"))}, nil
 		}),
 	}
@@ -629,6 +638,69 @@ func TestSyncWithdrawCancelsTheDrainsEvacuations(t *testing.T) {
 	}
 	if st, _ := f.engine.Status(); st.Draining || len(st.VMs) != 2 {
 		t.Errorf("status %+v", st)
+	}
+}
+
+// withdraw while virt-api cannot answer (restarting: 503): the withdraw is retried, not
+// completed with the evacuation left to run; an evacuation cancelled by an earlier try
+// is not asked again; once virt-api answers, the withdraw completes with no warning.
+// If it keeps failing for withdrawRetryFor, what was not undone is reported.
+func TestSyncWithdrawRetriesAVirtAPIThatCannotAnswerYet(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		recovers  bool
+		wantEvent string
+	}{
+		{"virt-api back", true, "Normal " + ReasonDrainWithdrawn + " Drain withdrawn: 2 evacuations cancelled"},
+		{"virt-api gone for good", false, "Warning " + ReasonDrainWithdrawn},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n := testNode()
+			annotate(n, AnnotationDrain, DrainRecord{Trigger: TriggerTaint, TaintKey: nodeinfo.DefaultDrainTaintKey, Started: t0,
+				Requested: map[string]Action{"ns/a": ActionMigrate, "ns/b": ActionMigrate}})
+			a, b := newVMI("a", thisNode, kubevirtv1.Running), newVMI("b", thisNode, kubevirtv1.Running)
+			a.Status.EvacuationNodeName, b.Status.EvacuationNodeName = thisNode, thisNode
+			f := newFixture(t, n, a, b, launcherPod("virt-launcher-a", string(a.UID), thisNode, corev1.PodRunning),
+				launcherPod("virt-launcher-b", string(b.UID), thisNode, corev1.PodRunning))
+			calls := 0
+			f.cancelAnswer = func() int { // a answered, then b refused while virt-api restarts
+				calls++
+				if calls == 1 || (tt.recovers && calls >= 4) {
+					return http.StatusOK
+				}
+				return http.StatusServiceUnavailable
+			}
+			for try := 1; try <= 2; try++ {
+				if _, err := f.sync(); err == nil {
+					t.Fatalf("try %d: sync succeeded with virt-api answering 503, want an error to retry", try)
+				}
+				if _, ok := f.node().Annotations[AnnotationDrain]; !ok {
+					t.Fatalf("try %d: the drain record is gone before its evacuations were cancelled", try)
+				}
+				if ev := f.events(); hasEventLike(ev, "Warning "+ReasonEvacuationNotCancelled) {
+					t.Fatalf("try %d: a passing 503 reported as not cancelled: %v", try, ev)
+				}
+				f.clock.Step(30 * time.Second)
+			}
+			if !tt.recovers {
+				f.clock.Step(withdrawRetryFor)
+			}
+			if _, err := f.sync(); err != nil {
+				t.Fatalf("sync: %v", err)
+			}
+			if _, ok := f.node().Annotations[AnnotationDrain]; ok {
+				t.Error("the drain record is still there")
+			}
+			f.mu.Lock()
+			cancels := f.cancels
+			f.mu.Unlock()
+			if got := strings.Join(cancels, ","); got != "ns/a,ns/b,ns/b,ns/b" {
+				t.Errorf("evacuate/cancel requests %s, want a once and b until it is answered or given up", got)
+			}
+			if ev := f.events(); !hasEventLike(ev, tt.wantEvent) {
+				t.Errorf("events %v, want %q", ev, tt.wantEvent)
+			}
+		})
 	}
 }
 
