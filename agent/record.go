@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"reflect"
 	"sort"
 	"time"
 
@@ -72,15 +73,20 @@ type ShutdownRecord struct {
 	Cancelled *time.Time `json:"cancelled,omitempty"`
 }
 
-// readAnnotation decodes a JSON annotation; absent is (false, nil).
+// readAnnotation decodes a JSON annotation into into (a pointer); absent is (false,
+// nil). An annotation that does not decode leaves into as it was: json.Unmarshal fills
+// the fields it could read before the error, and half a record (a deadline without its
+// boot ID) must not be acted on as if it were one.
 func readAnnotation(node *corev1.Node, key string, into any) (bool, error) {
 	raw, ok := node.Annotations[key]
 	if !ok || raw == "" {
 		return false, nil
 	}
-	if err := json.Unmarshal([]byte(raw), into); err != nil {
+	decoded := reflect.New(reflect.TypeOf(into).Elem())
+	if err := json.Unmarshal([]byte(raw), decoded.Interface()); err != nil {
 		return false, fmt.Errorf("annotation %s on node %s is not valid: %w", key, node.Name, err)
 	}
+	reflect.ValueOf(into).Elem().Set(decoded.Elem())
 	return true, nil
 }
 
