@@ -49,17 +49,26 @@ func (e *Engine) Handler(checks ...ReadinessCheck) http.Handler {
 	return mux
 }
 
+// parseWait reads ?wait= of /safe-to-shutdown: empty is no wait, else a duration
+// from 0 to MaxWait.
+func parseWait(raw string) (time.Duration, error) {
+	if raw == "" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(raw)
+	if err != nil || d < 0 || d > MaxWait {
+		return 0, fmt.Errorf("invalid wait %q: want a duration such as 30s or 5m, at most %s", raw, MaxWait)
+	}
+	return d, nil
+}
+
 // serveSafeToShutdown answers 200 when the node is safe to power off, else 503, with
 // the status as JSON. ?wait=DURATION holds the answer until it is 200 or time is up.
 func (e *Engine) serveSafeToShutdown(w http.ResponseWriter, r *http.Request) {
-	var wait time.Duration
-	if raw := r.URL.Query().Get("wait"); raw != "" {
-		d, err := time.ParseDuration(raw)
-		if err != nil || d < 0 || d > MaxWait {
-			http.Error(w, fmt.Sprintf("invalid wait %q: want a duration such as 30s or 5m, at most %s", raw, MaxWait), http.StatusBadRequest)
-			return
-		}
-		wait = d
+	wait, err := parseWait(r.URL.Query().Get("wait"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), wait)
 	defer cancel()
