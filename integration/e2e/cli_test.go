@@ -18,14 +18,11 @@ import (
 	"time"
 
 	"github.com/creack/pty"
-	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"k8s.io/utils/ptr"
 
 	"github.com/node-agent/node-agent/agent"
@@ -311,23 +308,7 @@ func (sc *scenario) limitedOperator() (kubeconfig, user string) {
 		_ = sc.kube().RbacV1().ClusterRoleBindings().Delete(ctx, binding.Name, metav1.DeleteOptions{})
 		_ = sc.kube().RbacV1().ClusterRoles().Delete(ctx, role.Name, metav1.DeleteOptions{})
 	})
-	tr, err := sc.kube().CoreV1().ServiceAccounts(sc.ns).CreateToken(sc.ctx, name, &authenticationv1.TokenRequest{
-		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptr.To[int64](3600)},
-	}, metav1.CreateOptions{})
-	if err != nil {
-		sc.t.Fatal(err)
-	}
-	cfg := sc.env.cluster.RESTConfig
-	kc := clientcmdapi.NewConfig()
-	kc.Clusters["test"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthority: cfg.CAFile, CertificateAuthorityData: cfg.CAData}
-	kc.AuthInfos[name] = &clientcmdapi.AuthInfo{Token: tr.Status.Token}
-	kc.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: name}
-	kc.CurrentContext = "test"
-	kubeconfig = filepath.Join(sc.t.TempDir(), "kubeconfig")
-	if err := clientcmd.WriteToFile(*kc, kubeconfig); err != nil {
-		sc.t.Fatal(err)
-	}
-	return kubeconfig, "system:serviceaccount:" + sc.ns + ":" + name
+	return sc.serviceAccountKubeconfig(name)
 }
 
 // An operator who cannot read the KubeVirt CR cannot tell the drain taint key: undrain

@@ -10,6 +10,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"time"
 
 	rbacv1 "k8s.io/api/rbac/v1"
 )
@@ -141,10 +142,11 @@ func grantedPermissions(ns string, rules []rbacv1.PolicyRule) (map[permission]bo
 
 // auditEvent is the part of an audit.k8s.io/v1 Event the test reads.
 type auditEvent struct {
-	AuditID    string `json:"auditID"`
-	Stage      string `json:"stage"`
-	RequestURI string `json:"requestURI"`
-	Verb       string `json:"verb"`
+	AuditID    string    `json:"auditID"`
+	Stamp      time.Time `json:"requestReceivedTimestamp"`
+	Stage      string    `json:"stage"`
+	RequestURI string    `json:"requestURI"`
+	Verb       string    `json:"verb"`
 	User       struct {
 		Username string `json:"username"`
 	} `json:"user"`
