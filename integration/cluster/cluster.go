@@ -34,7 +34,8 @@ type Options struct {
 	Dir string
 	// Out receives build progress and start-up messages. Default: os.Stderr.
 	Out io.Writer
-	// WithoutKubeVirt starts only etcd and kube-apiserver: no KubeVirt CRDs, CR,
+	// WithoutKubeVirt starts only Kubernetes (etcd, kube-apiserver, kube-scheduler,
+	// kube-controller-manager): no KubeVirt CRDs, CR,
 	// virt-api or virt-controller, until InstallKubeVirt.
 	WithoutKubeVirt bool
 	// WithoutEvictionWebhook leaves virt-api's pods/eviction webhook unregistered: an
@@ -49,7 +50,8 @@ type Options struct {
 	WithoutSubresourceAPI bool
 }
 
-// Cluster is a running control plane: etcd, kube-apiserver, virt-api, virt-controller.
+// Cluster is a running control plane: etcd, kube-apiserver, kube-scheduler,
+// kube-controller-manager, virt-api, virt-controller.
 type Cluster struct {
 	// RESTConfig is a cluster-admin's configuration.
 	RESTConfig *rest.Config
@@ -75,6 +77,9 @@ type Cluster struct {
 	virtAPI   *process
 	virtCtrl  *process
 	apiPort   int
+
+	scheduler     *process
+	controllerMgr *process
 }
 
 // Start builds (once per machine) and starts a cluster. On error everything started
@@ -128,12 +133,14 @@ func (c *Cluster) Stop(keepLogs bool) {
 func (c *Cluster) stopProcesses() {
 	c.virtCtrl.stop(5 * time.Second)
 	c.virtAPI.stop(5 * time.Second)
+	c.controllerMgr.stop(5 * time.Second)
+	c.scheduler.stop(5 * time.Second)
 	c.apiserver.stop(10 * time.Second)
 	c.etcd.stop(5 * time.Second)
 }
 
 func (c *Cluster) processes() []*process {
-	return []*process{c.etcd, c.apiserver, c.virtAPI, c.virtCtrl}
+	return []*process{c.etcd, c.apiserver, c.scheduler, c.controllerMgr, c.virtAPI, c.virtCtrl}
 }
 
 // Logs returns the log file of each program, for a failing test to point at.
@@ -308,7 +315,10 @@ func (c *Cluster) startKubernetes(ctx context.Context) error {
 		return err
 	}
 	c.Kubeconfig = filepath.Join(c.Dir, "kubeconfig")
-	return writeKubeconfig(c.Kubeconfig, c.RESTConfig)
+	if err := writeKubeconfig(c.Kubeconfig, c.RESTConfig); err != nil {
+		return err
+	}
+	return c.startControllers(ctx, pki, caFile, saKey)
 }
 
 // writeKubeconfig writes cfg (client-certificate auth) as a kubeconfig file.

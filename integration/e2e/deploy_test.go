@@ -324,34 +324,17 @@ type deployedAgent struct {
 	ds         *appsv1.DaemonSet
 }
 
-// agentPodOn creates the pod that the DaemonSet controller would create on node (there
-// is no controller-manager here): the DaemonSet's template, bound to node, owned by the
-// DaemonSet. The API server admits it as it would the real one (Pod Security, priority
-// class), and kubectl's drain helper leaves it alone as a DaemonSet's pod.
+// agentPodOn waits for the pod the DaemonSet controller (kube-controller-manager)
+// creates on node from the applied DaemonSet, and returns it with a token bound to it,
+// as the kubelet would mount it. kubectl's drain helper leaves it alone as a
+// DaemonSet's pod.
 func (sc *scenario) agentPodOn(node string) *deployedAgent {
 	sc.t.Helper()
 	ds, err := sc.kube().AppsV1().DaemonSets(deployNamespace).Get(sc.ctx, "node-agent", metav1.GetOptions{})
 	if err != nil {
 		sc.t.Fatal(err)
 	}
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{
-			GenerateName: "node-agent-",
-			Namespace:    deployNamespace,
-			Labels:       ds.Spec.Template.Labels,
-			OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: ds.Name, UID: ds.UID,
-				Controller: ptr.To(true), BlockOwnerDeletion: ptr.To(true)}},
-		},
-		Spec: *ds.Spec.Template.Spec.DeepCopy(),
-	}
-	pod.Spec.NodeName = node
-	pod, err = sc.kube().CoreV1().Pods(deployNamespace).Create(sc.ctx, pod, metav1.CreateOptions{})
-	if err != nil {
-		sc.t.Fatalf("creating the agent's pod from the DaemonSet's template: %v", err)
-	}
-	sc.t.Cleanup(func() {
-		_ = sc.kube().CoreV1().Pods(deployNamespace).Delete(context.Background(), pod.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
-	})
+	pod := sc.daemonSetPod(ds, node)
 	token := sc.serviceAccountToken(&authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID})
 	kubeconfig := filepath.Join(sc.t.TempDir(), "kubeconfig")
 	kc := clientcmdapi.NewConfig()
@@ -363,6 +346,27 @@ func (sc *scenario) agentPodOn(node string) *deployedAgent {
 		sc.t.Fatal(err)
 	}
 	return &deployedAgent{pod: pod, token: token, kubeconfig: kubeconfig, ds: ds}
+}
+
+// daemonSetPod waits for the DaemonSet controller's pod of ds on node and returns it.
+func (sc *scenario) daemonSetPod(ds *appsv1.DaemonSet, node string) *corev1.Pod {
+	sc.t.Helper()
+	var pod *corev1.Pod
+	sc.eventually(time.Minute, "the DaemonSet controller's pod on "+node, func() (bool, string) {
+		pods, err := sc.kube().CoreV1().Pods(ds.Namespace).List(sc.ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+		if err != nil {
+			return false, err.Error()
+		}
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			if metav1.IsControlledBy(p, ds) && p.DeletionTimestamp == nil {
+				pod = p
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%d pods on the node", len(pods.Items))
+	})
+	return pod
 }
 
 // serviceAccountToken asks the API server for a token of the agent's service account,
@@ -460,12 +464,21 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 }
 
 // applyManifests applies manifests/ server-side and removes it again when the test ends
-// (all but the Namespace, which no namespace controller would finalize here).
+// (all but the Namespace, which other tests share).
 func (sc *scenario) applyManifests() []*unstructured.Unstructured {
 	sc.t.Helper()
 	objs, err := loadKustomization(filepath.Join(repoRoot(sc.t), "manifests"))
 	if err != nil {
 		sc.t.Fatal(err)
+	}
+	// The DaemonSet runs on this scenario's nodes only, not on the shared cluster's
+	// other nodes.
+	for _, o := range objs {
+		if o.GetKind() == "DaemonSet" {
+			if err := unstructured.SetNestedField(o.Object, sc.pool, "spec", "template", "spec", "nodeSelector", poolLabel); err != nil {
+				sc.t.Fatal(err)
+			}
+		}
 	}
 	start := time.Now()
 	if err := applyServerSide(sc.ctx, sc.env.cluster.RESTConfig, objs, false); err != nil {

@@ -304,17 +304,17 @@ func TestDrainAllPods(t *testing.T) {
 			Selector: &metav1.LabelSelector{MatchLabels: dsLabels},
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: dsLabels},
-				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "daemon", Image: "registry.example/daemon:1"}}},
+				Spec: corev1.PodSpec{
+					NodeSelector: map[string]string{poolLabel: sc.pool},
+					Containers:   []corev1.Container{{Name: "daemon", Image: "registry.example/daemon:1"}},
+				},
 			},
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	daemon := sc.plainPod("node-daemon-x1", node, func(p *corev1.Pod) {
-		p.Labels = dsLabels
-		p.OwnerReferences = []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: ds.Name, UID: ds.UID, Controller: ptr.To(true)}}
-	})
+	daemon := sc.daemonSetPod(ds, node) // made by the DaemonSet controller
 	for _, p := range []*corev1.Pod{scratch, held, daemon} {
 		if _, err := sc.env.sim.WaitForPod(sc.ctx, sc.ns, p.Name, "Running", func(p *corev1.Pod) bool {
 			return p != nil && p.Status.Phase == corev1.PodRunning

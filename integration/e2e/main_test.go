@@ -1,6 +1,7 @@
 // Package e2e holds the end-to-end tests: KubeVirt's own drain behaviour and
-// node-agent's, on a real etcd, kube-apiserver, virt-api and virt-controller, with
-// the scheduler, kubelets and virt-handlers simulated (integration/sim). The tests
+// node-agent's, on a real etcd, kube-apiserver, kube-scheduler,
+// kube-controller-manager, virt-api and virt-controller, with the kubelets and
+// virt-handlers simulated (integration/sim). The tests
 // share one cluster; each has a namespace and nodes of its own.
 //
 // # Adding a scenario

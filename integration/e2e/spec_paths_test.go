@@ -45,7 +45,10 @@ func (sc *scenario) consistently(d time.Duration, what string, cond func() (bool
 func TestDrainNotStartedByCordonOrAnotherEffect(t *testing.T) {
 	sc := newScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
-	always := sc.pinned("always", node, noneStrategy)
+	// The VM tolerates the key's NoExecute taint: without that, kube-controller-manager's
+	// taint eviction would delete its virt-launcher pod, as on a real cluster.
+	always := sc.pinned("always", node, noneStrategy, sim.WithTolerations(corev1.Toleration{
+		Key: agentOnlyKey, Operator: corev1.TolerationOpExists, Effect: corev1.TaintEffectNoExecute}))
 	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
 	a.waitStatus(30*time.Second, "the VM seen, no drain", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
 		return st.Ready && !st.Draining && len(st.VMs) == 1

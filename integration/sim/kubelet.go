@@ -11,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 )
 
@@ -48,8 +49,8 @@ func (s *Sim) syncPod(ctx context.Context, key string) error {
 		return err
 	}
 	pod := obj.(*corev1.Pod)
-	if s.managed(pod.Spec.NodeName) == nil {
-		return nil
+	if !s.kubeletRuns(pod.Spec.NodeName) {
+		return nil // not simulated here, or its kubelet is stopped
 	}
 	if podTerminal(pod) {
 		if pod.DeletionTimestamp != nil {
@@ -171,7 +172,7 @@ func (s *Sim) startPod(pod *corev1.Pod) (*podRuntime, error) {
 			return nil, fmt.Errorf("node %s has no free pod IP", sn.name)
 		}
 	}
-	key, _ := metaKey(pod)
+	key, _ := cache.MetaNamespaceKeyFunc(pod)
 	rt := &podRuntime{key: key, uid: pod.UID, node: sn.name, ip: ip, started: metav1.Now().Rfc3339Copy()}
 	s.runtimes[pod.UID] = rt
 	s.log.WithFields(map[string]any{"pod": key, "node": sn.name, "ip": ip}).Debug("kubelet: pod started")
@@ -301,4 +302,20 @@ func readinessGatesReady(pod *corev1.Pod) (bool, string) {
 func imageID(image string) string {
 	sum := sha256.Sum256([]byte(image))
 	return fmt.Sprintf("%s@sha256:%x", image, sum)
+}
+
+// setPodCondition replaces or appends a condition, keeping its transition time
+// when its status does not change.
+func setPodCondition(status *corev1.PodStatus, c corev1.PodCondition) {
+	for i := range status.Conditions {
+		if status.Conditions[i].Type != c.Type {
+			continue
+		}
+		if status.Conditions[i].Status == c.Status && !status.Conditions[i].LastTransitionTime.IsZero() {
+			c.LastTransitionTime = status.Conditions[i].LastTransitionTime
+		}
+		status.Conditions[i] = c
+		return
+	}
+	status.Conditions = append(status.Conditions, c)
 }

@@ -63,8 +63,9 @@ type demo struct {
 
 func run(ctx context.Context, out io.Writer) (err error) {
 	d := &demo{out: out, agents: map[string]string{}, started: time.Now()}
-	d.say("Starting a local test cluster: real etcd, kube-apiserver %s, KubeVirt %s virt-api and virt-controller;\n"+
-		"the scheduler, kubelets and virt-handlers are simulated. The first run on a machine builds them (about 6 minutes here, up to 20 on a slower machine; once).", cluster.KubernetesVersion, cluster.KubeVirtVersion)
+	d.say("Starting a local test cluster: real etcd, kube-apiserver, kube-scheduler and kube-controller-manager %s,\n"+
+		"KubeVirt %s virt-api and virt-controller; the kubelets and virt-handlers are simulated. The first run on a machine\n"+
+		"builds them (about 10 minutes here, up to 30 on a slower machine; once).", cluster.KubernetesVersion, cluster.KubeVirtVersion)
 	dir, err := os.MkdirTemp("", "node-agent-demo-")
 	if err != nil {
 		return err
