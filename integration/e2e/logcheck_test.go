@@ -40,8 +40,10 @@ var allowedErrors = []allowedError{
 	// VMs too (pinned's nodeSelector); it retries on the next sync. Seen in runs where
 	// no test writes either; the simulators never write VMs or VMIRSs.
 	{"virt-controller", regexp.MustCompile(`Operation cannot be fulfilled on (virtualmachines|virtualmachineinstancereplicasets)\.kubevirt\.io \\"[^"\\]+\\": the object has been modified`)},
-	// A VM deleted at the end of its test while the VM controller was syncing it.
-	{"virt-controller", regexp.MustCompile(`"Updating the VirtualMachine status failed\.".*virtualmachines\.kubevirt\.io \\"[^"\\]+\\" not found`)},
+	// A VM, or its VMI, deleted at the end of its test while the VM controller was
+	// syncing it (the test's cleanup deletes both; kube-controller-manager's garbage
+	// collector deletes the VMI of a deleted VM too).
+	{"virt-controller", regexp.MustCompile(`"Updating the VirtualMachine status failed\.".*virtualmachine(instance)?s\.kubevirt\.io \\"[^"\\]+\\" not found`)},
 	// Deleting a VMI with a source and a target pod (after a migration), the VMI
 	// controller records one deletion expectation per pod in a loop, the second
 	// replacing the first (deleteAllMatchingPods): every migrated VMI's deletion.
