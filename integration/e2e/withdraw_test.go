@@ -139,6 +139,9 @@ func TestDrainWithdrawCancelsEvacuationRecordedAsShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	vmi := sc.createVM("vm")
+	// virt-api wrote the cluster's None into the VMI: without one of its own, the
+	// cluster's value changed below applies to it.
+	sc.withoutOwnEvictionStrategy("vm")
 	_, err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Create(sc.ctx, &policyv1.PodDisruptionBudget{
 		ObjectMeta: metav1.ObjectMeta{Name: "hold"},
 		Spec: policyv1.PodDisruptionBudgetSpec{
