@@ -31,6 +31,8 @@ type NodeView interface {
 	Config() (nodeinfo.Config, error)
 	// NamespaceMigrations lists the migrations of a namespace (read once per sync).
 	NamespaceMigrations(ctx context.Context, namespace string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	// VMIMigrations lists the migrations of one VMI (KubeVirt's kubevirt.io/vmi-name label).
+	VMIMigrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
 	// AddChangeHandler has f called after every change the view sees (before Run).
 	AddChangeHandler(f func())
 }
@@ -109,6 +111,8 @@ type Engine struct {
 	// withdrawing is the withdraw under way, kept across the syncs that retry it after
 	// an answer that may change (virt-api restarting, a timeout); only sync uses it.
 	withdrawing withdrawProgress
+	// migrations names the migration of each migrating VM for the status.
+	migrations *migrations
 }
 
 type sets map[string]struct{}
@@ -163,6 +167,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 			Log: e.log, Recorder: recorder, Metrics: metrics,
 		})
 	}
+	e.migrations = &migrations{list: view.VMIMigrations, clock: opts.Clock, entries: map[string]migrationEntry{}}
 	view.AddChangeHandler(e.Enqueue)
 	return e
 }

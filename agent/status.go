@@ -20,9 +20,11 @@ type VMStatus struct {
 	// Action is what a drain does (or did) to it.
 	Action Action  `json:"action"`
 	State  VMState `json:"state"`
-	// Detail says more: the migration's target, why it is blocked or pending.
-	Detail string    `json:"detail,omitempty"`
-	Since  time.Time `json:"since"`
+	// Detail says more: the migration's name, phase and target, why it is blocked or pending.
+	Detail string `json:"detail,omitempty"`
+	// Migration is the migration a migrating VM is in, once the agent found it.
+	Migration *MigrationStatus `json:"migration,omitempty"`
+	Since     time.Time        `json:"since"`
 }
 
 // NodeStatus is the node's drain status.
@@ -99,9 +101,7 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	for _, o := range opts {
 		o(&st)
 	}
-	e.mu.Lock()
-	st.ConfigError, st.NodeError = e.status.ConfigError, e.status.NodeError
-	seen := map[string]bool{}
+	migrating := map[string]bool{}
 	for _, v := range vms {
 		d := decide(v, cfg)
 		state, detail := observe(v, d, node.Name, st.Draining)
@@ -109,11 +109,22 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 			state, detail = o.state, o.detail
 		}
 		ns, name, _ := strings.Cut(v.key, "/")
-		seen[v.key] = true
-		st.VMs = append(st.VMs, VMStatus{
-			Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action,
-			State: state, Detail: detail, Since: e.since.observe(v.key, state, now),
-		})
+		vs := VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail}
+		if state == StateMigrating {
+			migrating[v.key] = true
+			vs.SetMigration(e.migrations.describe(ctx, v, e.vmLog(v)))
+		}
+		st.VMs = append(st.VMs, vs)
+	}
+	e.migrations.keep(migrating)
+	e.mu.Lock()
+	st.ConfigError, st.NodeError = e.status.ConfigError, e.status.NodeError
+	seen := map[string]bool{}
+	for i := range st.VMs {
+		vs := &st.VMs[i]
+		key := vs.Namespace + "/" + vs.Name
+		seen[key] = true
+		vs.Since = e.since.observe(key, vs.State, now)
 	}
 	for key := range e.since {
 		if !seen[key] {

@@ -78,6 +78,9 @@ func (fakeView) AddChangeHandler(func())                    {}
 func (fakeView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
 }
+func (fakeView) VMIMigrations(context.Context, string, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return nil, nil
+}
 func (fakeView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil
 }

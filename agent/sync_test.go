@@ -60,6 +60,18 @@ type fixture struct {
 	refusing  func(old, updated *corev1.Node) error
 	// cancelAnswer, when set, is the HTTP status virt-api answers evacuate/cancel with.
 	cancelAnswer func() int
+	// migrations, by namespace/VMI, as the label-selected list of one VMI's answers;
+	// migrationLists counts those lists.
+	migrations     map[string][]kubevirtv1.VirtualMachineInstanceMigration
+	migrationLists int
+}
+
+// listMigrations answers VMIMigrations.
+func (f *fixture) listMigrations(ns, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.migrationLists++
+	return append([]kubevirtv1.VirtualMachineInstanceMigration(nil), f.migrations[ns+"/"+vmi]...), nil
 }
 
 func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixture {
@@ -206,6 +218,9 @@ func (v fixtureView) LauncherPods() []*corev1.Pod {
 }
 func (fixtureView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
+}
+func (v fixtureView) VMIMigrations(_ context.Context, ns, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return v.f.listMigrations(ns, vmi)
 }
 func (fixtureView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil

@@ -47,18 +47,6 @@ func newView(node *corev1.Node, cfg nodeinfo.Config, vmis []*kubevirtv1.VirtualM
 	return v
 }
 
-// describeMigration names a migrating VM's unfinished migration, its phase and target.
-func describeMigration(vm *agent.VMStatus, vmi *kubevirtv1.VirtualMachineInstance, migrations []kubevirtv1.VirtualMachineInstanceMigration) {
-	m := agent.UnfinishedMigration(migrations)
-	if m == nil {
-		return
-	}
-	vm.Detail = fmt.Sprintf("migration %s %s", m.Name, m.Status.Phase)
-	if vmi != nil && vmi.Status.MigrationState != nil && vmi.Status.MigrationState.TargetNode != "" {
-		vm.Detail += " to " + vmi.Status.MigrationState.TargetNode
-	}
-}
-
 // Look reads the node and what is on it, with the migration of each migrating VM
 // and, when predict is set, each VM's predicted end.
 func (c *Client) Look(ctx context.Context, node string, cfg nodeinfo.Config, predict bool) (NodeView, error) {
@@ -86,7 +74,7 @@ func (c *Client) complete(ctx context.Context, v NodeView, cfg nodeinfo.Config, 
 			continue
 		}
 		if ms, err := nodeinfo.MigrationsOf(ctx, c.KubeVirt, vm.Namespace, vm.Name); err == nil {
-			describeMigration(vm, byKey[vm.Namespace+"/"+vm.Name], ms)
+			vm.SetMigration(agent.DescribeMigration(byKey[vm.Namespace+"/"+vm.Name], ms))
 		}
 	}
 	if predict {

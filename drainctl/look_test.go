@@ -128,25 +128,30 @@ func TestNewViewReadsTheAgentsOwnTaintAsTheAgentDoes(t *testing.T) {
 func TestDescribeMigrationNamesTheLiveOne(t *testing.T) {
 	t0 := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
 	vmi, _ := runningVMI("web", kubevirtv1.EvictionStrategyLiveMigrate)
-	vmi.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{TargetNode: "node-b"}
+	vmi.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{MigrationUID: "live-uid", TargetNode: "node-b"}
 	migration := func(name string, phase kubevirtv1.VirtualMachineInstanceMigrationPhase, age time.Duration) kubevirtv1.VirtualMachineInstanceMigration {
 		m := kubevirtv1.VirtualMachineInstanceMigration{}
 		m.Namespace, m.Name, m.Status.Phase, m.CreationTimestamp = "ns", name, phase, metav1.NewTime(t0.Add(-age))
+		m.UID = types.UID(name + "-uid")
 		return m
 	}
 	deleting := migration("deleting", kubevirtv1.MigrationRunning, 0)
 	deleting.DeletionTimestamp = &metav1.Time{Time: t0}
 
 	vm := agent.VMStatus{Namespace: "ns", Name: "web", State: agent.StateMigrating, Detail: "to node-b"}
-	describeMigration(&vm, vmi, []kubevirtv1.VirtualMachineInstanceMigration{
+	vm.SetMigration(agent.DescribeMigration(vmi, []kubevirtv1.VirtualMachineInstanceMigration{
 		migration("old", kubevirtv1.MigrationFailed, time.Hour), migration("live", kubevirtv1.MigrationRunning, time.Minute), deleting,
-	})
+	}))
 	if want := "migration live Running to node-b"; vm.Detail != want {
 		t.Errorf("detail %q, want %q", vm.Detail, want)
 	}
+	if want := (agent.MigrationStatus{Name: "live", Phase: "Running", TargetNode: "node-b"}); vm.Migration == nil || *vm.Migration != want {
+		t.Errorf("migration %+v, want %+v", vm.Migration, want)
+	}
 	vm.Detail = "to node-b"
-	describeMigration(&vm, vmi, []kubevirtv1.VirtualMachineInstanceMigration{deleting, migration("old", kubevirtv1.MigrationSucceeded, time.Hour)})
-	if vm.Detail != "to node-b" {
+	vm.Migration = nil
+	vm.SetMigration(agent.DescribeMigration(vmi, []kubevirtv1.VirtualMachineInstanceMigration{deleting, migration("old", kubevirtv1.MigrationSucceeded, time.Hour)}))
+	if vm.Detail != "to node-b" || vm.Migration != nil {
 		t.Errorf("with no live migration the detail changed to %q", vm.Detail)
 	}
 }

@@ -303,12 +303,21 @@ func (v *View) NamespaceMigrations(ctx context.Context, namespace string) ([]kub
 	return list.Items, nil
 }
 
-// MigrationsOf lists the migrations of one VMI, by spec.vmiName in its namespace, with
-// a kubevirt.io/v1 client.
+// VMIMigrations lists the migrations of one VMI (MigrationsOf).
+func (v *View) VMIMigrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return MigrationsOf(ctx, v.kubevirt, namespace, vmi)
+}
+
+// MigrationsOf lists the migrations of one VMI with a kubevirt.io/v1 client: selected
+// by the kubevirt.io/vmi-name label that KubeVirt puts on every migration (virt-api's
+// mutating webhook at creation, virt-controller's migration controller otherwise;
+// `virtctl migrate-cancel` finds them the same way), and checked against spec.vmiName.
 func MigrationsOf(ctx context.Context, kubevirt rest.Interface, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
-	if err := kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).Do(ctx).Into(list); err != nil {
-		return nil, fmt.Errorf("listing the migrations in %s: %w", namespace, err)
+	if err := kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).
+		Param("labelSelector", labels.SelectorFromSet(labels.Set{kubevirtv1.MigrationSelectorLabel: vmi}).String()).
+		Do(ctx).Into(list); err != nil {
+		return nil, fmt.Errorf("listing the migrations of %s/%s: %w", namespace, vmi, err)
 	}
 	var out []kubevirtv1.VirtualMachineInstanceMigration
 	for _, m := range list.Items {

@@ -1,0 +1,162 @@
+package agent
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+func testMigration(name string, phase kubevirtv1.VirtualMachineInstanceMigrationPhase, created time.Time) kubevirtv1.VirtualMachineInstanceMigration {
+	m := kubevirtv1.VirtualMachineInstanceMigration{}
+	m.Namespace, m.Name, m.UID, m.Status.Phase = "ns", name, types.UID("uid-"+name), phase
+	m.CreationTimestamp = metav1.NewTime(created)
+	m.Spec.VMIName = "vm"
+	return m
+}
+
+func TestDescribeMigration(t *testing.T) {
+	state := func(uid string, edit func(*kubevirtv1.VirtualMachineInstanceMigrationState)) *kubevirtv1.VirtualMachineInstanceMigrationState {
+		ms := &kubevirtv1.VirtualMachineInstanceMigrationState{MigrationUID: types.UID(uid), SourceNode: thisNode, TargetNode: "node-b"}
+		if edit != nil {
+			edit(ms)
+		}
+		return ms
+	}
+	started := func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { ms.StartTimestamp = ptrTime(t0) }
+	old := testMigration("old", kubevirtv1.MigrationFailed, t0)
+	tests := []struct {
+		name       string
+		state      *kubevirtv1.VirtualMachineInstanceMigrationState
+		migrations []kubevirtv1.VirtualMachineInstanceMigration
+		want       *MigrationStatus
+	}{
+		{name: "none"},
+		{name: "only an old failed one the VMI does not name", migrations: []kubevirtv1.VirtualMachineInstanceMigration{old}},
+		{name: "not handed to the nodes: the object's phase", want: &MigrationStatus{Name: "m", Phase: "Scheduling"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{old, testMigration("m", kubevirtv1.MigrationScheduling, t0.Add(time.Minute))}},
+		{name: "no phase yet is Pending", want: &MigrationStatus{Name: "m", Phase: "Pending"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", "", t0)}},
+		{name: "the VMI names an older one: the new one's phase", state: state("uid-old", func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { ms.Failed = true }),
+			want:       &MigrationStatus{Name: "m", Phase: "Pending"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{old, testMigration("m", kubevirtv1.MigrationPending, t0.Add(time.Minute))}},
+		{name: "handed over: the target from the VMI", state: state("uid-m", nil), want: &MigrationStatus{Name: "m", Phase: "Scheduled", TargetNode: "node-b"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationScheduled, t0)}},
+		{name: "started on the VMI before the object says so", state: state("uid-m", started), want: &MigrationStatus{Name: "m", Phase: "Running", TargetNode: "node-b"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationTargetReady, t0)}},
+		{name: "completed on the VMI", state: state("uid-m", func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { started(ms); ms.Completed = true }),
+			want:       &MigrationStatus{Name: "m", Phase: "Succeeded", TargetNode: "node-b"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationRunning, t0)}},
+		{name: "failed on the VMI", state: state("uid-m", func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { started(ms); ms.Failed = true }),
+			want:       &MigrationStatus{Name: "m", Phase: "Failed", TargetNode: "node-b"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationRunning, t0)}},
+		{name: "ended, the VMI not moved yet", state: state("uid-m", func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { started(ms); ms.Completed = true }),
+			want:       &MigrationStatus{Name: "m", Phase: "Succeeded", TargetNode: "node-b"},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationSucceeded, t0)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			vmi := newVMI("vm", thisNode, kubevirtv1.Running)
+			vmi.Status.MigrationState = tt.state
+			got := DescribeMigration(vmi, tt.migrations)
+			if (got == nil) != (tt.want == nil) || (got != nil && *got != *tt.want) {
+				t.Errorf("DescribeMigration() = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+// A drain's status names each migrating VM's migration and phase, reading the VM's
+// migrations when its VMI shows a change (and every migrationRelist while it shows
+// nothing of the migration), not on every sync.
+func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	vmi := newVMI("vm", thisNode, kubevirtv1.Running)
+	live := kubevirtv1.EvictionStrategyLiveMigrate
+	vmi.Spec.EvictionStrategy = &live
+	vmi.Status.EvacuationNodeName = thisNode
+	f := newFixture(t, n, vmi, launcherPod("virt-launcher-vm", string(vmi.UID), thisNode, corev1.PodRunning))
+	setMigration := func(phase kubevirtv1.VirtualMachineInstanceMigrationPhase) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {testMigration("kubevirt-evacuation-x", phase, t0)}}
+	}
+	setVMI := func(edit func(*kubevirtv1.VirtualMachineInstance)) {
+		v := vmi.DeepCopy()
+		edit(v)
+		if err := f.vmis.Update(v); err != nil {
+			t.Fatal(err)
+		}
+		vmi = v
+	}
+	// look syncs n times and returns the VM's status and the lists so far.
+	look := func(n int) (VMStatus, int) {
+		t.Helper()
+		for range n {
+			if _, err := f.sync(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		st, _ := f.engine.Status()
+		if len(st.VMs) != 1 {
+			t.Fatalf("status %+v", st)
+		}
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return st.VMs[0], f.migrationLists
+	}
+	check := func(step string, got VMStatus, lists int, want *MigrationStatus, wantDetail string, wantLists int) {
+		t.Helper()
+		if got.State != StateMigrating || (got.Migration == nil) != (want == nil) || (want != nil && *got.Migration != *want) || got.Detail != wantDetail {
+			t.Errorf("%s: state %s, migration %+v, detail %q; want migrating, %+v, %q", step, got.State, got.Migration, got.Detail, want, wantDetail)
+		}
+		if lists != wantLists {
+			t.Errorf("%s: %d lists of the VM's migrations, want %d", step, lists, wantLists)
+		}
+	}
+
+	// Marked for evacuation; KubeVirt has not created the migration yet.
+	got, lists := look(3)
+	check("no migration yet", got, lists, nil, "evacuation requested; KubeVirt schedules the migration", 1)
+	setMigration(kubevirtv1.MigrationPending)
+	got, lists = look(3)
+	check("created, not read again before migrationRelist", got, lists, nil, "evacuation requested; KubeVirt schedules the migration", 1)
+	f.clock.Step(migrationRelist)
+	got, lists = look(3)
+	check("read again after migrationRelist", got, lists, &MigrationStatus{Name: "kubevirt-evacuation-x", Phase: "Pending"}, "migration kubevirt-evacuation-x Pending", 2)
+	setMigration(kubevirtv1.MigrationScheduling)
+	f.clock.Step(migrationRelist)
+	got, lists = look(3)
+	check("its target pod waits", got, lists, &MigrationStatus{Name: "kubevirt-evacuation-x", Phase: "Scheduling"}, "migration kubevirt-evacuation-x Scheduling", 3)
+
+	// Handed to the nodes: the VMI names it, which is read at once.
+	setMigration(kubevirtv1.MigrationScheduled)
+	setVMI(func(v *kubevirtv1.VirtualMachineInstance) {
+		v.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{MigrationUID: "uid-kubevirt-evacuation-x", SourceNode: thisNode, TargetNode: "node-b"}
+	})
+	want := &MigrationStatus{Name: "kubevirt-evacuation-x", Phase: "Scheduled", TargetNode: "node-b"}
+	got, lists = look(3)
+	check("handed over", got, lists, want, "migration kubevirt-evacuation-x Scheduled to node-b", 4)
+	// Started: the VMI says so; no list, however many syncs and however long.
+	setVMI(func(v *kubevirtv1.VirtualMachineInstance) { v.Status.MigrationState.StartTimestamp = ptrTime(t0) })
+	f.clock.Step(time.Hour)
+	got, lists = look(20)
+	want.Phase = "Running"
+	check("running", got, lists, want, "migration kubevirt-evacuation-x Running to node-b", 4)
+
+	raw, err := json.Marshal(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(raw), `"migration":{"name":"kubevirt-evacuation-x","phase":"Running","targetNode":"node-b"}`) {
+		t.Errorf("JSON %s has no migration", raw)
+	}
+}
