@@ -1,0 +1,182 @@
+package e2e
+
+// /safe-to-shutdown names a migrating VM's migration and its phase (SPEC "Ready to
+// power off"), and the agent reads migrations a few times per migration, not per sync.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/integration/sim"
+)
+
+// migrationNamed returns the named migration of a VMI, or nil.
+func migrationNamed(ms []kubevirtv1.VirtualMachineInstanceMigration, name string) *kubevirtv1.VirtualMachineInstanceMigration {
+	for i := range ms {
+		if ms[i].Name == name {
+			return &ms[i]
+		}
+	}
+	return nil
+}
+
+// A LiveMigrate VM on a node with no other node to go to: KubeVirt creates the
+// evacuation migration, whose target pod stays Pending. /safe-to-shutdown shows the VM
+// migrating, with that migration's name and its phase (Pending or Scheduling), and
+// `node-agent status` the same.
+func TestSafeToShutdownNamesAMigrationThatCannotFinish(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	sc.createVM("vm", liveMigrate)
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
+
+	sc.taint(node, agentOnlyKey)
+	st := a.waitStatus(time.Minute, "the VM's migration named, Pending or Scheduling", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, "vm")
+		return v != nil && v.State == agent.StateMigrating && v.Migration != nil && v.Migration.Name != "" &&
+			(v.Migration.Phase == string(kubevirtv1.MigrationPending) || v.Migration.Phase == string(kubevirtv1.MigrationScheduling))
+	})
+	v := vmStatus(st, sc.ns, "vm")
+	m := migrationNamed(sc.migrationsOf("vm"), v.Migration.Name)
+	if m == nil || m.Spec.VMIName != "vm" || m.IsFinal() {
+		t.Fatalf("/safe-to-shutdown names migration %q, not an unfinished migration of the VM: %+v", v.Migration.Name, m)
+	}
+	if want := "migration " + v.Migration.Name + " " + v.Migration.Phase; v.Detail != want {
+		t.Errorf("detail %q, want %q", v.Detail, want)
+	}
+	out, errOut, code := sc.ctl("status", node, "--drain-taint-key="+agentOnlyKey)
+	if code != 0 && code != 1 || !strings.Contains(out, "migrating: migration "+v.Migration.Name+" ") {
+		t.Errorf("node-agent status (exit %d) does not name migration %s:\n%s%s", code, v.Migration.Name, out, errOut)
+	}
+}
+
+// A LiveMigrate VM whose migration takes a while: at some point /safe-to-shutdown
+// shows it Running, with the migration's name and its target, then the node is safe
+// and the VM runs on the other node.
+func TestSafeToShutdownNamesARunningMigration(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	before := sc.pinned("vm", node, liveMigrate, sim.WithMigrationDuration(15*time.Second))
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
+
+	sc.taint(node, agentOnlyKey)
+	st := a.waitStatus(time.Minute, "the VM's migration named and Running", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, "vm")
+		return v != nil && v.State == agent.StateMigrating && v.Migration != nil && v.Migration.Phase == string(kubevirtv1.MigrationRunning)
+	})
+	v := vmStatus(st, sc.ns, "vm")
+	if m := migrationNamed(sc.migrationsOf("vm"), v.Migration.Name); m == nil {
+		t.Errorf("/safe-to-shutdown names migration %q, which the VM does not have", v.Migration.Name)
+	}
+	if v.Migration.TargetNode != other || v.Detail != "migration "+v.Migration.Name+" Running to "+other {
+		t.Errorf("migration %+v, detail %q; want the target %s", v.Migration, v.Detail, other)
+	}
+	a.waitSafe(time.Minute)
+	sc.waitMigrated(before, other)
+}
+
+// agentRequestCounts counts, from the audit log, the requests of user between from and
+// to, by "verb resource[/subresource][?labelSelector]".
+func agentRequestCounts(path, user string, from, to time.Time) (map[string]int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	type entry struct {
+		AuditID    string    `json:"auditID"`
+		Stamp      time.Time `json:"requestReceivedTimestamp"`
+		Verb       string    `json:"verb"`
+		RequestURI string    `json:"requestURI"`
+		User       struct {
+			Username string `json:"username"`
+		} `json:"user"`
+		ObjectRef *struct {
+			Resource    string `json:"resource"`
+			Subresource string `json:"subresource"`
+		} `json:"objectRef"`
+	}
+	seen := map[string]bool{}
+	counts := map[string]int{}
+	s := bufio.NewScanner(f)
+	s.Buffer(make([]byte, 1<<20), 16<<20)
+	for s.Scan() {
+		var e entry
+		if err := json.Unmarshal(s.Bytes(), &e); err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		if e.User.Username != user || seen[e.AuditID] || e.Stamp.Before(from) || !e.Stamp.Before(to) {
+			continue
+		}
+		seen[e.AuditID] = true
+		what := e.Verb
+		if e.ObjectRef != nil {
+			what += " " + e.ObjectRef.Resource
+			if e.ObjectRef.Subresource != "" {
+				what += "/" + e.ObjectRef.Subresource
+			}
+		}
+		if strings.Contains(e.RequestURI, "labelSelector=kubevirt.io%2Fvmi-name") {
+			what += "?vmi-name"
+		}
+		counts[what]++
+	}
+	return counts, s.Err()
+}
+
+// maxMigrationListsPerVM bounds the label-selected lists of a VM's migrations during
+// its migration: one when it is marked for evacuation, one per hand-over step its VMI
+// shows (migrationState set, target address), and one every 10 s while its VMI shows
+// nothing of the migration; not one per sync (the drain syncs on every event of its
+// VMIs and pods, and every second here).
+const maxMigrationListsPerVM = 8
+
+// A drain of 10 LiveMigrate VMs (two migrating at a time, 3 s each): the agent's
+// requests, counted in the audit log, list each VM's migrations at most
+// maxMigrationListsPerVM times; the counts by kind are logged.
+func TestDrainMigrationStatusRequests(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	var names []string
+	for i := 0; i < 10; i++ {
+		names = append(names, fmt.Sprintf("vm%d", i))
+		sc.pinned(names[i], node, liveMigrate, sim.WithMigrationDuration(3*time.Second))
+	}
+	kubeconfig, user := sc.adminServiceAccount("measured-agent")
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey, "--kubeconfig="+kubeconfig)
+
+	start := time.Now()
+	sc.taint(node, agentOnlyKey)
+	a.waitSafe(3 * time.Minute)
+	took := time.Since(start)
+	for _, name := range names {
+		if v := sc.vmi(name); v == nil || v.Status.NodeName != other {
+			t.Errorf("VM %s not on %s", name, other)
+		}
+	}
+	counts, err := agentRequestCounts(sc.env.cluster.AuditLog, user, start, time.Now().Add(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	total := 0
+	for what, n := range counts {
+		lines = append(lines, fmt.Sprintf("%s: %d", what, n))
+		total += n
+	}
+	sort.Strings(lines)
+	t.Logf("drain of %d VMs in %s: %d requests by the agent: %s", len(names), took.Round(time.Second), total, strings.Join(lines, ", "))
+	if n := counts["list virtualmachineinstancemigrations?vmi-name"]; n > maxMigrationListsPerVM*len(names) {
+		t.Errorf("%d lists of the VMs' migrations, want at most %d per VM", n, maxMigrationListsPerVM)
+	}
+}
