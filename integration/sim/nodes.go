@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/uuid"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
@@ -278,17 +279,11 @@ func (s *Sim) Reboot(ctx context.Context, node string) error {
 	return nil
 }
 
-// retryOnConflict runs f until it does not fail with a conflict.
-func retryOnConflict(ctx context.Context, f func() error) error {
-	for {
-		err := f()
-		if !apierrors.IsConflict(err) {
-			return err
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-	}
+// conflictBackoff paces the retries of a Node status write that lost a race with
+// another writer (the node-lifecycle controller, the agent, the tests), as client-go's
+// retry.RetryOnConflict does, with more steps: the Node is busy.
+func conflictBackoff() wait.Backoff {
+	return wait.Backoff{Steps: 10, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1, Cap: time.Second}
 }
 
 // managed returns the simulated node name, or nil.
@@ -321,7 +316,7 @@ func (s *Sim) postStatus(ctx context.Context, sn *simNode, rebooted bool) error 
 	name, ip, bootID, res := sn.name, sn.internalIP, sn.bootID, sn.resources.DeepCopy()
 	s.mu.Unlock()
 	nodes := s.kube.CoreV1().Nodes()
-	err := retryOnConflict(ctx, func() error {
+	err := retry.RetryOnConflict(conflictBackoff(), func() error {
 		node, err := nodes.Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return err
