@@ -7,6 +7,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -95,4 +96,33 @@ func hasTaint(n *corev1.Node, key string, effect corev1.TaintEffect) bool {
 		}
 	}
 	return false
+}
+
+// A deleted namespace really empties, as on a real cluster: kube-controller-manager's
+// namespace controller deletes what is in it (a running VMI and its virt-launcher pod,
+// through KubeVirt and the simulated kubelet; a plain pod) and then the namespace. (A
+// VM of runStrategy Always would make virt-controller try to start it again in the
+// terminating namespace and log each refusal as an error, as it does on a real cluster.)
+func TestNamespaceDeletedEmptiesIt(t *testing.T) {
+	sc := newScenario(t, 1)
+	node := sc.nodes[0]
+	sc.createVMI("vm", noneStrategy, onNode(node))
+	sc.plainPod("app", node)
+	if err := sc.kube().CoreV1().Namespaces().Delete(sc.ctx, sc.ns, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.eventually(3*time.Minute, "namespace "+sc.ns+" to be gone", func() (bool, string) {
+		ns, err := sc.kube().CoreV1().Namespaces().Get(sc.ctx, sc.ns, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true, ""
+		}
+		if err != nil {
+			return false, err.Error()
+		}
+		pods, _ := sc.kube().CoreV1().Pods(sc.ns).List(sc.ctx, metav1.ListOptions{})
+		return false, fmt.Sprintf("phase %s, %d pods, conditions %v", ns.Status.Phase, len(pods.Items), ns.Status.Conditions)
+	})
+	if v := sc.vmi("vm"); v != nil {
+		t.Errorf("VMI vm is still there: phase %s", v.Status.Phase)
+	}
 }
