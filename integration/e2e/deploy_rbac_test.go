@@ -4,13 +4,9 @@ package e2e
 // each rule; and what the agent really did, from the API server's audit log.
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
-	"os"
 	"sort"
 	"strings"
-	"time"
 
 	rbacv1 "k8s.io/api/rbac/v1"
 )
@@ -140,66 +136,6 @@ func grantedPermissions(ns string, rules []rbacv1.PolicyRule) (map[permission]bo
 	return out, nil
 }
 
-// auditEvent is the part of an audit.k8s.io/v1 Event the test reads.
-type auditEvent struct {
-	AuditID    string    `json:"auditID"`
-	Stamp      time.Time `json:"requestReceivedTimestamp"`
-	Stage      string    `json:"stage"`
-	RequestURI string    `json:"requestURI"`
-	Verb       string    `json:"verb"`
-	User       struct {
-		Username string `json:"username"`
-	} `json:"user"`
-	UserAgent string `json:"userAgent"`
-	ObjectRef *struct {
-		Resource    string `json:"resource"`
-		Namespace   string `json:"namespace"`
-		Name        string `json:"name"`
-		APIGroup    string `json:"apiGroup"`
-		Subresource string `json:"subresource"`
-	} `json:"objectRef"`
-	ResponseStatus *struct {
-		Code    int    `json:"code"`
-		Message string `json:"message"`
-	} `json:"responseStatus"`
-}
-
-// agentRequests reads the audit log: the requests of user made with userAgent, one per
-// audit ID (the last stage seen).
-func agentRequests(path, user, userAgent string) ([]auditEvent, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	byID := map[string]auditEvent{}
-	var order []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 16<<20)
-	for sc.Scan() {
-		var ev auditEvent
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		if ev.User.Username != user || ev.UserAgent != userAgent {
-			continue
-		}
-		if _, ok := byID[ev.AuditID]; !ok {
-			order = append(order, ev.AuditID)
-		}
-		byID[ev.AuditID] = ev
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
-	}
-	out := make([]auditEvent, 0, len(order))
-	for _, id := range order {
-		out = append(out, byID[id])
-	}
-	return out, nil
-}
-
-// covers says whether a needed permission allows an audited request.
 func (p permission) covers(ev auditEvent) bool {
 	ref := ev.ObjectRef
 	res := ref.Resource

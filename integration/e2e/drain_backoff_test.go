@@ -3,11 +3,8 @@ package e2e
 // Refused evictions back off per VM (issue 9): counted in the API server's audit log.
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
 	"sort"
 	"strings"
 	"testing"
@@ -110,39 +107,14 @@ func TestDrainRefusedEvictionsBackOff(t *testing.T) {
 // evictionsPerPod counts, from the API server's audit log, the eviction requests
 // (pods/eviction, dry-run or not) per pod of namespace made between from and to.
 func evictionsPerPod(path, namespace string, from, to time.Time) (map[string]int, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	type entry struct {
-		AuditID   string    `json:"auditID"`
-		Stamp     time.Time `json:"requestReceivedTimestamp"`
-		ObjectRef *struct {
-			Resource    string `json:"resource"`
-			Subresource string `json:"subresource"`
-			Namespace   string `json:"namespace"`
-			Name        string `json:"name"`
-		} `json:"objectRef"`
-	}
-	seen := map[string]bool{}
+	evs, err := readAudit(path, func(ev auditEvent) bool {
+		ref := ev.ObjectRef
+		return ref != nil && ref.Resource == "pods" && ref.Subresource == "eviction" && ref.Namespace == namespace &&
+			!ev.Stamp.Before(from) && ev.Stamp.Before(to)
+	})
 	counts := map[string]int{}
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 1<<20), 16<<20)
-	for s.Scan() {
-		var e entry
-		if err := json.Unmarshal(s.Bytes(), &e); err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		ref := e.ObjectRef
-		if ref == nil || ref.Resource != "pods" || ref.Subresource != "eviction" || ref.Namespace != namespace || seen[e.AuditID] {
-			continue
-		}
-		if e.Stamp.Before(from) || !e.Stamp.Before(to) {
-			continue
-		}
-		seen[e.AuditID] = true
-		counts[ref.Name]++
+	for _, ev := range evs {
+		counts[ev.ObjectRef.Name]++
 	}
-	return counts, s.Err()
+	return counts, err
 }

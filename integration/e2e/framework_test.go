@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -626,4 +627,68 @@ func (sc *scenario) setTemplateNodeSelector(resource, name string, sel map[strin
 	if err := sc.env.cluster.KubeVirt.Patch(types.JSONPatchType).Namespace(sc.ns).Resource(resource).Name(name).Body(patch).Do(sc.ctx).Error(); err != nil {
 		sc.t.Fatalf("setting the nodeSelector of %s %s: %v", resource, name, err)
 	}
+}
+
+// auditEvent is the part of an audit.k8s.io/v1 Event the test reads.
+type auditEvent struct {
+	AuditID    string    `json:"auditID"`
+	Stamp      time.Time `json:"requestReceivedTimestamp"`
+	Stage      string    `json:"stage"`
+	RequestURI string    `json:"requestURI"`
+	Verb       string    `json:"verb"`
+	User       struct {
+		Username string `json:"username"`
+	} `json:"user"`
+	UserAgent string `json:"userAgent"`
+	ObjectRef *struct {
+		Resource    string `json:"resource"`
+		Namespace   string `json:"namespace"`
+		Name        string `json:"name"`
+		APIGroup    string `json:"apiGroup"`
+		Subresource string `json:"subresource"`
+	} `json:"objectRef"`
+	ResponseStatus *struct {
+		Code    int    `json:"code"`
+		Message string `json:"message"`
+	} `json:"responseStatus"`
+}
+
+// readAudit reads the API server's audit log: one entry per request (the last stage
+// seen of each audit ID), in the order they came, those keep accepts.
+func readAudit(path string, keep func(auditEvent) bool) ([]auditEvent, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	byID := map[string]auditEvent{}
+	var order []string
+	s := bufio.NewScanner(f)
+	s.Buffer(make([]byte, 1<<20), 16<<20)
+	for s.Scan() {
+		var ev auditEvent
+		if err := json.Unmarshal(s.Bytes(), &ev); err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		if !keep(ev) {
+			continue
+		}
+		if _, ok := byID[ev.AuditID]; !ok {
+			order = append(order, ev.AuditID)
+		}
+		byID[ev.AuditID] = ev
+	}
+	if err := s.Err(); err != nil {
+		return nil, err
+	}
+	out := make([]auditEvent, 0, len(order))
+	for _, id := range order {
+		out = append(out, byID[id])
+	}
+	return out, nil
+}
+
+// agentRequests reads the audit log: the requests of user made with userAgent.
+func agentRequests(path, user, userAgent string) ([]auditEvent, error) {
+	return readAudit(path, func(ev auditEvent) bool { return ev.User.Username == user && ev.UserAgent == userAgent })
 }

@@ -4,11 +4,8 @@ package e2e
 // power off"), and the agent reads migrations a few times per migration, not per sync.
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
 	"sort"
 	"strings"
 	"testing"
@@ -88,37 +85,11 @@ func TestSafeToShutdownNamesARunningMigration(t *testing.T) {
 // agentRequestCounts counts, from the audit log, the requests of user between from and
 // to, by "verb resource[/subresource][?labelSelector]".
 func agentRequestCounts(path, user string, from, to time.Time) (map[string]int, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	type entry struct {
-		AuditID    string    `json:"auditID"`
-		Stamp      time.Time `json:"requestReceivedTimestamp"`
-		Verb       string    `json:"verb"`
-		RequestURI string    `json:"requestURI"`
-		User       struct {
-			Username string `json:"username"`
-		} `json:"user"`
-		ObjectRef *struct {
-			Resource    string `json:"resource"`
-			Subresource string `json:"subresource"`
-		} `json:"objectRef"`
-	}
-	seen := map[string]bool{}
+	evs, err := readAudit(path, func(ev auditEvent) bool {
+		return ev.User.Username == user && !ev.Stamp.Before(from) && ev.Stamp.Before(to)
+	})
 	counts := map[string]int{}
-	s := bufio.NewScanner(f)
-	s.Buffer(make([]byte, 1<<20), 16<<20)
-	for s.Scan() {
-		var e entry
-		if err := json.Unmarshal(s.Bytes(), &e); err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		if e.User.Username != user || seen[e.AuditID] || e.Stamp.Before(from) || !e.Stamp.Before(to) {
-			continue
-		}
-		seen[e.AuditID] = true
+	for _, e := range evs {
 		what := e.Verb
 		if e.ObjectRef != nil {
 			what += " " + e.ObjectRef.Resource
@@ -131,7 +102,7 @@ func agentRequestCounts(path, user string, from, to time.Time) (map[string]int, 
 		}
 		counts[what]++
 	}
-	return counts, s.Err()
+	return counts, err
 }
 
 // maxMigrationListsPerVM bounds the label-selected lists of a VM's migrations during
