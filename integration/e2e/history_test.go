@@ -29,6 +29,7 @@ import (
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/integration/cluster"
+	"github.com/node-agent/node-agent/integration/logind"
 	"github.com/node-agent/node-agent/integration/sim"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
@@ -107,17 +108,30 @@ type historyVM struct {
 	desc     string
 }
 
-// historyNode is what the operator (the history) set on a node.
+// historyNode is what the operator (the history) set on a node, and whether a host
+// shutdown is pending on it.
 type historyNode struct {
-	tainted  bool // the drain taint (the key in force), by kubectl or node-agent drain
+	taints   map[string]bool // drain taints by key, by kubectl or node-agent drain
 	cordoned bool
+	shutdown bool
 }
+
+// historyCustomKey is the other drain taint key the history switches the KubeVirt CR to.
+const historyCustomKey = "example.com/custom-drain"
+
+// historyShutdownTimeout is node 0's --shutdown-timeout: how long a blocked VM holds a
+// host shutdown.
+const historyShutdownTimeout = 20 * time.Second
 
 type history struct {
 	sc         *scenario
 	rnd        *rand.Rand
 	agents     []*agentProc
 	nodes      []historyNode
+	key        string // the drain taint key in force (the KubeVirt CR's)
+	logind     *logind.Env
+	pair       *lockPair // node 0's lock holder and engine
+	asked      time.Time // when node 0's pending shutdown was asked for
 	vms        map[string]*historyVM
 	next       int
 	cluster    kubevirtv1.EvictionStrategy
@@ -132,6 +146,7 @@ func newHistory(sc *scenario, seed uint64) *history {
 		sc:      sc,
 		rnd:     rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		nodes:   make([]historyNode, len(sc.nodes)),
+		key:     nodeinfo.DefaultDrainTaintKey,
 		vms:     map[string]*historyVM{},
 		cluster: kubevirtv1.EvictionStrategyLiveMigrate,
 	}
@@ -148,20 +163,37 @@ func (h *history) setUp() {
 	h.migrations = sc.watchMigrations()
 	sc.t.Cleanup(h.migrations.stop)
 	h.vmis = sc.watchVMIEnds()
-	for _, node := range sc.nodes {
+	for i, node := range sc.nodes {
+		h.nodes[i].taints = map[string]bool{}
+		if i == 0 {
+			// Node 0 runs as the DaemonSet's pod does: a lock holder on a real logind and
+			// the engine beside it.
+			h.logind = sc.startLogind()
+			h.pair = sc.startLockPair(node, h.logind, h.holderFlags(), nil)
+			sc.waitInhibitDelayMax(h.logind, historyShutdownTimeout)
+			h.agents = append(h.agents, h.pair.engine)
+			continue
+		}
 		h.agents = append(h.agents, sc.startAgent(node))
 	}
-	h.record("set up: %d nodes with an agent each, cluster evictionStrategy %s", len(sc.nodes), h.cluster)
+	h.record("set up: %d nodes with an agent each (%s with a lock holder on logind), cluster evictionStrategy %s", len(sc.nodes), sc.nodes[0], h.cluster)
 	for _, kind := range []string{"vm", "vm", "vm", "vm", "vmirs", "vmi"} {
 		h.createVM(kind)
 	}
 }
 
-// open lists the nodes neither tainted nor cordoned, other than except.
+func (h *history) holderFlags() []string {
+	return []string{"--shutdown-timeout=" + historyShutdownTimeout.String(), "--logind-dropin-dir=" + h.logind.DropInDir}
+}
+
+// tainted says whether node i has the drain taint of the key in force.
+func (h *history) tainted(i int) bool { return h.nodes[i].taints[h.key] }
+
+// open lists the nodes with no taint, no cordon and no shutdown, other than except.
 func (h *history) open(except int) []int {
 	var out []int
 	for i, n := range h.nodes {
-		if i != except && !n.tainted && !n.cordoned {
+		if i != except && len(n.taints) == 0 && !n.cordoned && !n.shutdown {
 			out = append(out, i)
 		}
 	}
@@ -218,11 +250,11 @@ func (h *history) step(i int) {
 
 func (h *history) ops() []historyOp {
 	sc := h.sc
-	key := nodeinfo.DefaultDrainTaintKey
 	nodeWhere := func(cond func(int) bool) (int, bool) {
 		var c []int
 		for i := range h.nodes {
-			if cond(i) {
+			// The operator leaves a node alone while its host shuts down.
+			if !h.nodes[i].shutdown && cond(i) {
 				c = append(c, i)
 			}
 		}
@@ -233,19 +265,21 @@ func (h *history) ops() []historyOp {
 	}
 	return []historyOp{
 		{"taint", 4, func() bool {
-			i, ok := nodeWhere(func(i int) bool { return !h.nodes[i].tainted && h.canClose(i) })
+			i, ok := nodeWhere(func(i int) bool { return !h.tainted(i) && h.canClose(i) })
 			if ok {
-				sc.taint(sc.nodes[i], key)
-				h.nodes[i].tainted = true
-				h.record("kubectl taint %s %s=draining:NoSchedule", sc.nodes[i], key)
+				sc.taint(sc.nodes[i], h.key)
+				h.nodes[i].taints[h.key] = true
+				h.record("kubectl taint %s %s=draining:NoSchedule", sc.nodes[i], h.key)
 			}
 			return ok
 		}},
 		{"untaint", 4, func() bool {
-			i, ok := nodeWhere(func(i int) bool { return h.nodes[i].tainted })
+			i, ok := nodeWhere(func(i int) bool { return len(h.nodes[i].taints) > 0 })
 			if ok {
+				keys := sortedKeys(h.nodes[i].taints)
+				key := keys[h.rnd.IntN(len(keys))]
 				sc.untaint(sc.nodes[i], key)
-				h.nodes[i].tainted = false
+				delete(h.nodes[i].taints, key)
 				h.record("kubectl taint %s %s-", sc.nodes[i], key)
 			}
 			return ok
@@ -269,25 +303,26 @@ func (h *history) ops() []historyOp {
 			return ok
 		}},
 		{"cli-drain", 3, func() bool {
-			i, ok := nodeWhere(func(i int) bool { return !(h.nodes[i].tainted && h.nodes[i].cordoned) && h.canClose(i) })
+			i, ok := nodeWhere(func(i int) bool { return !(h.tainted(i) && h.nodes[i].cordoned) && h.canClose(i) })
 			if ok {
 				out, errOut, code := sc.ctl("drain", sc.nodes[i], "--timeout=3s", "--interval=500ms")
 				if code != 0 && code != 1 {
 					sc.t.Fatalf("node-agent drain %s exited %d\nstdout:\n%s\nstderr:\n%s", sc.nodes[i], code, out, errOut)
 				}
-				h.nodes[i] = historyNode{tainted: true, cordoned: true}
+				h.nodes[i].taints[h.key], h.nodes[i].cordoned = true, true
 				h.record("node-agent drain %s --timeout=3s (exit %d)", sc.nodes[i], code)
 			}
 			return ok
 		}},
 		{"cli-undrain", 3, func() bool {
-			i, ok := nodeWhere(func(i int) bool { return h.nodes[i].tainted || h.nodes[i].cordoned })
+			i, ok := nodeWhere(func(i int) bool { return h.tainted(i) || h.nodes[i].cordoned })
 			if ok {
 				out, errOut, code := sc.ctl("undrain", sc.nodes[i])
 				if code != 0 {
 					sc.t.Fatalf("node-agent undrain %s exited %d\nstdout:\n%s\nstderr:\n%s", sc.nodes[i], code, out, errOut)
 				}
-				h.nodes[i] = historyNode{}
+				delete(h.nodes[i].taints, h.key)
+				h.nodes[i].cordoned = false
 				h.record("node-agent undrain %s", sc.nodes[i])
 			}
 			return ok
@@ -295,8 +330,86 @@ func (h *history) ops() []historyOp {
 		{"kill-agent", 3, func() bool {
 			i := h.rnd.IntN(len(h.agents))
 			h.agents[i].kill()
+			if i == 0 {
+				h.pair.startEngine()
+				h.pair.engine.waitServing("/readyz", time.Minute)
+				h.agents[0] = h.pair.engine
+				h.record("engine on %s killed (SIGKILL) and started again (its lock holder stays)", sc.nodes[i])
+				return true
+			}
 			h.agents[i] = sc.startAgent(sc.nodes[i])
 			h.record("agent on %s killed (SIGKILL) and started again", sc.nodes[i])
+			return true
+		}},
+		{"power-off", 3, func() bool {
+			if h.nodes[0].shutdown || !h.canClose(0) {
+				return false
+			}
+			h.asked = sc.powerOff(h.logind)
+			h.nodes[0].shutdown = true
+			h.record("systemctl poweroff on %s (logind PowerOff)", sc.nodes[0])
+			return true
+		}},
+		{"cancel-shutdown", 2, func() bool {
+			if !h.nodes[0].shutdown {
+				return false
+			}
+			sc.waitPowerOffJob(h.logind, h.asked, historyShutdownTimeout+time.Minute)
+			if n, err := h.logind.CancelJobs(sc.ctx); err != nil || n < 1 {
+				sc.t.Fatalf("cancelling the poweroff job: %d jobs, %v", n, err)
+			}
+			h.nodes[0].shutdown = false
+			// The holder takes its lock again: a power-off before that is not held.
+			sc.waitLock(h.logind, h.pair.holder)
+			h.record("the poweroff job on %s cancelled (systemctl cancel)", sc.nodes[0])
+			return true
+		}},
+		{"reboot", 2, func() bool {
+			if !h.nodes[0].shutdown {
+				return false
+			}
+			sc.waitPowerOffJob(h.logind, h.asked, historyShutdownTimeout+time.Minute)
+			h.pair.engine.kill()
+			h.pair.holder.kill()
+			h.reboot(0)
+			if err := h.logind.RestartLogind(sc.ctx, false); err != nil {
+				sc.t.Fatal(err)
+			}
+			h.pair.startHolder(h.holderFlags()...)
+			sc.waitLock(h.logind, h.pair.holder)
+			h.pair.startEngine()
+			h.pair.engine.waitServing("/readyz", time.Minute)
+			h.agents[0] = h.pair.engine
+			h.nodes[0].shutdown = false
+			h.record("%s powered off and booted again (new boot ID, fresh logind)", sc.nodes[0])
+			return true
+		}},
+		{"crash", 1, func() bool {
+			i := 1 + h.rnd.IntN(len(h.agents)-1)
+			h.agents[i].kill()
+			h.reboot(i)
+			h.agents[i] = sc.startAgent(sc.nodes[i])
+			h.record("%s crashed and booted again (new boot ID)", sc.nodes[i])
+			return true
+		}},
+		{"taint-key", 1, func() bool {
+			if h.nodes[0].shutdown {
+				return false
+			}
+			key := historyCustomKey
+			if h.key == historyCustomKey {
+				key = nodeinfo.DefaultDrainTaintKey
+			}
+			if err := sc.env.cluster.UpdateKubeVirtConfiguration(sc.ctx, func(c *kubevirtv1.KubeVirtConfiguration) {
+				if c.MigrationConfiguration == nil {
+					c.MigrationConfiguration = &kubevirtv1.MigrationConfiguration{}
+				}
+				c.MigrationConfiguration.NodeDrainTaintKey = ptr.To(key)
+			}); err != nil {
+				sc.t.Fatal(err)
+			}
+			h.key = key
+			h.record("the KubeVirt CR's nodeDrainTaintKey set to %s", key)
 			return true
 		}},
 		{"migrate", 2, func() bool { return h.migrateOne() }},
@@ -385,11 +498,7 @@ func (h *history) createVM(kind string) {
 }
 
 func (h *history) deleteVM() {
-	names := make([]string, 0, len(h.vms))
-	for n := range h.vms {
-		names = append(names, n)
-	}
-	sort.Strings(names)
+	names := sortedKeys(h.vms)
 	v := h.vms[names[h.rnd.IntN(len(names))]]
 	res := map[string]string{"vm": nodeinfo.ResourceVMs, "vmirs": nodeinfo.ResourceVMIRSs, "vmi": nodeinfo.ResourceVMIs}[v.kind]
 	h.vmis.expectEnd(v.name)
@@ -411,7 +520,7 @@ func (h *history) migrateOne() bool {
 	var candidates []string
 	for _, v := range list.Items {
 		i := sc.nodeIndex(v.Status.NodeName)
-		if i < 0 || h.nodes[i].tainted || len(h.open(i)) == 0 || v.Status.Phase != kubevirtv1.Running || v.DeletionTimestamp != nil ||
+		if i < 0 || h.draining(i) || len(h.open(i)) == 0 || v.Status.Phase != kubevirtv1.Running || v.DeletionTimestamp != nil ||
 			!migratable(&v) || h.migrations.unfinishedOf(v.Name) > 0 || v.Status.MigrationState != nil && !v.Status.MigrationState.Completed && !v.Status.MigrationState.Failed {
 			continue
 		}
@@ -455,7 +564,25 @@ func (sc *scenario) nodeIndex(node string) int {
 }
 
 // draining is whether the model expects the agent on node i to drain.
-func (h *history) draining(i int) bool { return h.nodes[i].tainted }
+func (h *history) draining(i int) bool { return h.tainted(i) || h.nodes[i].shutdown }
+
+// reboot reboots node i's host (its agent is stopped): every VM on it is gone, which
+// the history expects.
+func (h *history) reboot(i int) {
+	sc := h.sc
+	list := &kubevirtv1.VirtualMachineInstanceList{}
+	if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Do(sc.ctx).Into(list); err != nil {
+		sc.t.Fatal(err)
+	}
+	for _, v := range list.Items {
+		if v.Status.NodeName == sc.nodes[i] {
+			h.vmis.expectEnd(string(v.UID))
+		}
+	}
+	if err := sc.env.sim.Reboot(sc.ctx, sc.nodes[i]); err != nil {
+		sc.t.Fatal(err)
+	}
+}
 
 // settle waits until the effects of the steps so far have settled: each agent drains
 // exactly when its node is tainted, no VM is on its way (migrating, shutting down,
@@ -579,12 +706,18 @@ func (h *history) check() {
 		}
 		// No node left cordoned or tainted by the agent with no drain or shutdown
 		// pending: the taint and cordon are exactly the operator's.
+		// After a reboot or a cancelled shutdown only the agent's own additions are gone.
 		n := sc.node(node)
-		if hasTaintKey(n, nodeinfo.DefaultDrainTaintKey) != h.nodes[i].tainted || n.Spec.Unschedulable != h.nodes[i].cordoned {
-			sc.t.Errorf("node %s: tainted %v cordoned %v, the operator set tainted %v cordoned %v",
-				node, hasTaintKey(n, nodeinfo.DefaultDrainTaintKey), n.Spec.Unschedulable, h.nodes[i].tainted, h.nodes[i].cordoned)
+		m := h.nodes[i]
+		for _, key := range []string{nodeinfo.DefaultDrainTaintKey, historyCustomKey} {
+			if want := m.taints[key] || m.shutdown && key == h.key; hasTaintKey(n, key) != want {
+				sc.t.Errorf("node %s: taint %s present %v, want %v (the operator's taints %v, shutdown pending %v)", node, key, hasTaintKey(n, key), want, sortedKeys(m.taints), m.shutdown)
+			}
 		}
-		if raw, ok := n.Annotations[agent.AnnotationOwned]; ok {
+		if want := m.cordoned || m.shutdown; n.Spec.Unschedulable != want {
+			sc.t.Errorf("node %s: cordoned %v, want %v (the operator's cordon %v, shutdown pending %v)", node, n.Spec.Unschedulable, want, m.cordoned, m.shutdown)
+		}
+		if raw, ok := n.Annotations[agent.AnnotationOwned]; ok && !m.shutdown {
 			sc.t.Errorf("node %s: the agent claims %s with no shutdown pending", node, raw)
 		}
 	}
@@ -666,7 +799,7 @@ type vmiEnds struct {
 	mu         sync.Mutex
 	strategy   map[string]kubevirtv1.EvictionStrategy // by UID
 	ended      map[string]bool                        // by UID
-	expected   map[string]bool                        // owners the history deleted
+	expected   map[string]bool                        // owners the history deleted, UIDs on a rebooted node
 	violations []string
 }
 
@@ -725,16 +858,17 @@ func (w *vmiEnds) observe(obj any, deleted bool) {
 	if rs := v.Labels[sim.LabelVMIRS]; rs != "" {
 		owner = rs
 	}
-	if s == kubevirtv1.EvictionStrategyLiveMigrate && !w.expected[owner] {
+	if s == kubevirtv1.EvictionStrategyLiveMigrate && !w.expected[owner] && !w.expected[uid] {
 		w.violations = append(w.violations, fmt.Sprintf("LiveMigrate VMI %s (uid %s) on %s was shut down: phase %s, deleting %v, gone %v",
 			v.Name, uid, v.Status.NodeName, v.Status.Phase, v.DeletionTimestamp != nil, deleted))
 	}
 }
 
-func (w *vmiEnds) expectEnd(owner string) {
+// expectEnd says that the VMIs of an owner (or one VMI, by UID) may end.
+func (w *vmiEnds) expectEnd(ownerOrUID string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.expected[owner] = true
+	w.expected[ownerOrUID] = true
 }
 
 func (w *vmiEnds) strategyOf(uid string) kubevirtv1.EvictionStrategy {
