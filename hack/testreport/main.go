@@ -4,7 +4,8 @@
 // the reason it gave. On CI (CI set to anything but "" or "false") a skipped test fails
 // the run unless NODE_AGENT_ALLOW_SKIP allows it: a comma-separated list of test names
 // (a name allows its subtests too), or "all". A skip is a part of the suite that did not
-// run: CI must not turn green without it in silence.
+// run: CI must not turn green without it in silence. Last it prints the slowest
+// top-level tests with their times, where a suite's minutes go.
 //
 //	go test -json ./... | go run ./hack/testreport
 //
@@ -17,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
 )
 
@@ -27,6 +29,7 @@ type event struct {
 	ImportPath string
 	Test       string
 	Output     string
+	Elapsed    float64 // seconds, on a test's pass, fail or skip
 }
 
 // skip is a skipped test and what it said.
@@ -34,10 +37,17 @@ type skip struct {
 	Package, Test, Reason string
 }
 
+// timing is a finished top-level test and how long it ran.
+type timing struct {
+	Package, Test string
+	Seconds       float64
+}
+
 // result is what the run showed.
 type result struct {
 	failed bool
 	skips  []skip
+	times  []timing // top-level tests, in the order they finished
 }
 
 func main() {
@@ -46,6 +56,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "testreport:", err)
 		os.Exit(1)
 	}
+	slowest(os.Stdout, res.times, 10)
 	if !verdict(os.Stdout, res, os.Getenv("CI"), os.Getenv("NODE_AGENT_ALLOW_SKIP")) {
 		os.Exit(1)
 	}
@@ -65,6 +76,9 @@ func report(in io.Reader, out io.Writer) (result, error) {
 			continue
 		}
 		key := e.Package + " " + e.Test
+		if e.Test != "" && !strings.Contains(e.Test, "/") && (e.Action == "pass" || e.Action == "fail") {
+			res.times = append(res.times, timing{Package: e.Package, Test: e.Test, Seconds: e.Elapsed})
+		}
 		switch {
 		case e.Action == "build-output":
 			fmt.Fprint(out, e.Output)
@@ -111,6 +125,23 @@ func reason(lines []string) string {
 		r = r[:500] + "…"
 	}
 	return r
+}
+
+// slowest prints the n longest top-level tests: with the scenarios in parallel their
+// times overlap, and the package's own time is the suite's.
+func slowest(out io.Writer, times []timing, n int) {
+	if len(times) == 0 {
+		return
+	}
+	sorted := append([]timing(nil), times...)
+	sort.SliceStable(sorted, func(i, j int) bool { return sorted[i].Seconds > sorted[j].Seconds })
+	if len(sorted) > n {
+		sorted = sorted[:n]
+	}
+	fmt.Fprintf(out, "testreport: the %d slowest of %d tests:\n", len(sorted), len(times))
+	for _, t := range sorted {
+		fmt.Fprintf(out, "  %7.1fs %s %s\n", t.Seconds, t.Package, t.Test)
+	}
 }
 
 // verdict prints the skipped tests and says whether the run passes.

@@ -80,3 +80,19 @@ func TestFailureIsShownAndFails(t *testing.T) {
 		t.Errorf("a failed run passes")
 	}
 }
+
+// The slowest top-level tests are listed longest first, subtests and skips not.
+func TestSlowestTests(t *testing.T) {
+	res, err := report(strings.NewReader(run+`{"Action":"pass","Package":"example.com/e2e","Test":"TestSlow","Elapsed":42.5}
+{"Action":"pass","Package":"example.com/e2e","Test":"TestSlow/sub","Elapsed":40}
+`), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	slowest(&out, res.times, 1)
+	want := "testreport: the 1 slowest of 2 tests:\n     42.5s example.com/e2e TestSlow\n"
+	if out.String() != want {
+		t.Errorf("got\n%q\nwant\n%q", out.String(), want)
+	}
+}
