@@ -17,7 +17,7 @@ import (
 // them as its updateStrategy says: every pod replaced by one of the new revision, one
 // node at a time (maxUnavailable 1), so that some node always has a ready agent.
 func TestDeployDaemonSetRollingUpdate(t *testing.T) {
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	sc.applyManifests()
 	ds, err := sc.kube().AppsV1().DaemonSets(deployNamespace).Get(sc.ctx, "node-agent", metav1.GetOptions{})
 	if err != nil {

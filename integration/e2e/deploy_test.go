@@ -467,6 +467,7 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 // (all but the Namespace, which other tests share).
 func (sc *scenario) applyManifests() []*unstructured.Unstructured {
 	sc.t.Helper()
+	sc.changeClusterConfig("applying manifests/ (cluster-scoped objects, the node-agent namespace)")
 	objs, err := loadKustomization(filepath.Join(repoRoot(sc.t), "manifests"))
 	if err != nil {
 		sc.t.Fatal(err)
@@ -560,7 +561,7 @@ func (sc *scenario) taintsPatch(node string, add ...corev1.Taint) string {
 // roles grant exactly agentNeeds, and the audit log shows the agent used nothing else.
 func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 	bin := buildWithBuildScript(t)
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	nodeA, nodeB := sc.nodes[0], sc.nodes[1]
 	sc.applyManifests()
 	// The graceful-shutdown overlay, validated by the API server too (dry run: the base

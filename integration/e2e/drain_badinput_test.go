@@ -44,7 +44,7 @@ func (a *agentProc) alive() {
 // A kubevirt-config ConfigMap whose data.migrations is not YAML: a ConfigError event
 // on the Node, and the agent drains on the default key.
 func TestDrainMalformedLegacyConfigMap(t *testing.T) {
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	sc.legacyConfigMap("nodeDrainTaintKey: [mytaint/drain")
 	node, other := sc.nodes[0], sc.nodes[1]
 	always := sc.pinned("always", node, noneStrategy)
@@ -72,7 +72,7 @@ func TestDrainMalformedLegacyConfigMap(t *testing.T) {
 // and the agent keeps the last good key.
 func TestDrainInvalidTaintKeyInKubeVirtCR(t *testing.T) {
 	const bad = "not a key!"
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
 	always := sc.pinned("always", node, noneStrategy)
 	a := sc.startAgent(node)
@@ -123,7 +123,7 @@ func TestAgentRejectsInvalidTaintKeyFlag(t *testing.T) {
 // are left alone and reported blocked, naming the strategy; none is shut down.
 func TestDrainUnknownClusterEvictionStrategy(t *testing.T) {
 	const bogus = kubevirtv1.EvictionStrategy("MoveItSomehow")
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
 	// Created first: with the bogus value in the CR, virt-api refuses new VMIs
 	// without a strategy of their own.
@@ -214,6 +214,7 @@ func ignoreConflict(err error) error {
 // missing; once KubeVirt is installed it becomes ready by itself. This needs a
 // cluster of its own.
 func TestAgentWithoutKubeVirtCRDs(t *testing.T) {
+	t.Parallel() // a cluster of its own
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	c, err := cluster.Start(ctx, cluster.Options{WithoutKubeVirt: true})

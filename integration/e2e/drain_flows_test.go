@@ -142,6 +142,7 @@ func vmStatus(st agent.NodeStatus, ns, name string) *agent.VMStatus {
 // after the test until virt-api is back to the previous one.
 func (sc *scenario) setClusterEvictionStrategy(s kubevirtv1.EvictionStrategy) error {
 	sc.t.Helper()
+	sc.changeClusterConfig("setting the KubeVirt CR's evictionStrategy")
 	var previous *kubevirtv1.EvictionStrategy
 	err := sc.env.cluster.UpdateKubeVirtConfiguration(sc.ctx, func(c *kubevirtv1.KubeVirtConfiguration) {
 		previous = c.EvictionStrategy
@@ -230,6 +231,7 @@ func (sc *scenario) withoutOwnEvictionStrategy(name string) {
 // data.migrations, and deletes it after the test.
 func (sc *scenario) legacyConfigMap(migrations string) {
 	sc.t.Helper()
+	sc.changeClusterConfig("creating the kubevirt-config ConfigMap")
 	cm := &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: nodeinfo.LegacyConfigMapName, Namespace: cluster.KubeVirtNamespace, Labels: map[string]string{"kubevirt.io": ""}},
 		Data:       map[string]string{"feature-gates": "LiveMigration", "migrations": migrations},
@@ -354,7 +356,7 @@ func TestDrainAllPods(t *testing.T) {
 // The drain taint key comes from the KubeVirt CR's migrations.nodeDrainTaintKey, and a
 // change of it applies without restarting the agent.
 func TestDrainTaintKeyFromKubeVirtCRLive(t *testing.T) {
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
 	migrating := sc.pinned("migrating", node, liveMigrate)
 	always := sc.pinned("always", node, noneStrategy)
@@ -382,7 +384,7 @@ func TestDrainTaintKeyFromKubeVirtCRLive(t *testing.T) {
 // which KubeVirt itself no longer reads: the agent's eviction is what moves the VM.
 func TestDrainTaintKeyFromLegacyConfigMap(t *testing.T) {
 	const key = "mytaint/drain"
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	sc.legacyConfigMap("nodeDrainTaintKey: " + key)
 	node, other := sc.nodes[0], sc.nodes[1]
 	migrating := sc.pinned("migrating", node, liveMigrate)
@@ -524,7 +526,7 @@ func TestDrainExternal(t *testing.T) {
 // (virt-api writes the cluster's value into every new VMI; a VMI without one was
 // made by a KubeVirt before the field was defaulted.)
 func TestDrainClusterEvictionStrategy(t *testing.T) {
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
 	plain := sc.pinned("plain", node)
 	sc.withoutOwnEvictionStrategy("plain")

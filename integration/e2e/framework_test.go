@@ -43,18 +43,49 @@ type scenario struct {
 	pool  string
 	nodes []string
 	env   *env
+	// clusterWide: the test may change what every test on its cluster sees (see
+	// newClusterWideScenario); changeClusterConfig refuses it otherwise.
+	clusterWide bool
 }
 
 var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 
-// newScenario creates a namespace and n nodes for the test (see the package doc for
-// what is cleaned up when it ends).
+// newScenario creates a namespace and n nodes for the test on the shared cluster
+// (see the package doc for what is cleaned up when it ends). The test runs in
+// parallel with the other scenarios (t.Parallel; a benchmark runs alone): it must
+// change nothing another test sees, see newClusterWideScenario. A subtest's scenario
+// runs in its turn within its parent, which calls t.Parallel itself when it may.
 func newScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
+	if pt, ok := t.(*testing.T); ok && !strings.Contains(pt.Name(), "/") {
+		pt.Parallel()
+	}
 	return newScenarioIn(t, shared, nodes)
 }
 
-// newScenarioIn is newScenario on another cluster (see newPrivateEnv).
+// newClusterWideScenario is newScenario for a test that changes what every test on
+// the shared cluster sees: the KubeVirt CR's configuration, the legacy kubevirt-config
+// ConfigMap, the deployed manifests' cluster-scoped objects. It does not call
+// t.Parallel, so go test runs it alone, before it lets the parallel tests start; it
+// puts back what it changed in t.Cleanup.
+func newClusterWideScenario(t testing.TB, nodes int) *scenario {
+	t.Helper()
+	sc := newScenarioIn(t, shared, nodes)
+	sc.clusterWide = true
+	return sc
+}
+
+// changeClusterConfig fails the test if it would change the shared cluster's
+// configuration while other tests run beside it (see newClusterWideScenario).
+func (sc *scenario) changeClusterConfig(what string) {
+	sc.t.Helper()
+	if sc.env == shared && !sc.clusterWide {
+		sc.t.Fatalf("%s changes the shared cluster for every test: start the test with newClusterWideScenario", what)
+	}
+}
+
+// newScenarioIn is newScenario on another cluster (see newPrivateEnv), without
+// t.Parallel: the caller decides.
 func newScenarioIn(t testing.TB, e *env, nodes int) *scenario {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)

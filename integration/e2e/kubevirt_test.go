@@ -126,7 +126,7 @@ func (sc *scenario) patchVMNodeSelector(name string, sel map[string]string) {
 func TestKubeVirtDrainTaintMigrates(t *testing.T) {
 	for _, key := range []string{nodeinfo.DefaultDrainTaintKey, "example.com/custom-drain"} {
 		t.Run(strings.ReplaceAll(key, "/", "_"), func(t *testing.T) {
-			sc := newScenario(t, 2)
+			sc := newClusterWideScenario(t, 2)
 			if key != nodeinfo.DefaultDrainTaintKey {
 				sc.setDrainTaintKey(key)
 			}
@@ -145,6 +145,7 @@ func TestKubeVirtDrainTaintMigrates(t *testing.T) {
 // the previous value back after it.
 func (sc *scenario) setDrainTaintKey(key string) {
 	sc.t.Helper()
+	sc.changeClusterConfig("setting the KubeVirt CR's nodeDrainTaintKey")
 	var previous *string
 	err := sc.env.cluster.UpdateKubeVirtConfiguration(sc.ctx, func(c *kubevirtv1.KubeVirtConfiguration) {
 		if c.MigrationConfiguration == nil {
@@ -267,7 +268,7 @@ func TestKubeVirtEvictionRefusesNonMigratableLiveMigrateVM(t *testing.T) {
 // without an evictionStrategy gets the cluster's (the VMI mutator writes it into
 // the spec) and runs; a VMI with an invalid spec is refused by the VMI validator.
 func TestKubeVirtWebhooksDefaultAndValidate(t *testing.T) {
-	sc := newScenario(t, 1)
+	sc := newClusterWideScenario(t, 1)
 	if err := sc.setClusterEvictionStrategy(kubevirtv1.EvictionStrategyLiveMigrateIfPossible); err != nil {
 		t.Fatal(err)
 	}

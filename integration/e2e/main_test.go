@@ -13,10 +13,18 @@
 //     nodes labelled with the test's own pool (poolLabel). Every VM the scenario
 //     creates (createVM, createVMI, createVMIRS) selects that pool, so no other
 //     test's VM lands on its nodes and its VMs land nowhere else; onNode pins a
-//     VM's first start to one node. The tests run one after another (no
-//     t.Parallel); a test that changes what every test sees (the KubeVirt CR's
-//     configuration, a cluster-scoped policy or ConfigMap) puts it back in
-//     t.Cleanup, as setClusterEvictionStrategy does.
+//     VM's first start to one node. newScenario calls t.Parallel: the scenarios
+//     run side by side (hack/test.sh sets -parallel), so a test must change
+//     nothing another test sees. A test that changes what every test sees (the
+//     KubeVirt CR's configuration, the legacy kubevirt-config ConfigMap, the
+//     deployed manifests' cluster-scoped objects) starts with
+//     newClusterWideScenario instead: go test runs such tests one at a time
+//     before it starts the parallel ones, and the test puts back what it changed
+//     in t.Cleanup, as setClusterEvictionStrategy does. The helpers that change
+//     the cluster (setDrainTaintKey, setClusterEvictionStrategy, legacyConfigMap,
+//     applyManifests) fail a parallel test that calls them. Objects a test
+//     creates outside its namespace (a ClusterRoleBinding, an admission policy)
+//     carry its namespace in their name and match only its own nodes or pods.
 //   - runs agents with sc.startAgent(node, flags...) and waits on conditions
 //     with a deadline (sc.eventually, a.waitSafe, sc.waitVMIOn, the sim's
 //     WaitFor* helpers), never a sleep.
@@ -44,10 +52,21 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"k8s.io/utils/ptr"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/integration/cluster"
 	"github.com/node-agent/node-agent/integration/sim"
 )
+
+// sharedClusterOptions configure the shared cluster as KubeVirt installs it, except
+// for one limit: the scenarios run in parallel, each on nodes of its own, so the
+// cluster-wide limit of parallel migrations (KubeVirt's default 5) is raised to 20,
+// as an operator of a larger cluster would, lest one test's migrations wait on
+// another's. The per-node limit (parallelOutboundMigrationsPerNode, 2) is KubeVirt's.
+var sharedClusterOptions = cluster.Options{KubeVirtConfiguration: kubevirtv1.KubeVirtConfiguration{
+	MigrationConfiguration: &kubevirtv1.MigrationConfiguration{ParallelMigrationsPerCluster: ptr.To[uint32](20)},
+}}
 
 // env is what every test shares: the cluster, the simulators, the agent binary.
 type env struct {
@@ -77,7 +96,7 @@ func runMain(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	c, err := cluster.Start(ctx, cluster.Options{})
+	c, err := cluster.Start(ctx, sharedClusterOptions)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

@@ -845,6 +845,7 @@ func TestShutdownInContainerEngineKilledDuringReboot(t *testing.T) {
 // container's systemd boots, its logind runs, and the agent holds its delay lock.
 // TestShutdownInContainerRebootCommands runs on this machine's own layout.
 func TestShutdownInContainerCgroupLayouts(t *testing.T) {
+	t.Parallel() // its subtests run one after another (newScenario in a subtest)
 	if err := checkNspawnHost(); err != nil {
 		t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container: %v", err)
 	}

@@ -125,6 +125,7 @@ const (
 // the simulated reboot only the agent's own taint and cordon are removed. Seeded runs:
 // the seed of each is printed; NODE_AGENT_E2E_KILL_RUNS=10 (or more) for a longer run.
 func TestShutdownHeldAcrossEngineKills(t *testing.T) {
+	t.Parallel() // its subtests run one after another (newScenario in a subtest)
 	runs := 3
 	if v := os.Getenv(killRunsEnv); v != "" {
 		n, err := strconv.Atoi(v)
@@ -181,7 +182,7 @@ func killDuringHeldShutdown(t *testing.T, rnd *rand.Rand, point killPoint) (carr
 			return st.ShuttingDown && st.Held, fmt.Sprintf("%+v", st)
 		})
 	case killMidMigration:
-		sc.eventually(time.Minute, "a migration running", func() (bool, string) {
+		sc.eventually(2*time.Minute, "a migration running", func() (bool, string) {
 			for _, v := range vms {
 				for _, m := range sc.migrationsOf(v.Name) {
 					if m.Status.Phase == kubevirtv1.MigrationRunning {
@@ -279,6 +280,7 @@ func (w *vmWatch) vmisLeftLocked() int {
 // ready with the reason, node_agent_shutdown_not_held is 1 and the release is counted
 // as unheld; no ShutdownReleased event claims a safe release.
 func TestShutdownNotHeldIsReported(t *testing.T) {
+	t.Parallel() // its subtests run one after another (newScenario in a subtest)
 	for _, tc := range []struct {
 		name    string
 		ownLock bool // the engine holds the lock itself
@@ -370,7 +372,7 @@ func TestShutdownHeldAcrossThePodsDeletion(t *testing.T) {
 	watch := sc.watchVMs(node)
 
 	asked := sc.powerOff(env)
-	sc.eventually(time.Minute, "a migration running", func() (bool, string) {
+	sc.eventually(2*time.Minute, "a migration running", func() (bool, string) {
 		for _, v := range vms {
 			for _, m := range sc.migrationsOf(v.Name) {
 				if m.Status.Phase == kubevirtv1.MigrationRunning {

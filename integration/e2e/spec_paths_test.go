@@ -215,7 +215,7 @@ func TestCLIPredictionsComeTrue(t *testing.T) {
 // key (not the default), says so, and drains on it.
 func TestDrainKeepsTheLastGoodCustomKey(t *testing.T) {
 	const good, bad = "e2e.node-agent.test/last-good", "not a key!"
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2)
 	node, other := sc.nodes[0], sc.nodes[1]
 	always := sc.pinned("always", node, noneStrategy)
 	sc.setDrainTaintKey(good)

@@ -27,9 +27,11 @@ import (
 
 // newPrivateEnv starts a cluster of the test's own (with its simulators), for what
 // the shared one must not be changed for: a missing webhook or subresource API. It is
-// stopped when the test ends.
+// stopped when the test ends. The test runs in parallel with the others (t.Parallel),
+// its scenarios (newScenarioIn) one after another.
 func newPrivateEnv(t *testing.T, opts cluster.Options) *env {
 	t.Helper()
+	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
 	start := time.Now()
 	c, err := cluster.Start(ctx, opts)
@@ -133,7 +135,7 @@ func TestDrainWithdrawWithoutEvacuateCancel(t *testing.T) {
 // a PodDisruptionBudget held its eviction back), has its evacuation cancelled when the
 // drain is withdrawn. Before the fix only VMs recorded as migrate or external were.
 func TestDrainWithdrawCancelsEvacuationRecordedAsShutdown(t *testing.T) {
-	sc := newScenario(t, 1)
+	sc := newClusterWideScenario(t, 1)
 	node := sc.nodes[0]
 	if err := sc.setClusterEvictionStrategy(kubevirtv1.EvictionStrategyNone); err != nil {
 		t.Fatal(err)
