@@ -30,7 +30,7 @@ go test -race -count=1 -timeout 60m -parallel "${NODE_AGENT_E2E_PARALLEL:-4}" -j
 # corpora (f.Add and testdata/fuzz) already ran above as unit tests. A finding fails the run and leaves the input in <package>/testdata/fuzz/<target>/.
 fuzztime=${NODE_AGENT_FUZZTIME:-5000x}
 if [ "$fuzztime" != 0 ]; then
-	for pkg in ./nodeinfo ./agent; do
+	for pkg in ./nodeinfo ./agent ./systemd; do
 		for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz'); do
 			echo "fuzz $pkg $target for $fuzztime"
 			go test -run '^$' -fuzz "^$target\$" -fuzztime "$fuzztime" "$pkg"
