@@ -348,6 +348,36 @@ func (sc *scenario) agentPodOn(node string) *deployedAgent {
 	return &deployedAgent{pod: pod, token: token, kubeconfig: kubeconfig, ds: ds}
 }
 
+// holderShutdownTimeout is the lock holder's --shutdown-timeout in the DaemonSet (10 min,
+// the flag's default, when its args do not set it).
+func (d *deployedAgent) holderShutdownTimeout(t testing.TB) time.Duration {
+	t.Helper()
+	timeout := 10 * time.Minute
+	for _, c := range d.ds.Spec.Template.Spec.Containers {
+		if v := flagValue(c.Args, "shutdown-timeout"); c.Name == "lock-holder" && v != "" {
+			var err error
+			if timeout, err = time.ParseDuration(v); err != nil {
+				t.Fatalf("the lock holder's --shutdown-timeout=%s: %v", v, err)
+			}
+		}
+	}
+	return timeout
+}
+
+// waitOwnNodePolicy waits until the admission policy is in force for the agent's client
+// kube on node own: the API server has seen the policy, its binding and its parameter
+// (the KubeVirt CR) once a dry-run change of other is refused and one of own allowed.
+func (sc *scenario) waitOwnNodePolicy(kube kubernetes.Interface, own, other string) {
+	sc.t.Helper()
+	probe := `{"metadata":{"annotations":{"node-agent.kubevirt.io/probe":"x"}}}`
+	sc.eventually(time.Minute, "the admission policy to refuse a change of node "+other+" and allow one of node "+own, func() (bool, string) {
+		errOther := sc.tryNodePatch(kube, nodePatch{node: other, patch: probe})
+		errOwn := sc.tryNodePatch(kube, nodePatch{node: own, patch: probe})
+		return errOther != nil && strings.Contains(errOther.Error(), policyDenied) && errOwn == nil,
+			fmt.Sprintf("node %s: %v; node %s: %v", other, errOther, own, errOwn)
+	})
+}
+
 // daemonSetPod waits for the DaemonSet controller's pod of ds on node and returns it.
 func (sc *scenario) daemonSetPod(ds *appsv1.DaemonSet, node string) *corev1.Pod {
 	sc.t.Helper()
@@ -410,8 +440,9 @@ func (sc *scenario) tokenClient(token string) (kubernetes.Interface, rest.Interf
 // ones (the engine's --lock-holder and the holder's --engine-url follow), the token's
 // kubeconfig instead of the in-cluster one, and for the host folders the holder mounts,
 // bus's: its private system bus for /run/dbus and its logind drop-in folder for
-// /etc/systemd/logind.conf.d. extra goes to the engine. It waits until the engine is
-// ready and logind lists the holder's delay lock.
+// /etc/systemd/logind.conf.d (a folder the DaemonSet does not mount is the container's
+// own: no bus in it, not writable). extra goes to the engine. It waits until the engine
+// is ready and logind lists the holder's delay lock.
 func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus *logind.Env, extra ...string) (engine, holder *agentProc) {
 	sc.t.Helper()
 	containers := map[string]corev1.Container{}
@@ -430,8 +461,23 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 			}
 		}
 	}
-	if mounts["/run/dbus"] != "/run/dbus" || mounts["/etc/systemd/logind.conf.d"] != "/etc/systemd/logind.conf.d" {
-		sc.t.Fatalf("the lock holder's host folders %v: want the host's /run/dbus and /etc/systemd/logind.conf.d at the same paths", mounts)
+	// What the holder finds at /run/dbus and /etc/systemd/logind.conf.d: the scenario's
+	// bus and drop-in folder stand in for the host's where the DaemonSet mounts those
+	// there. A folder it does not mount is the container's own: no bus socket in it, and
+	// not writable (a read-only root), here a folder under a plain file.
+	notMounted := filepath.Join(sc.t.TempDir(), "container-root")
+	if err := os.WriteFile(notMounted, nil, 0o444); err != nil {
+		sc.t.Fatal(err)
+	}
+	busAddr, dropIn := "unix:path="+filepath.Join(notMounted, "dbus", "system_bus_socket"), filepath.Join(notMounted, "logind.conf.d")
+	if mounts["/run/dbus"] == "/run/dbus" {
+		busAddr = bus.Address
+	}
+	if mounts["/etc/systemd/logind.conf.d"] == "/etc/systemd/logind.conf.d" {
+		dropIn = bus.DropInDir
+	}
+	if busAddr != bus.Address || dropIn != bus.DropInDir {
+		sc.t.Logf("the lock holder's host folders %v: not the host's /run/dbus and /etc/systemd/logind.conf.d at the same paths", mounts)
 	}
 	env := func(c corev1.Container) []string {
 		var out []string
@@ -440,7 +486,7 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 			case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
 				out = append(out, e.Name+"="+node)
 			case e.Name == "DBUS_SYSTEM_BUS_ADDRESS" && e.Value == "unix:path=/run/dbus/system_bus_socket":
-				out = append(out, e.Name+"="+bus.Address) // the host's bus, in the mounted /run/dbus
+				out = append(out, e.Name+"="+busAddr) // the bus socket in the holder's /run/dbus
 			case e.ValueFrom == nil:
 				out = append(out, e.Name+"="+e.Value)
 			default:
@@ -451,7 +497,7 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 	}
 	engineAddr, holderAddr := freeAddr(sc.t), freeAddr(sc.t)
 	holderArgs := append(append([]string{}, h.Args...), "--listen-address="+holderAddr, "--engine-url=http://"+engineAddr,
-		"--logind-dropin-dir="+bus.DropInDir)
+		"--logind-dropin-dir="+dropIn)
 	sc.t.Logf("lock holder: node-agent %s (env %s)", strings.Join(holderArgs, " "), strings.Join(env(h), " "))
 	holder = sc.spawnAgent(bin, node+"-holder", holderAddr, holderArgs, env(h))
 	engineArgs := append(append([]string{}, e.Args...), "--kubeconfig="+d.kubeconfig, "--listen-address="+engineAddr, "--lock-holder=http://"+holderAddr)
@@ -578,13 +624,7 @@ func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 	// The host's system bus and logind, which the lock holder uses as the manifests mount them.
 	bus := sc.startLogind()
 
-	// The policy is active once the API server has seen it, its binding and its
-	// parameter (the KubeVirt CR): poll a refused and an allowed dry-run change.
-	sc.eventually(time.Minute, "the admission policy to refuse a change of node B and allow one of node A", func() (bool, string) {
-		errB := sc.tryNodePatch(kube, nodePatch{node: nodeB, patch: `{"metadata":{"annotations":{"node-agent.kubevirt.io/probe":"x"}}}`})
-		errA := sc.tryNodePatch(kube, nodePatch{node: nodeA, patch: `{"metadata":{"annotations":{"node-agent.kubevirt.io/probe":"x"}}}`})
-		return errB != nil && strings.Contains(errB.Error(), policyDenied) && errA == nil, fmt.Sprintf("node B: %v; node A: %v", errB, errA)
-	})
+	sc.waitOwnNodePolicy(kube, nodeA, nodeB)
 
 	// 1. After a reboot the agent re-enables its node: it removes the taint and the
 	// cordon it recorded as its own (a read-modify-write of the Node through the policy).
@@ -604,15 +644,7 @@ func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 	a, holder := sc.startDeployed(bin, d, nodeA, bus, "--drain-taint-key="+agentOnlyKey, "--all-pods", "--pod-eviction-retry=1s", "--resync=1s")
 	// The holder raised logind's InhibitDelayMaxSec to its --shutdown-timeout (10 min by
 	// default) through the host's drop-in folder.
-	timeout := 10 * time.Minute
-	for _, c := range d.ds.Spec.Template.Spec.Containers {
-		if v := flagValue(c.Args, "shutdown-timeout"); c.Name == "lock-holder" && v != "" {
-			if timeout, err = time.ParseDuration(v); err != nil {
-				t.Fatalf("the lock holder's --shutdown-timeout=%s: %v", v, err)
-			}
-		}
-	}
-	sc.waitInhibitDelayMax(bus, timeout)
+	sc.waitInhibitDelayMax(bus, d.holderShutdownTimeout(t))
 	sc.eventually(time.Minute, "the agent to re-enable node A", func() (bool, string) {
 		n := sc.node(nodeA)
 		_, owned := n.Annotations[agent.AnnotationOwned]
