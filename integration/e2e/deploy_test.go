@@ -469,7 +469,8 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 	if err := os.WriteFile(notMounted, nil, 0o444); err != nil {
 		sc.t.Fatal(err)
 	}
-	busAddr, dropIn := "unix:path="+filepath.Join(notMounted, "dbus", "system_bus_socket"), filepath.Join(notMounted, "logind.conf.d")
+	busAddr := "unix:path=" + filepath.Join(filepath.Dir(notMounted), "run-dbus-not-mounted", "system_bus_socket")
+	dropIn := filepath.Join(notMounted, "logind.conf.d")
 	if mounts["/run/dbus"] == "/run/dbus" {
 		busAddr = bus.Address
 	}

@@ -313,6 +313,50 @@ func (sc *scenario) waitOutOfService(node, bootID string) {
 	})
 }
 
+// waitReleasedWhenEmpty waits until logind starts the poweroff job asked for at asked,
+// and checks that the process holding the lock (a: an agent, or a lock holder) released
+// it just after the watch saw the last VM leave, and that logind went ahead just after
+// the release, not before.
+func (sc *scenario) waitReleasedWhenEmpty(env *logind.Env, a *agentProc, vms *vmWatch, asked time.Time, timeout time.Duration) {
+	sc.t.Helper()
+	started := sc.waitPowerOffJob(env, asked, timeout)
+	released := a.waitLogged(msgReleased, 1)
+	gone := vms.waitEmpty(sc, 30*time.Second)
+	sc.t.Logf("PowerOff -> last VM gone %v; last VM gone -> lock released %v; lock released -> poweroff job %v",
+		gone.Sub(asked).Round(time.Millisecond), released.Sub(gone).Round(time.Millisecond), started.Sub(released).Round(time.Millisecond))
+	if started.Before(gone.Add(-watchSlack)) {
+		sc.t.Errorf("logind started the poweroff job at %s, before the last VM left at %s", started.Format(time.StampMicro), gone.Format(time.StampMicro))
+	}
+	if started.Before(released.Add(-logClockSlack)) {
+		sc.t.Errorf("logind started the poweroff job %v before the lock was released", released.Sub(started))
+	}
+	if released.Before(gone.Add(-watchSlack)) {
+		sc.t.Errorf("the lock was released %v before the last VM left", gone.Sub(released))
+	}
+	if d := released.Sub(gone); d > 5*time.Second {
+		sc.t.Errorf("the lock was released %v after the last VM left, want within moments", d)
+	}
+	if d := started.Sub(released); d > 2*time.Second {
+		sc.t.Errorf("logind started the poweroff job %v after the release, want within moments", d)
+	}
+}
+
+// waitGivenBack waits until the agent has removed its taint, cordon and records from
+// node, and checks that its NodeReenabled event says why (cancelled, rebooted).
+func (sc *scenario) waitGivenBack(node, why string) {
+	sc.t.Helper()
+	sc.eventually(time.Minute, "the agent's taint, cordon and records on "+node+" to be removed", func() (bool, string) {
+		n := sc.node(node)
+		_, owned := n.Annotations[agent.AnnotationOwned]
+		_, draining := n.Annotations[agent.AnnotationDrain]
+		return !hasTaintKey(n, nodeinfo.DefaultDrainTaintKey) && !n.Spec.Unschedulable && !owned && !draining,
+			fmt.Sprintf("taints %v, unschedulable %v, annotations %v", n.Spec.Taints, n.Spec.Unschedulable, n.Annotations)
+	})
+	if ev := sc.nodeEvent(node, agent.ReasonNodeReenabled); !strings.Contains(ev.Message, why) {
+		sc.t.Errorf("%s event %q does not say %q", ev.Reason, ev.Message, why)
+	}
+}
+
 // A power-off through the real logind: the agent taints and cordons its node as its
 // own, drains it (the LiveMigrate VM migrates, the None VM is shut down and restarts
 // elsewhere), and logind starts the poweroff job only once the lock is released, just
@@ -337,26 +381,7 @@ func TestShutdownPowerOffDrainsThenReleases(t *testing.T) {
 	sc.waitOutOfService(node, bootID)
 	sc.waitMigrated(migrating, other)
 	sc.waitRestarted(always, other)
-	started := sc.waitPowerOffJob(env, asked, 3*time.Minute)
-	released := a.waitLogged(msgReleased, 1)
-	gone := vms.waitEmpty(sc, 30*time.Second)
-	t.Logf("PowerOff -> last VM gone %v; last VM gone -> lock released %v; lock released -> poweroff job %v",
-		gone.Sub(asked).Round(time.Millisecond), released.Sub(gone).Round(time.Millisecond), started.Sub(released).Round(time.Millisecond))
-	if started.Before(gone.Add(-watchSlack)) {
-		t.Errorf("logind started the poweroff job at %s, before the last VM left at %s", started.Format(time.StampMicro), gone.Format(time.StampMicro))
-	}
-	if started.Before(released.Add(-logClockSlack)) {
-		t.Errorf("logind started the poweroff job %v before the agent released its lock", released.Sub(started))
-	}
-	if released.Before(gone.Add(-watchSlack)) {
-		t.Errorf("the agent released its lock %v before the last VM left", gone.Sub(released))
-	}
-	if d := released.Sub(gone); d > 5*time.Second {
-		t.Errorf("the agent released its lock %v after the last VM left, want within moments", d)
-	}
-	if d := started.Sub(released); d > 2*time.Second {
-		t.Errorf("logind started the poweroff job %v after the release, want within moments", d)
-	}
+	sc.waitReleasedWhenEmpty(env, a, vms, asked, 3*time.Minute)
 	if ev := sc.nodeEvent(node, agent.ReasonShutdownReleased); ev.Type != corev1.EventTypeNormal {
 		t.Errorf("%s event %s: %q, want Normal", ev.Reason, ev.Type, ev.Message)
 	}
@@ -441,16 +466,7 @@ func TestShutdownCancelledReenablesTheNode(t *testing.T) {
 	if n, err := env.CancelJobs(sc.ctx); err != nil || n < 1 {
 		t.Fatalf("cancelling the poweroff job: %d jobs, %v", n, err)
 	}
-	sc.eventually(time.Minute, "the agent's taint, cordon and records to be removed", func() (bool, string) {
-		n := sc.node(node)
-		_, owned := n.Annotations[agent.AnnotationOwned]
-		_, draining := n.Annotations[agent.AnnotationDrain]
-		return !hasTaintKey(n, nodeinfo.DefaultDrainTaintKey) && !n.Spec.Unschedulable && !owned && !draining,
-			fmt.Sprintf("taints %v, unschedulable %v, annotations %v", n.Spec.Taints, n.Spec.Unschedulable, n.Annotations)
-	})
-	if ev := sc.nodeEvent(node, agent.ReasonNodeReenabled); !strings.Contains(ev.Message, "cancelled") {
-		t.Errorf("%s event %q does not say the shutdown was cancelled", ev.Reason, ev.Message)
-	}
+	sc.waitGivenBack(node, "cancelled")
 	a.waitLogged(msgLockTaken, 2)
 	sc.waitLock(env, a)
 	a.waitStatus(30*time.Second, "the agent to stop draining", http.StatusOK, func(st agent.NodeStatus) bool { return !st.Draining })
