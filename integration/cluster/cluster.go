@@ -78,6 +78,9 @@ type Cluster struct {
 	virtCtrl  *process
 	apiPort   int
 
+	virtAPIPort  int // virt-api's HTTPS port, which the webhooks and the APIService name
+	virtCtrlPort int // virt-controller's HTTPS port (/leader)
+
 	scheduler     *process
 	controllerMgr *process
 }

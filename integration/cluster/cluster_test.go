@@ -61,7 +61,7 @@ func TestStart(t *testing.T) {
 
 // checkLeaderRenews checks that a controller holds its leader-election Lease (named
 // after it, in any namespace) and renews it: its renewTime moves on within 15 s (the
-// harness runs virt-controller with a 3 s lease).
+// harness runs virt-controller with a 15 s lease, renewed every second).
 func checkLeaderRenews(ctx context.Context, t *testing.T, c *Cluster, name string) {
 	t.Helper()
 	lease := func() *coordinationv1.Lease {

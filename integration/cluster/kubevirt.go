@@ -209,6 +209,7 @@ func (c *Cluster) startVirtAPI(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	port := ports[0]
+	c.virtAPIPort = port
 	kubeconfig, err := c.serviceAccountKubeconfig(VirtAPIServiceAccount)
 	if err != nil {
 		return 0, err
@@ -367,6 +368,7 @@ func (c *Cluster) startVirtController(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.virtCtrlPort = ports[0]
 	kubeconfig, err := c.serviceAccountKubeconfig(VirtControllerServiceAccount)
 	if err != nil {
 		return err
@@ -374,7 +376,11 @@ func (c *Cluster) startVirtController(ctx context.Context) error {
 	c.virtCtrl, err = startProcess(c.Dir, "virt-controller", c.binaries.VirtController,
 		"--kubeconfig="+kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(ports[0]),
 		"--prom-cert-file="+cert, "--prom-key-file="+key,
-		"--leader-elect-lease-duration=3s", "--leader-elect-renew-deadline=2s", "--leader-elect-retry-period=500ms")
+		// Long enough that a renewal delayed by a loaded machine (five clusters on two
+		// cores) does not lose the lease: virt-controller exits when it does, and nothing
+		// here restarts it. A restarted virt-controller (RestartVirtController) waits for
+		// its former lease to expire.
+		"--leader-elect-lease-duration=15s", "--leader-elect-renew-deadline=10s", "--leader-elect-retry-period=1s")
 	if err != nil {
 		return err
 	}

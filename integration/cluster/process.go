@@ -19,6 +19,9 @@ import (
 // process is one control-plane program, its output kept in a log file.
 type process struct {
 	name    string
+	dir     string
+	binary  string
+	args    []string
 	cmd     *exec.Cmd
 	logPath string
 	exited  chan struct{}
@@ -41,7 +44,7 @@ func startProcess(dir, name, binary string, args ...string) (*process, error) {
 		logFile.Close()
 		return nil, fmt.Errorf("starting %s: %w", name, err)
 	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
+	p := &process{name: name, dir: dir, binary: binary, args: args, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		logFile.Close()
@@ -67,6 +70,22 @@ func (p *process) stop(grace time.Duration) {
 		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-p.exited
 	}
+}
+
+// restart stops the program (SIGTERM, then SIGKILL after grace) and starts it again
+// with the same arguments, its log appended to the same file.
+func (p *process) restart(grace time.Duration) (*process, error) {
+	p.stop(grace)
+	return startProcess(p.dir, p.name, p.binary, p.args...)
+}
+
+// signal sends sig to the program's process group (SIGSTOP to pause it, SIGCONT to
+// resume it).
+func (p *process) signal(sig syscall.Signal) error {
+	if err := syscall.Kill(-p.cmd.Process.Pid, sig); err != nil {
+		return fmt.Errorf("sending %s to %s: %w", sig, p.name, err)
+	}
+	return nil
 }
 
 // tail returns the last n bytes of the program's log.
