@@ -110,6 +110,11 @@ func NewAgent(cfg Config, opts Options) (*Agent, error) {
 		DrainTaintKey:     cfg.DrainTaintKey,
 	})
 	metrics := NewMetrics(opts.NodeName)
+	if opts.ProbeAPI == nil {
+		opts.ProbeAPI = func(ctx context.Context) error {
+			return kube.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
+		}
+	}
 	a.Engine = New(a.view, Clients{Kube: kube, KubeVirt: kv, Subresources: subresources}, recorder, metrics, opts)
 
 	if sd := cfg.Shutdown; sd != nil {

@@ -66,8 +66,12 @@ type Options struct {
 	// refused eviction (and of the other pods' evictions). Default 2s and 1m.
 	EvictionBackoff    time.Duration
 	EvictionBackoffMax time.Duration
-	Clock              clock.WithTicker
-	Log                logrus.FieldLogger
+	// ProbeAPI asks the API server whether it serves; while a drain or a host shutdown
+	// is under way the engine calls it every few seconds, and reports the node's state
+	// unknown while it fails (apihealth.go). Nil: no probe.
+	ProbeAPI APIProbe
+	Clock    clock.WithTicker
+	Log      logrus.FieldLogger
 }
 
 // Engine drains its node when asked: on the drain taint, or on a host shutdown.
@@ -113,6 +117,8 @@ type Engine struct {
 	withdrawing withdrawProgress
 	// migrations names the migration of each migrating VM for the status.
 	migrations *migrations
+	// api is what the API server probes found (under mu).
+	api apiHealth
 }
 
 type sets map[string]struct{}
@@ -181,6 +187,9 @@ func (e *Engine) Run(ctx context.Context) error {
 		<-ctx.Done()
 		e.queue.ShutDown()
 	}()
+	if e.opts.ProbeAPI != nil {
+		go e.runAPIProbe(ctx)
+	}
 	e.Enqueue()
 	for e.processNext(ctx) {
 	}
@@ -265,7 +274,12 @@ func (e *Engine) shutdownPending() bool {
 // whether the node must be looked at again after Resync.
 func (e *Engine) sync(ctx context.Context) (bool, error) {
 	if ok, why := e.view.Synced(); !ok {
-		e.notSynced(why)
+		e.notSynced(why, true)
+		return true, nil
+	}
+	if why := e.apiUnknown(); why != "" {
+		// What the cache shows may be gone or have changed: no proof either way.
+		e.notSynced(why, false)
 		return true, nil
 	}
 	e.metrics.ViewSynced.Set(1)

@@ -211,12 +211,14 @@ func (e *Engine) WaitSafe(ctx context.Context, wait time.Duration) (bool, error)
 const blindGrace = 10 * time.Second
 
 // notSynced reports an engine that cannot read everything it watches (the VMIs refused
-// by RBAC, KubeVirt's CRD missing): not ready, with the reason. The node is still safe to
-// power off when the virt-launcher pods were listed and none runs on the node; else a
-// host shutdown stays held (until the deadline), and a Warning event says why.
-func (e *Engine) notSynced(why string) {
+// by RBAC, KubeVirt's CRD missing, the API server not answering): not ready, with the
+// reason. With proofOK, the node is still safe to power off when the virt-launcher pods
+// were listed and none runs on the node (without it, as when the API server does not
+// answer, that list may be out of date); else a host shutdown stays held (until the
+// deadline), and a Warning event says why.
+func (e *Engine) notSynced(why string, proofOK bool) {
 	blind := ""
-	if e.view.LauncherPodsListed() && len(e.view.LauncherPods()) == 0 {
+	if proofOK && e.view.LauncherPodsListed() && len(e.view.LauncherPods()) == 0 {
 		blind = "no virt-launcher pod on the node, although the agent cannot read everything (" + why + ")"
 	}
 	e.metrics.ViewSynced.Set(0)
