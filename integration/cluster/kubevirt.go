@@ -214,7 +214,7 @@ func (c *Cluster) startVirtAPI(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	c.virtAPI, err = startProcess(c.Dir, "virt-api", c.binaries.VirtAPI,
+	c.virtAPI, err = startRespawned(c.Dir, "virt-api", c.binaries.VirtAPI,
 		"--kubeconfig="+kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(port),
 		"--console-server-port="+strconv.Itoa(ports[1]),
 		"--tls-cert-file="+cert, "--tls-key-file="+key,
@@ -373,7 +373,7 @@ func (c *Cluster) startVirtController(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.virtCtrl, err = startProcess(c.Dir, "virt-controller", c.binaries.VirtController,
+	c.virtCtrl, err = startRespawned(c.Dir, "virt-controller", c.binaries.VirtController,
 		"--kubeconfig="+kubeconfig, "--listen=127.0.0.1", "--port="+strconv.Itoa(ports[0]),
 		"--prom-cert-file="+cert, "--prom-key-file="+key,
 		// Long enough that a renewal delayed by a loaded machine (five clusters on two

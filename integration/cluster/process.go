@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -22,35 +23,91 @@ type process struct {
 	dir     string
 	binary  string
 	args    []string
-	cmd     *exec.Cmd
 	logPath string
-	exited  chan struct{}
-	err     error // valid once exited is closed
+	// respawn starts the program again when it exits by itself, as the Deployment of
+	// a KubeVirt component does (virt-controller exits when it loses its leader lease).
+	respawn bool
+
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	stopped  bool
+	restarts int
+
+	exited chan struct{} // closed once the program has exited for good
+	err    error         // valid once exited is closed
 }
 
 func startProcess(dir, name, binary string, args ...string) (*process, error) {
-	logPath := filepath.Join(dir, name+".log")
-	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("opening the log of %s: %w", name, err)
+	return startProcessWith(false, dir, name, binary, args...)
+}
+
+// startRespawned starts a program that is started again whenever it exits by itself
+// (until stop).
+func startRespawned(dir, name, binary string, args ...string) (*process, error) {
+	return startProcessWith(true, dir, name, binary, args...)
+}
+
+func startProcessWith(respawn bool, dir, name, binary string, args ...string) (*process, error) {
+	p := &process{name: name, dir: dir, binary: binary, args: args, respawn: respawn,
+		logPath: filepath.Join(dir, name+".log"), exited: make(chan struct{})}
+	if err := p.launch(); err != nil {
+		return nil, err
 	}
-	cmd := exec.Command(binary, args...)
+	return p, nil
+}
+
+// respawnDelay is the pause before a program that exited by itself is started again.
+const respawnDelay = time.Second
+
+func (p *process) launch() error {
+	logFile, err := os.OpenFile(p.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("opening the log of %s: %w", p.name, err)
+	}
+	cmd := exec.Command(p.binary, p.args...)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
-	cmd.Dir = dir
+	cmd.Dir = p.dir
 	// Kill the program if the test process dies without stopping it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
-		return nil, fmt.Errorf("starting %s: %w", name, err)
+		return fmt.Errorf("starting %s: %w", p.name, err)
 	}
-	p := &process{name: name, dir: dir, binary: binary, args: args, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
+	p.mu.Lock()
+	p.cmd = cmd
+	if p.stopped { // stop came while it was being started again
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+	p.mu.Unlock()
 	go func() {
-		p.err = cmd.Wait()
+		err := cmd.Wait()
+		p.mu.Lock()
+		again := p.respawn && !p.stopped
+		if again {
+			p.restarts++
+			fmt.Fprintf(logFile, "node-agent test harness: %s exited (%v); starting it again in %s, as its Deployment would (restart %d)\n",
+				p.name, err, respawnDelay, p.restarts)
+		}
+		p.mu.Unlock()
 		logFile.Close()
+		if again {
+			time.Sleep(respawnDelay)
+			if p.launch() == nil {
+				return
+			}
+		}
+		p.err = err
 		close(p.exited)
 	}()
-	return p, nil
+	return nil
+}
+
+// current is the running command.
+func (p *process) current() *exec.Cmd {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.cmd
 }
 
 // stop ends the program: SIGTERM, then SIGKILL after the grace period.
@@ -58,16 +115,19 @@ func (p *process) stop(grace time.Duration) {
 	if p == nil {
 		return
 	}
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
 	select {
 	case <-p.exited:
 		return
 	default:
 	}
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	_ = syscall.Kill(-p.current().Process.Pid, syscall.SIGTERM)
 	select {
 	case <-p.exited:
 	case <-time.After(grace):
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		_ = syscall.Kill(-p.current().Process.Pid, syscall.SIGKILL)
 		<-p.exited
 	}
 }
@@ -76,13 +136,13 @@ func (p *process) stop(grace time.Duration) {
 // with the same arguments, its log appended to the same file.
 func (p *process) restart(grace time.Duration) (*process, error) {
 	p.stop(grace)
-	return startProcess(p.dir, p.name, p.binary, p.args...)
+	return startProcessWith(p.respawn, p.dir, p.name, p.binary, p.args...)
 }
 
 // signal sends sig to the program's process group (SIGSTOP to pause it, SIGCONT to
 // resume it).
 func (p *process) signal(sig syscall.Signal) error {
-	if err := syscall.Kill(-p.cmd.Process.Pid, sig); err != nil {
+	if err := syscall.Kill(-p.current().Process.Pid, sig); err != nil {
 		return fmt.Errorf("sending %s to %s: %w", sig, p.name, err)
 	}
 	return nil
