@@ -32,7 +32,7 @@ import (
 // ClusterRole without "update" on nodes (the agent cannot take its node out of service).
 func TestDeployAgentHoldsAHostShutdown(t *testing.T) {
 	bin := buildWithBuildScript(t)
-	sc := newScenario(t, 2)
+	sc := newClusterWideScenario(t, 2) // manifests/: cluster-scoped objects
 	nodeA, nodeB := sc.nodes[0], sc.nodes[1]
 	sc.applyManifests()
 	d := sc.agentPodOn(nodeA)
