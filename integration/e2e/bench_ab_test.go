@@ -1,0 +1,756 @@
+package e2e
+
+// BenchmarkDrainVersusKubectl measures node-agent's drain side by side with the seed
+// document's manual flow on one real cluster (docs/BENCHMARKS.md has the figures):
+//
+//	go test -run '^$' -bench DrainVersusKubectl -benchtime 1x -timeout 3h ./integration/e2e/
+//
+// It prints one line per measured drain as it goes and a table at the end. The rows
+// are chosen with environment variables (the CI never runs benchmarks):
+//
+//	NODE_AGENT_BENCH_VMS     VMs on the drained node, a comma list (default 10; the full table: 10,50,100)
+//	NODE_AGENT_BENCH_KINDS   live (all LiveMigrate, 3 s migrations), none (all None),
+//	                         mixed (half LiveMigrate, half None, one LiveMigrate VM not
+//	                         migratable: blocked); default live,none,mixed
+//	NODE_AGENT_BENCH_ROUNDS  A/B rounds per row (default 3); the order alternates
+//
+// The peer is the drain taint plus `kubectl drain NODE --delete-emptydir-data
+// --ignore-daemonsets --force --pod-selector=kubevirt.io=virt-launcher` through
+// k8s.io/kubectl/pkg/drain configured as kubectl configures it (EvictErrorRetryDelay
+// 5 s, GracePeriodSeconds -1, its 1 s deletion polling, and kubectl's client: the
+// client-go default rate limit of 5 queries a second, burst 10). node-agent is
+// `node-agent drain NODE` with an agent (product defaults) running for the node.
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/kubectl/pkg/drain"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/integration/sim"
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+const (
+	// benchMigration is the simulated length of one live migration.
+	benchMigration = 3 * time.Second
+	// benchShutdown is the simulated time a guest takes to power off (None VMs).
+	benchShutdown = time.Second
+	// benchPerNode is KubeVirt's default parallelOutboundMigrationsPerNode, which the
+	// test cluster keeps (TestKubeVirtMigrationLimitsAndRetry checks it).
+	benchPerNode = 2
+)
+
+// benchKind is one kind of row: which VMs the drained node holds.
+type benchKind struct {
+	name string
+	// opts are the options of VM i; blocked says it cannot leave.
+	vm func(i int) (opts []sim.VMOption, blocked bool)
+}
+
+var benchKinds = []benchKind{
+	{"live", func(int) ([]sim.VMOption, bool) {
+		return []sim.VMOption{liveMigrate, sim.WithMigrationDuration(benchMigration)}, false
+	}},
+	{"none", func(int) ([]sim.VMOption, bool) {
+		return []sim.VMOption{noneStrategy, sim.WithShutdownDuration(benchShutdown)}, false
+	}},
+	{"mixed", func(i int) ([]sim.VMOption, bool) {
+		switch {
+		case i == 0:
+			return []sim.VMOption{liveMigrate, notMigratable}, true
+		case i%2 == 1:
+			return []sim.VMOption{liveMigrate, sim.WithMigrationDuration(benchMigration)}, false
+		default:
+			return []sim.VMOption{noneStrategy, sim.WithShutdownDuration(benchShutdown)}, false
+		}
+	}},
+}
+
+// kubeVirtBound is the time KubeVirt's own pipeline needs at best for the row:
+// ceil(migrating VMs / parallelOutboundMigrationsPerNode) waves of one migration each,
+// or one shutdown when nothing migrates.
+func kubeVirtBound(k benchKind, n int) time.Duration {
+	migrating := 0
+	switch k.name {
+	case "live":
+		migrating = n
+	case "mixed":
+		migrating = n / 2 // the odd-numbered VMs; VM 0 is the blocked one
+	}
+	waves := time.Duration(math.Ceil(float64(migrating) / benchPerNode))
+	if waves == 0 {
+		return benchShutdown
+	}
+	return waves * benchMigration
+}
+
+// benchRun is one measured drain.
+type benchRun struct {
+	side     string        // "kubectl" or "node-agent"
+	makespan time.Duration // command start to its return (mixed: to every leaving VM gone)
+	empty    time.Duration // command start to the last leaving VM gone, as a watch sees it
+	reaction time.Duration // taint seen to the last VM's first action; -1: not every VM got one
+	evicted  int           // VMs acted on (an eviction request or a migration)
+	release  time.Duration // node-agent: last VM gone to /safe-to-shutdown 200; -1 when not measured
+	timeline string
+}
+
+func envList(name, def string) []string {
+	v := os.Getenv(name)
+	if v == "" {
+		v = def
+	}
+	var out []string
+	for _, s := range strings.Split(v, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func BenchmarkDrainVersusKubectl(b *testing.B) {
+	rounds := 3
+	if v := os.Getenv("NODE_AGENT_BENCH_ROUNDS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			b.Fatalf("NODE_AGENT_BENCH_ROUNDS=%q: want a positive number", v)
+		}
+		rounds = n
+	}
+	var kinds []benchKind
+	for _, name := range envList("NODE_AGENT_BENCH_KINDS", "live,none,mixed") {
+		found := false
+		for _, k := range benchKinds {
+			if k.name == name {
+				kinds, found = append(kinds, k), true
+			}
+		}
+		if !found {
+			b.Fatalf("NODE_AGENT_BENCH_KINDS: unknown kind %q (live, none, mixed)", name)
+		}
+	}
+	var sizes []int
+	for _, s := range envList("NODE_AGENT_BENCH_VMS", "10") {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 2 {
+			b.Fatalf("NODE_AGENT_BENCH_VMS: %q is not a number of VMs (at least 2)", s)
+		}
+		sizes = append(sizes, n)
+	}
+	out := os.Stdout
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Fprintf(out, "bench: %d round(s) per row; load average at start: %s", rounds, load)
+
+	type row struct {
+		kind       benchKind
+		n          int
+		peer, ours []benchRun
+	}
+	var rows []*row
+	for _, n := range sizes {
+		b.Run(fmt.Sprintf("vms=%d", n), func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				sc := newScenario(b, 3)
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
+				defer cancel()
+				sc.ctx = ctx
+				runs := 0
+				for _, k := range kinds {
+					r := &row{kind: k, n: n}
+					rows = append(rows, r)
+					for round := 0; round < rounds; round++ {
+						sides := []string{"kubectl", "node-agent"}
+						if round%2 == 1 {
+							sides[0], sides[1] = sides[1], sides[0]
+						}
+						for _, side := range sides {
+							runs++
+							run := benchOnce(sc, k, n, side, fmt.Sprintf("r%d-", runs))
+							fmt.Fprintf(out, "bench: %s N=%d round %d %-10s makespan %6.2f s  last VM gone %6.2f s  reaction %s  release %s\n",
+								k.name, n, round+1, side, run.makespan.Seconds(), run.empty.Seconds(), fmtReaction(run), fmtRelease(run.release))
+							if round == 0 {
+								fmt.Fprintf(out, "bench:   timeline (s from the command's start): %s\n", run.timeline)
+							}
+							if side == "kubectl" {
+								r.peer = append(r.peer, run)
+							} else {
+								r.ours = append(r.ours, run)
+							}
+						}
+					}
+				}
+			}
+		})
+	}
+
+	load, _ = os.ReadFile("/proc/loadavg")
+	fmt.Fprintf(out, "\nbench: load average at the end: %s", load)
+	fmt.Fprintf(out, "\n| row | VMs | kubectl drain (s) | node-agent drain (s) | ratio | KubeVirt bound (s) | kubectl over bound | node-agent over bound | reaction kubectl / node-agent (s) | release (ms) |\n")
+	fmt.Fprintf(out, "|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, r := range rows {
+		if len(r.peer) == 0 || len(r.ours) == 0 {
+			continue
+		}
+		peer, ours := median(makespans(r.peer)), median(makespans(r.ours))
+		bound := kubeVirtBound(r.kind, r.n)
+		fmt.Fprintf(out, "| %s | %d | %s | %s | %.2f | %.1f | %s | %s | %s / %s | %s |\n",
+			r.kind.name, r.n, spread(makespans(r.peer)), spread(makespans(r.ours)), ours.Seconds()/peer.Seconds(),
+			bound.Seconds(), over(peer, bound), over(ours, bound),
+			spread(reactions(r.peer)), spread(reactions(r.ours)), spreadMS(releases(r.ours)))
+	}
+}
+
+func fmtReaction(r benchRun) string {
+	if r.reaction < 0 {
+		return fmt.Sprintf("n/a (%d VMs acted on)", r.evicted)
+	}
+	return fmt.Sprintf("%.2f s (%d VMs)", r.reaction.Seconds(), r.evicted)
+}
+
+func fmtRelease(d time.Duration) string {
+	if d < 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%d ms", d.Milliseconds())
+}
+
+func makespans(runs []benchRun) []time.Duration {
+	var out []time.Duration
+	for _, r := range runs {
+		out = append(out, r.makespan)
+	}
+	return out
+}
+
+func reactions(runs []benchRun) []time.Duration {
+	var out []time.Duration
+	for _, r := range runs {
+		if r.reaction >= 0 {
+			out = append(out, r.reaction)
+		}
+	}
+	return out
+}
+
+func releases(runs []benchRun) []time.Duration {
+	var out []time.Duration
+	for _, r := range runs {
+		if r.release >= 0 {
+			out = append(out, r.release)
+		}
+	}
+	return out
+}
+
+func median(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// spread shows a median with the min–max, in seconds.
+func spread(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "-"
+	}
+	lo, hi := ds[0], ds[0]
+	for _, d := range ds {
+		lo, hi = min(lo, d), max(hi, d)
+	}
+	return fmt.Sprintf("%.2f (%.2f–%.2f)", median(ds).Seconds(), lo.Seconds(), hi.Seconds())
+}
+
+func spreadMS(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "-"
+	}
+	lo, hi := ds[0], ds[0]
+	for _, d := range ds {
+		lo, hi = min(lo, d), max(hi, d)
+	}
+	return fmt.Sprintf("%d (%d–%d)", median(ds).Milliseconds(), lo.Milliseconds(), hi.Milliseconds())
+}
+
+func over(d, bound time.Duration) string {
+	return fmt.Sprintf("+%.1f s (%.0f%%)", (d - bound).Seconds(), 100*(d-bound).Seconds()/bound.Seconds())
+}
+
+// benchOnce puts n VMs of kind k (named after prefix: a VMI's name is not reused, as
+// virt-controller's expectations are kept by name) on the scenario's first node, drains it with side's
+// tool and measures, then clears the namespace and re-enables the node.
+func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
+	sc.t.Helper()
+	node := sc.nodes[0]
+	blocked := benchPlaceVMs(sc, k, n, prefix)
+
+	ctx, cancel := context.WithCancel(sc.ctx)
+	defer cancel()
+	obs := startObserver(ctx, sc, node, blocked)
+	var a *agentProc
+	if side == "node-agent" {
+		a = sc.startAgent(node, "--resync=5s", "--log-level=info")
+	}
+	// /safe-to-shutdown?wait holds the answer until the node is safe.
+	safeAt := make(chan time.Time, 1)
+	if a != nil && len(blocked) == 0 {
+		go func() {
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.addr+"/safe-to-shutdown?wait=1h", nil)
+			if err != nil {
+				return
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				safeAt <- time.Now()
+			}
+		}()
+	}
+
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	start := time.Now()
+	returned := make(chan error, 1)
+	if side == "kubectl" {
+		go func() { returned <- peerDrain(runCtx, sc, node) }()
+	} else {
+		go func() {
+			cmd := exec.CommandContext(runCtx, sc.env.agentBin, "drain", node, "--kubeconfig="+sc.env.cluster.Kubeconfig, "--timeout=1h")
+			var buf bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &buf, &buf
+			err := cmd.Run()
+			if err != nil && runCtx.Err() == nil {
+				err = fmt.Errorf("node-agent drain: %w\n%s", err, buf.String())
+			}
+			returned <- err
+		}()
+	}
+
+	run := benchRun{side: side, release: -1}
+	var end time.Time
+	if len(blocked) == 0 {
+		select {
+		case err := <-returned:
+			end = time.Now()
+			if err != nil {
+				sc.t.Fatalf("%s drain of %s failed: %v", side, node, err)
+			}
+		case <-ctx.Done():
+			sc.t.Fatalf("%s drain of %s did not end: %v", side, node, ctx.Err())
+		}
+	}
+	select {
+	case <-obs.emptied:
+	case <-ctx.Done():
+		sc.t.Fatalf("the VMs able to leave %s did not: %v", node, ctx.Err())
+	}
+	if len(blocked) > 0 {
+		// Neither command ends by itself with a blocked VM: the drain is over for
+		// this row when every other VM is gone (kubectl drain may have returned an
+		// error for the blocked VM's eviction before).
+		end = obs.emptyTime()
+		stopRun()
+		<-returned
+	}
+	run.makespan = end.Sub(start)
+	run.empty = obs.emptyTime().Sub(start)
+	if a != nil && len(blocked) == 0 {
+		select {
+		case t := <-safeAt:
+			run.release = t.Sub(obs.emptyTime())
+		case <-time.After(time.Minute):
+			sc.t.Errorf("node-agent never said the node is safe")
+		}
+	}
+	run.reaction, run.evicted = benchReaction(sc, obs, n-len(blocked), start, blocked)
+	run.timeline = obs.timeline(start, end)
+
+	// Re-enable the node and clear the namespace for the next drain.
+	if out, errOut, code := sc.ctl("undrain", node); code != 0 {
+		sc.t.Fatalf("node-agent undrain exited %d\n%s\n%s", code, out, errOut)
+	}
+	if a != nil {
+		a.stop()
+	}
+	cancel()
+	benchClear(sc)
+	return run
+}
+
+// benchPlaceVMs creates n VMIs of kind k, all running on the first node (the other
+// nodes cordoned meanwhile), and returns the names of those that cannot leave.
+func benchPlaceVMs(sc *scenario, k benchKind, n int, prefix string) map[string]bool {
+	sc.t.Helper()
+	for _, t := range sc.nodes[1:] {
+		sc.cordon(t, true)
+	}
+	blocked := map[string]bool{}
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("%svm%03d", prefix, i)
+		opts, stuck := k.vm(i)
+		if stuck {
+			blocked[name] = true
+		}
+		if err := sc.env.sim.Create(sc.ctx, sim.NewVMI(sc.ns, name, sc.vmOpts(opts)...)); err != nil {
+			sc.t.Fatal(err)
+		}
+	}
+	for i := 0; i < n; i++ {
+		v, err := sc.env.sim.WaitForVMIRunning(sc.ctx, sc.ns, fmt.Sprintf("%svm%03d", prefix, i))
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		if v.Status.NodeName != sc.nodes[0] {
+			sc.t.Fatalf("VMI %s runs on %s, want %s", v.Name, v.Status.NodeName, sc.nodes[0])
+		}
+	}
+	for _, t := range sc.nodes[1:] {
+		sc.cordon(t, false)
+	}
+	return blocked
+}
+
+// benchClear deletes the namespace's KubeVirt objects and waits until no VMI,
+// migration or pod is left in it.
+func benchClear(sc *scenario) {
+	sc.t.Helper()
+	sc.deleteKubeVirtObjects()
+	sc.eventually(5*time.Minute, "the namespace to empty", func() (bool, string) {
+		pods, err := sc.kube().CoreV1().Pods(sc.ns).List(sc.ctx, metav1.ListOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		var vmis kubevirtv1.VirtualMachineInstanceList
+		if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Do(sc.ctx).Into(&vmis); err != nil {
+			return false, err.Error()
+		}
+		var migs kubevirtv1.VirtualMachineInstanceMigrationList
+		if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceMigrations).Do(sc.ctx).Into(&migs); err != nil {
+			return false, err.Error()
+		}
+		n := len(pods.Items) + len(vmis.Items) + len(migs.Items)
+		return n == 0, fmt.Sprintf("%d pods, %d VMIs, %d migrations left", len(pods.Items), len(vmis.Items), len(migs.Items))
+	})
+}
+
+// peerDrain is the seed's flow: the drain taint, then kubectl drain NODE
+// --delete-emptydir-data --ignore-daemonsets --force --pod-selector=kubevirt.io=virt-launcher,
+// with kubectl's Helper settings and kubectl's client (client-go's default rate limit).
+func peerDrain(ctx context.Context, sc *scenario, node string) error {
+	cfg := rest.CopyConfig(sc.env.cluster.RESTConfig)
+	cfg.QPS, cfg.Burst, cfg.RateLimiter = 0, 0, nil // kubectl sets neither: 5 a second, burst 10
+	cfg.UserAgent = "kubectl-drain-peer"
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	// kubectl taint nodes NODE kubevirt.io/drain=draining:NoSchedule
+	err = nodeinfo.UpdateNode(ctx, kube, node, func(n *corev1.Node) (bool, error) {
+		n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: nodeinfo.DefaultDrainTaintKey, Value: "draining", Effect: corev1.TaintEffectNoSchedule})
+		return true, nil
+	})
+	if err != nil {
+		return fmt.Errorf("tainting: %w", err)
+	}
+	h := &drain.Helper{
+		Ctx:                  ctx,
+		Client:               kube,
+		GracePeriodSeconds:   -1,
+		EvictErrorRetryDelay: 5 * time.Second,
+		Force:                true,
+		IgnoreAllDaemonSets:  true,
+		DeleteEmptyDirData:   true,
+		PodSelector:          "kubevirt.io=virt-launcher",
+		ChunkSize:            500, // cmdutil.DefaultChunkSize
+		Out:                  io.Discard,
+		ErrOut:               io.Discard,
+	}
+	n, err := kube.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	if err := drain.RunCordonOrUncordon(h, n, true); err != nil {
+		return fmt.Errorf("cordoning: %w", err)
+	}
+	list, errs := h.GetPodsForDeletion(node)
+	if len(errs) > 0 {
+		return fmt.Errorf("listing pods: %v", errs)
+	}
+	return h.DeleteOrEvictPods(list.Pods())
+}
+
+// benchReaction reads the API server's audit log: from the taint seen by the
+// observer to the first action on the last VM to get one (its first eviction
+// request, or its migration seen created). It returns -1 when fewer than want VMs
+// were acted on.
+func benchReaction(sc *scenario, obs *observer, want int, from time.Time, blocked map[string]bool) (time.Duration, int) {
+	sc.t.Helper()
+	pods := obs.podsOfVMIs()
+	evs, err := readAudit(sc.env.cluster.AuditLog, func(ev auditEvent) bool {
+		ref := ev.ObjectRef
+		return ref != nil && ref.Resource == "pods" && ref.Subresource == "eviction" && ref.Namespace == sc.ns && !ev.Stamp.Before(from.Add(-time.Second))
+	})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	first := map[string]time.Time{}
+	for _, ev := range evs {
+		vmi, ok := pods[ev.ObjectRef.Name]
+		if !ok || blocked[vmi] {
+			continue
+		}
+		if t, seen := first[vmi]; !seen || ev.Stamp.Before(t) {
+			first[vmi] = ev.Stamp
+		}
+	}
+	// A VM whose migration KubeVirt's evacuation controller created first (it
+	// follows its own drain taint) needs no eviction: acted on when that is seen.
+	for vmi, t := range obs.migrationsSeen() {
+		if f, seen := first[vmi]; !blocked[vmi] && (!seen || t.Before(f)) {
+			first[vmi] = t
+		}
+	}
+	var last time.Time
+	for _, t := range first {
+		if t.After(last) {
+			last = t
+		}
+	}
+	taint := obs.taintTime()
+	if len(first) < want || taint.IsZero() {
+		return -1, len(first)
+	}
+	return last.Sub(taint), len(first)
+}
+
+// observer follows the drained node, its launcher pods, VMIs and migrations with
+// watches and records when things happen.
+type observer struct {
+	node    string
+	blocked map[string]bool
+	emptied chan struct{} // closed when the last VM able to leave is gone
+
+	mu        sync.Mutex
+	pods      map[string]*corev1.Pod
+	vmis      map[string]*kubevirtv1.VirtualMachineInstance
+	podVMI    map[string]string // launcher pod name -> VMI name, for every pod seen
+	left      int
+	emptyAt   time.Time
+	taintAt   time.Time
+	migSeen   map[string]time.Time            // migration name -> first seen
+	vmiMig    map[string]time.Time            // VMI name -> its first migration first seen
+	migPhases map[string]map[string]time.Time // phase -> migration -> first seen in it
+	marked    map[string]time.Time            // VMI -> first seen with status.evacuationNodeName
+}
+
+func startObserver(ctx context.Context, sc *scenario, node string, blocked map[string]bool) *observer {
+	sc.t.Helper()
+	o := &observer{
+		node: node, blocked: blocked, emptied: make(chan struct{}),
+		pods: map[string]*corev1.Pod{}, vmis: map[string]*kubevirtv1.VirtualMachineInstance{}, podVMI: map[string]string{},
+		migSeen: map[string]time.Time{}, vmiMig: map[string]time.Time{}, migPhases: map[string]map[string]time.Time{}, marked: map[string]time.Time{},
+	}
+	core := sc.kube().CoreV1().RESTClient()
+	informers := []cache.SharedIndexInformer{
+		cache.NewSharedIndexInformer(cache.NewFilteredListWatchFromClient(core, "pods", sc.ns, func(opts *metav1.ListOptions) {
+			opts.LabelSelector = "kubevirt.io=virt-launcher"
+		}), &corev1.Pod{}, 0, cache.Indexers{}),
+		cache.NewSharedIndexInformer(cache.NewListWatchFromClient(sc.env.cluster.KubeVirt, nodeinfo.ResourceVMIs, sc.ns, fields.Everything()),
+			&kubevirtv1.VirtualMachineInstance{}, 0, cache.Indexers{}),
+		cache.NewSharedIndexInformer(cache.NewListWatchFromClient(sc.env.cluster.KubeVirt, nodeinfo.ResourceMigrations, sc.ns, fields.Everything()),
+			&kubevirtv1.VirtualMachineInstanceMigration{}, 0, cache.Indexers{}),
+		cache.NewSharedIndexInformer(cache.NewListWatchFromClient(core, "nodes", "", fields.OneTermEqualSelector("metadata.name", node)),
+			&corev1.Node{}, 0, cache.Indexers{}),
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { o.seen(obj, false) },
+		UpdateFunc: func(_, obj any) { o.seen(obj, false) },
+		DeleteFunc: func(obj any) {
+			if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = tomb.Obj
+			}
+			o.seen(obj, true)
+		},
+	}
+	var synced []cache.InformerSynced
+	for _, inf := range informers {
+		if _, err := inf.AddEventHandler(handler); err != nil {
+			sc.t.Fatal(err)
+		}
+		go inf.Run(ctx.Done())
+		synced = append(synced, inf.HasSynced)
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
+		sc.t.Fatal("the observer's watches did not sync")
+	}
+	return o
+}
+
+func (o *observer) seen(obj any, deleted bool) {
+	now := time.Now()
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	switch x := obj.(type) {
+	case *corev1.Pod:
+		for _, ref := range x.OwnerReferences {
+			if ref.Kind == "VirtualMachineInstance" {
+				o.podVMI[x.Name] = ref.Name
+			}
+		}
+		if deleted {
+			delete(o.pods, x.Name)
+		} else {
+			o.pods[x.Name] = x
+		}
+	case *kubevirtv1.VirtualMachineInstance:
+		if deleted {
+			delete(o.vmis, x.Name)
+		} else {
+			o.vmis[x.Name] = x
+			if x.Status.EvacuationNodeName != "" {
+				if _, ok := o.marked[x.Name]; !ok {
+					o.marked[x.Name] = now
+				}
+			}
+		}
+	case *kubevirtv1.VirtualMachineInstanceMigration:
+		if _, ok := o.migSeen[x.Name]; !ok {
+			o.migSeen[x.Name] = now
+		}
+		if _, ok := o.vmiMig[x.Spec.VMIName]; !ok {
+			o.vmiMig[x.Spec.VMIName] = now
+		}
+		phase := string(x.Status.Phase)
+		if phase == "" {
+			phase = "Pending"
+		}
+		if o.migPhases[phase] == nil {
+			o.migPhases[phase] = map[string]time.Time{}
+		}
+		if _, ok := o.migPhases[phase][x.Name]; !ok {
+			o.migPhases[phase][x.Name] = now
+		}
+		return
+	case *corev1.Node:
+		for _, t := range x.Spec.Taints {
+			if t.Key == nodeinfo.DefaultDrainTaintKey && o.taintAt.IsZero() {
+				o.taintAt = now
+			}
+		}
+		return
+	default:
+		return
+	}
+	left := 0
+	for _, p := range o.pods {
+		if p.Spec.NodeName == o.node && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed && !o.blocked[o.podVMI[p.Name]] {
+			left++
+		}
+	}
+	for _, v := range o.vmis {
+		if v.Status.NodeName == o.node && !v.IsFinal() && !o.blocked[v.Name] {
+			left++
+		}
+	}
+	if left == 0 && o.left > 0 && !o.taintAt.IsZero() {
+		o.emptyAt = now
+		select {
+		case <-o.emptied:
+		default:
+			close(o.emptied)
+		}
+	}
+	o.left = left
+}
+
+func (o *observer) emptyTime() time.Time {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.emptyAt
+}
+
+func (o *observer) taintTime() time.Time {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.taintAt
+}
+
+func (o *observer) migrationsSeen() map[string]time.Time {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := make(map[string]time.Time, len(o.vmiMig))
+	for k, v := range o.vmiMig {
+		out[k] = v
+	}
+	return out
+}
+
+func (o *observer) podsOfVMIs() map[string]string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := make(map[string]string, len(o.podVMI))
+	for k, v := range o.podVMI {
+		out[k] = v
+	}
+	return out
+}
+
+// timeline summarises one drain: each step's first and last time, in seconds from start.
+func (o *observer) timeline(start, end time.Time) string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	s := func(t time.Time) string { return fmt.Sprintf("%.2f", t.Sub(start).Seconds()) }
+	span := func(m map[string]time.Time) string {
+		if len(m) == 0 {
+			return "-"
+		}
+		var lo, hi time.Time
+		for _, t := range m {
+			if lo.IsZero() || t.Before(lo) {
+				lo = t
+			}
+			if t.After(hi) {
+				hi = t
+			}
+		}
+		return fmt.Sprintf("%s–%s (%d)", s(lo), s(hi), len(m))
+	}
+	parts := []string{"taint seen " + s(o.taintAt), "VMIs marked for evacuation " + span(o.marked), "migrations created " + span(o.migSeen)}
+	for _, p := range []string{"Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running", "Succeeded", "Failed"} {
+		if m := o.migPhases[p]; len(m) > 0 {
+			parts = append(parts, p+" "+span(m))
+		}
+	}
+	parts = append(parts, "last VM gone "+s(o.emptyAt), "command done "+s(end))
+	return strings.Join(parts, "; ")
+}
