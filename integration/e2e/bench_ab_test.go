@@ -8,10 +8,11 @@ package e2e
 // It prints one line per measured drain as it goes and a table at the end. The rows
 // are chosen with environment variables (the CI never runs benchmarks):
 //
-//	NODE_AGENT_BENCH_VMS     VMs on the drained node, a comma list (default 10; the full table: 10,50,100)
-//	NODE_AGENT_BENCH_KINDS   live (all LiveMigrate, 3 s migrations), none (all None),
-//	                         mixed (half LiveMigrate, half None, one LiveMigrate VM not
-//	                         migratable: blocked); default live,none,mixed
+//	NODE_AGENT_BENCH_ROWS    the rows, KIND:VMS in a comma list; default live:10,none:10,mixed:10
+//	                         (the full table: add live:50,none:50,mixed:50,live:100,none:100,mixed:100).
+//	                         KIND is live (all LiveMigrate, 3 s migrations), none (all
+//	                         None, 1 s shutdowns) or mixed (half LiveMigrate, half None,
+//	                         one LiveMigrate VM not migratable: blocked)
 //	NODE_AGENT_BENCH_ROUNDS  A/B rounds per row (default 3); the order alternates
 //
 // The peer is the drain taint plus `kubectl drain NODE --delete-emptydir-data
@@ -138,70 +139,60 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 		}
 		rounds = n
 	}
-	var kinds []benchKind
-	for _, name := range envList("NODE_AGENT_BENCH_KINDS", "live,none,mixed") {
-		found := false
-		for _, k := range benchKinds {
-			if k.name == name {
-				kinds, found = append(kinds, k), true
-			}
-		}
-		if !found {
-			b.Fatalf("NODE_AGENT_BENCH_KINDS: unknown kind %q (live, none, mixed)", name)
-		}
-	}
-	var sizes []int
-	for _, s := range envList("NODE_AGENT_BENCH_VMS", "10") {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 2 {
-			b.Fatalf("NODE_AGENT_BENCH_VMS: %q is not a number of VMs (at least 2)", s)
-		}
-		sizes = append(sizes, n)
-	}
-	out := os.Stdout
-	load, _ := os.ReadFile("/proc/loadavg")
-	fmt.Fprintf(out, "bench: %d round(s) per row; load average at start: %s", rounds, load)
-
 	type row struct {
 		kind       benchKind
 		n          int
 		peer, ours []benchRun
 	}
 	var rows []*row
-	for _, n := range sizes {
-		b.Run(fmt.Sprintf("vms=%d", n), func(b *testing.B) {
-			for i := 0; i < b.N; i++ {
-				sc := newScenario(b, 3)
-				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
-				defer cancel()
-				sc.ctx = ctx
-				runs := 0
-				for _, k := range kinds {
-					r := &row{kind: k, n: n}
-					rows = append(rows, r)
-					for round := 0; round < rounds; round++ {
-						sides := []string{"kubectl", "node-agent"}
-						if round%2 == 1 {
-							sides[0], sides[1] = sides[1], sides[0]
-						}
-						for _, side := range sides {
-							runs++
-							run := benchOnce(sc, k, n, side, fmt.Sprintf("r%d-", runs))
-							fmt.Fprintf(out, "bench: %s N=%d round %d %-10s makespan %6.2f s  last VM gone %6.2f s  reaction %s  release %s\n",
-								k.name, n, round+1, side, run.makespan.Seconds(), run.empty.Seconds(), fmtReaction(run), fmtRelease(run.release))
-							if round == 0 {
-								fmt.Fprintf(out, "bench:   timeline (s from the command's start): %s\n", run.timeline)
-							}
-							if side == "kubectl" {
-								r.peer = append(r.peer, run)
-							} else {
-								r.ours = append(r.ours, run)
-							}
-						}
+	for _, spec := range envList("NODE_AGENT_BENCH_ROWS", "live:10,none:10,mixed:10") {
+		name, count, _ := strings.Cut(spec, ":")
+		n, err := strconv.Atoi(count)
+		if err != nil || n < 2 {
+			b.Fatalf("NODE_AGENT_BENCH_ROWS: %q: want KIND:VMS, VMS at least 2", spec)
+		}
+		found := false
+		for _, k := range benchKinds {
+			if k.name == name {
+				rows, found = append(rows, &row{kind: k, n: n}), true
+			}
+		}
+		if !found {
+			b.Fatalf("NODE_AGENT_BENCH_ROWS: unknown kind %q (live, none, mixed)", name)
+		}
+	}
+	out := os.Stdout
+	load, _ := os.ReadFile("/proc/loadavg")
+	fmt.Fprintf(out, "bench: %d round(s) per row; load average at start: %s", rounds, load)
+
+	for i := 0; i < b.N; i++ {
+		sc := newScenario(b, 3)
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
+		defer cancel()
+		sc.ctx = ctx
+		runs := 0
+		for _, r := range rows {
+			for round := 0; round < rounds; round++ {
+				sides := []string{"kubectl", "node-agent"}
+				if round%2 == 1 {
+					sides[0], sides[1] = sides[1], sides[0]
+				}
+				for _, side := range sides {
+					runs++
+					run := benchOnce(sc, r.kind, r.n, side, fmt.Sprintf("r%d-", runs))
+					fmt.Fprintf(out, "bench: %s N=%d round %d %-10s makespan %6.2f s  last VM gone %6.2f s  reaction %s  release %s\n",
+						r.kind.name, r.n, round+1, side, run.makespan.Seconds(), run.empty.Seconds(), fmtReaction(run), fmtRelease(run.release))
+					if round == 0 {
+						fmt.Fprintf(out, "bench:   timeline (s from the command's start): %s\n", run.timeline)
+					}
+					if side == "kubectl" {
+						r.peer = append(r.peer, run)
+					} else {
+						r.ours = append(r.ours, run)
 					}
 				}
 			}
-		})
+		}
 	}
 
 	load, _ = os.ReadFile("/proc/loadavg")
@@ -392,8 +383,9 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 			sc.t.Errorf("node-agent never said the node is safe")
 		}
 	}
-	run.reaction, run.evicted = benchReaction(sc, obs, n-len(blocked), start, blocked)
-	run.timeline = obs.timeline(start, end)
+	var evictions string
+	run.reaction, run.evicted, evictions = benchReaction(sc, obs, n-len(blocked), start, blocked)
+	run.timeline = obs.timeline(start, end) + "; " + evictions
 
 	// Re-enable the node and clear the namespace for the next drain.
 	if out, errOut, code := sc.ctl("undrain", node); code != 0 {
@@ -513,7 +505,11 @@ func peerDrain(ctx context.Context, sc *scenario, node string) error {
 // observer to the first action on the last VM to get one (its first eviction
 // request, or its migration seen created). It returns -1 when fewer than want VMs
 // were acted on.
-func benchReaction(sc *scenario, obs *observer, want int, from time.Time, blocked map[string]bool) (time.Duration, int) {
+//
+// It also summarises the eviction requests (dry runs included): how many, when the
+// first and last came, how long the API server took to answer them (the webhook's
+// round trip included), and how many were in flight at most.
+func benchReaction(sc *scenario, obs *observer, want int, from time.Time, blocked map[string]bool) (time.Duration, int, string) {
 	sc.t.Helper()
 	pods := obs.podsOfVMIs()
 	evs, err := readAudit(sc.env.cluster.AuditLog, func(ev auditEvent) bool {
@@ -524,6 +520,44 @@ func benchReaction(sc *scenario, obs *observer, want int, from time.Time, blocke
 		sc.t.Fatal(err)
 	}
 	first := map[string]time.Time{}
+	var lat []time.Duration
+	var lo, hi time.Time
+	inFlight, maxInFlight := 0, 0
+	type edge struct {
+		at   time.Time
+		step int
+	}
+	var edges []edge
+	for _, ev := range evs {
+		if pods[ev.ObjectRef.Name] == "" {
+			continue
+		}
+		lat = append(lat, ev.StageStamp.Sub(ev.Stamp))
+		edges = append(edges, edge{ev.Stamp, 1}, edge{ev.StageStamp, -1})
+		if lo.IsZero() || ev.Stamp.Before(lo) {
+			lo = ev.Stamp
+		}
+		if ev.Stamp.After(hi) {
+			hi = ev.Stamp
+		}
+	}
+	sort.Slice(edges, func(i, j int) bool {
+		if edges[i].at.Equal(edges[j].at) {
+			return edges[i].step < edges[j].step
+		}
+		return edges[i].at.Before(edges[j].at)
+	})
+	for _, e := range edges {
+		inFlight += e.step
+		maxInFlight = max(maxInFlight, inFlight)
+	}
+	summary := "eviction requests: none"
+	if len(lat) > 0 {
+		sorted := append([]time.Duration(nil), lat...)
+		sort.Slice(sorted, func(i, j int) bool { return sorted[i] < sorted[j] })
+		summary = fmt.Sprintf("eviction requests: %d, sent %.2f–%.2f, answered in median %d ms (max %d ms), at most %d in flight",
+			len(lat), lo.Sub(from).Seconds(), hi.Sub(from).Seconds(), median(lat).Milliseconds(), sorted[len(sorted)-1].Milliseconds(), maxInFlight)
+	}
 	for _, ev := range evs {
 		vmi, ok := pods[ev.ObjectRef.Name]
 		if !ok || blocked[vmi] {
@@ -548,9 +582,9 @@ func benchReaction(sc *scenario, obs *observer, want int, from time.Time, blocke
 	}
 	taint := obs.taintTime()
 	if len(first) < want || taint.IsZero() {
-		return -1, len(first)
+		return -1, len(first), summary
 	}
-	return last.Sub(taint), len(first)
+	return last.Sub(taint), len(first), summary
 }
 
 // observer follows the drained node, its launcher pods, VMIs and migrations with

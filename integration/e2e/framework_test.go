@@ -664,6 +664,7 @@ func (sc *scenario) setTemplateNodeSelector(resource, name string, sel map[strin
 type auditEvent struct {
 	AuditID    string    `json:"auditID"`
 	Stamp      time.Time `json:"requestReceivedTimestamp"`
+	StageStamp time.Time `json:"stageTimestamp"`
 	Stage      string    `json:"stage"`
 	RequestURI string    `json:"requestURI"`
 	Verb       string    `json:"verb"`
