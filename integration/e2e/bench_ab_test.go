@@ -170,6 +170,7 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
 		defer cancel()
 		sc.ctx = ctx
+		sc.adminServiceAccount(benchAgentAccount)
 		runs := 0
 		for _, r := range rows {
 			for round := 0; round < rounds; round++ {
@@ -305,8 +306,14 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 	defer cancel()
 	obs := startObserver(ctx, sc, node, blocked)
 	var a *agentProc
+	var agentUser string
+	var cpuBefore time.Duration
 	if side == "node-agent" {
-		a = sc.startAgent(node, "--resync=5s", "--log-level=info")
+		// A service account's token: its requests are in the audit log.
+		var kubeconfig string
+		kubeconfig, agentUser = sc.serviceAccountKubeconfig(benchAgentAccount)
+		a = sc.startAgent(node, "--resync=5s", "--log-level=info", "--kubeconfig="+kubeconfig)
+		cpuBefore = processCPU(a.cmd.Process.Pid)
 	}
 	// /safe-to-shutdown?wait holds the answer until the node is safe.
 	safeAt := make(chan time.Time, 1)
@@ -386,6 +393,21 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 	var evictions string
 	run.reaction, run.evicted, evictions = benchReaction(sc, obs, n-len(blocked), start, blocked)
 	run.timeline = obs.timeline(start, end) + "; " + evictions
+	if a != nil {
+		run.timeline += fmt.Sprintf("; the agent used %.2f s of CPU", (processCPU(a.cmd.Process.Pid) - cpuBefore).Seconds())
+		counts, err := agentRequestCounts(sc.env.cluster.AuditLog, agentUser, start, time.Now().Add(time.Second))
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		var lines []string
+		total := 0
+		for what, n := range counts {
+			lines = append(lines, fmt.Sprintf("%s %d", what, n))
+			total += n
+		}
+		sort.Strings(lines)
+		run.timeline += fmt.Sprintf("; the agent's requests until the node was safe: %d (%s)", total, strings.Join(lines, ", "))
+	}
 
 	// Re-enable the node and clear the namespace for the next drain.
 	if out, errOut, code := sc.ctl("undrain", node); code != 0 {
@@ -397,6 +419,25 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 	cancel()
 	benchClear(sc)
 	return run
+}
+
+// benchAgentAccount is the service account the benchmark's agents run as.
+const benchAgentAccount = "bench-agent"
+
+// processCPU is the user and system CPU time a process has used so far.
+func processCPU(pid int) time.Duration {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name (in parentheses, which may hold spaces).
+	fields := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	if len(fields) < 13 {
+		return 0
+	}
+	utime, _ := strconv.Atoi(fields[11])
+	stime, _ := strconv.Atoi(fields[12])
+	return time.Duration(utime+stime) * time.Second / 100 // USER_HZ
 }
 
 // benchPlaceVMs creates n VMIs of kind k, all running on the first node (the other
