@@ -2,7 +2,7 @@ package e2e
 
 // Benchmarks of a whole drain on the real control plane:
 //
-//	go test -run '^$' -bench BenchmarkDrain -benchtime 1x ./integration/e2e/
+//	go test -run '^$' -bench 'BenchmarkDrain$' -benchtime 1x ./integration/e2e/
 //
 // Each reports how long the agent took to act on every VM (all evictions answered),
 // how long until the node was safe, and the agent's peak memory.
