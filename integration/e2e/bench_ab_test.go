@@ -204,12 +204,12 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 		if len(r.peer) == 0 || len(r.ours) == 0 {
 			continue
 		}
-		peer, ours := median(makespans(r.peer)), median(makespans(r.ours))
+		peer, ours := median(measured(r.peer, makespanOf)), median(measured(r.ours, makespanOf))
 		bound := kubeVirtBound(r.kind, r.n)
 		fmt.Fprintf(out, "| %s | %d | %s | %s | %.2f | %.1f | %s | %s | %s / %s | %s |\n",
-			r.kind.name, r.n, spread(makespans(r.peer)), spread(makespans(r.ours)), ours.Seconds()/peer.Seconds(),
+			r.kind.name, r.n, spread(measured(r.peer, makespanOf), false), spread(measured(r.ours, makespanOf), false), ours.Seconds()/peer.Seconds(),
 			bound.Seconds(), over(peer, bound), over(ours, bound),
-			spread(reactions(r.peer)), spread(reactions(r.ours)), spreadMS(releases(r.ours)))
+			spread(measured(r.peer, reactionOf), false), spread(measured(r.ours, reactionOf), false), spread(measured(r.ours, releaseOf), true))
 	}
 }
 
@@ -227,33 +227,20 @@ func fmtRelease(d time.Duration) string {
 	return fmt.Sprintf("%d ms", d.Milliseconds())
 }
 
-func makespans(runs []benchRun) []time.Duration {
+// measured picks one figure of each run, leaving out those not measured (negative).
+func measured(runs []benchRun, pick func(benchRun) time.Duration) []time.Duration {
 	var out []time.Duration
 	for _, r := range runs {
-		out = append(out, r.makespan)
-	}
-	return out
-}
-
-func reactions(runs []benchRun) []time.Duration {
-	var out []time.Duration
-	for _, r := range runs {
-		if r.reaction >= 0 {
-			out = append(out, r.reaction)
+		if d := pick(r); d >= 0 {
+			out = append(out, d)
 		}
 	}
 	return out
 }
 
-func releases(runs []benchRun) []time.Duration {
-	var out []time.Duration
-	for _, r := range runs {
-		if r.release >= 0 {
-			out = append(out, r.release)
-		}
-	}
-	return out
-}
+func makespanOf(r benchRun) time.Duration { return r.makespan }
+func reactionOf(r benchRun) time.Duration { return r.reaction }
+func releaseOf(r benchRun) time.Duration  { return r.release }
 
 func median(ds []time.Duration) time.Duration {
 	if len(ds) == 0 {
@@ -267,27 +254,19 @@ func median(ds []time.Duration) time.Duration {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-// spread shows a median with the min–max, in seconds.
-func spread(ds []time.Duration) string {
+// spread shows a median with the min–max, in seconds or, with ms, milliseconds.
+func spread(ds []time.Duration, ms bool) string {
 	if len(ds) == 0 {
 		return "-"
 	}
 	lo, hi := ds[0], ds[0]
 	for _, d := range ds {
 		lo, hi = min(lo, d), max(hi, d)
+	}
+	if ms {
+		return fmt.Sprintf("%d (%d–%d)", median(ds).Milliseconds(), lo.Milliseconds(), hi.Milliseconds())
 	}
 	return fmt.Sprintf("%.2f (%.2f–%.2f)", median(ds).Seconds(), lo.Seconds(), hi.Seconds())
-}
-
-func spreadMS(ds []time.Duration) string {
-	if len(ds) == 0 {
-		return "-"
-	}
-	lo, hi := ds[0], ds[0]
-	for _, d := range ds {
-		lo, hi = min(lo, d), max(hi, d)
-	}
-	return fmt.Sprintf("%d (%d–%d)", median(ds).Milliseconds(), lo.Milliseconds(), hi.Milliseconds())
 }
 
 func over(d, bound time.Duration) string {
@@ -399,14 +378,8 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 		if err != nil {
 			sc.t.Fatal(err)
 		}
-		var lines []string
-		total := 0
-		for what, n := range counts {
-			lines = append(lines, fmt.Sprintf("%s %d", what, n))
-			total += n
-		}
-		sort.Strings(lines)
-		run.timeline += fmt.Sprintf("; the agent's requests until the node was safe: %d (%s)", total, strings.Join(lines, ", "))
+		total, summary := countsSummary(counts)
+		run.timeline += fmt.Sprintf("; the agent's requests until the node was safe: %d (%s)", total, summary)
 	}
 
 	// Re-enable the node and clear the namespace for the next drain.

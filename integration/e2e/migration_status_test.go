@@ -105,6 +105,18 @@ func agentRequestCounts(path, user string, from, to time.Time) (map[string]int, 
 	return counts, err
 }
 
+// countsSummary is the total of request counts and the counts by kind, sorted.
+func countsSummary(counts map[string]int) (int, string) {
+	var lines []string
+	total := 0
+	for what, n := range counts {
+		lines = append(lines, fmt.Sprintf("%s: %d", what, n))
+		total += n
+	}
+	sort.Strings(lines)
+	return total, strings.Join(lines, ", ")
+}
+
 // maxMigrationListsPerVM bounds the label-selected lists of a VM's migrations during
 // its migration: one when it is marked for evacuation, one per hand-over step its VMI
 // shows (migrationState set, target address), and one every 10 s while its VMI shows
@@ -139,14 +151,8 @@ func TestDrainMigrationStatusRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var lines []string
-	total := 0
-	for what, n := range counts {
-		lines = append(lines, fmt.Sprintf("%s: %d", what, n))
-		total += n
-	}
-	sort.Strings(lines)
-	t.Logf("drain of %d VMs in %s: %d requests by the agent: %s", len(names), took.Round(time.Second), total, strings.Join(lines, ", "))
+	total, summary := countsSummary(counts)
+	t.Logf("drain of %d VMs in %s: %d requests by the agent: %s", len(names), took.Round(time.Second), total, summary)
 	if n := counts["list virtualmachineinstancemigrations?vmi-name"]; n > maxMigrationListsPerVM*len(names) {
 		t.Errorf("%d lists of the VMs' migrations, want at most %d per VM", n, maxMigrationListsPerVM)
 	}
