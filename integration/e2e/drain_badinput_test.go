@@ -221,7 +221,7 @@ func TestAgentWithoutKubeVirtCRDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer func() { c.Stop(t.Failed()) }()
+	t.Cleanup(func() { stopPrivateCluster(t, c) })
 	const node = "no-kubevirt-n0"
 	if _, err := c.Kube.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"testing"
 
 	"github.com/node-agent/node-agent/integration/cluster"
 )
@@ -16,8 +17,9 @@ type allowedError struct {
 	match   *regexp.Regexp
 }
 
-// allowedErrors are the only error lines the shared cluster's virt-api and
-// virt-controller may log during the suite (checkControlPlaneLogs). Each is KubeVirt
+// allowedErrors are the only error lines virt-api and virt-controller may log during
+// the suite, on the shared cluster and on every cluster a test starts itself
+// (checkControlPlaneLogs). Each is KubeVirt
 // working as in any cluster, not KubeVirt finding something wrong with an object the
 // simulators made. Keep it short: a new line means a new cause to find first.
 var allowedErrors = []allowedError{
@@ -55,14 +57,33 @@ var allowedErrors = []allowedError{
 	{"virt-controller", regexp.MustCompile(`Unable to migrate vmi because vmi is shutdown`)},
 }
 
-// checkControlPlaneLogs fails the suite on every error line of the shared cluster's
-// virt-api and virt-controller that allowedErrors does not explain: each is a place
-// where KubeVirt found the simulated cluster different from a real one.
+// checkControlPlaneLogs fails the suite on every error line of a cluster's virt-api
+// and virt-controller that allowedErrors does not explain: each is a place where
+// KubeVirt found the simulated cluster different from a real one. TestMain checks the
+// shared cluster after the tests, stopPrivateCluster a test's own when it ends.
 func checkControlPlaneLogs(c *cluster.Cluster) error {
 	byProgram, err := c.ErrorLines()
 	if err != nil {
 		return err
 	}
+	return unexplainedErrors(byProgram)
+}
+
+// stopPrivateCluster stops a cluster a test started itself (newPrivateEnv,
+// TestAgentWithoutKubeVirtCRDs) after checking its control-plane logs as TestMain
+// checks the shared cluster's: an unexplained error line fails the test. The logs are
+// kept when the test failed.
+func stopPrivateCluster(t testing.TB, c *cluster.Cluster) {
+	t.Helper()
+	if err := checkControlPlaneLogs(c); err != nil {
+		t.Errorf("the cluster of %s (logs in %s): %v", t.Name(), c.Dir, err)
+	}
+	c.Stop(t.Failed())
+}
+
+// unexplainedErrors returns an error that lists, counted, the lines of byProgram
+// (error lines by program) that allowedErrors does not explain; nil if there is none.
+func unexplainedErrors(byProgram map[string][]string) error {
 	counts := map[string]int{}
 	for program, lines := range byProgram {
 	next:
@@ -85,4 +106,25 @@ func checkControlPlaneLogs(c *cluster.Cluster) error {
 	sort.Strings(out)
 	return fmt.Errorf("virt-api and virt-controller logged %d unexplained error lines (see allowedErrors in logcheck_test.go):\n%s",
 		len(out), strings.Join(out, "\n"))
+}
+
+// The check passes the lines allowedErrors explains, and fails on any other error
+// line, counted and named with its program, and on an allowed line from a program
+// its entry is not for.
+func TestLogCheckFlagsUnexplainedLines(t *testing.T) {
+	t.Parallel()
+	allowed := `{"component":"virt-controller","level":"error","msg":"Clobbering existing delete keys: map[]"}`
+	forbidden := `{"component":"virt-controller","level":"error","msg":"pods is forbidden: User \"system:serviceaccount:kubevirt:kubevirt-controller\" cannot create resource \"pods\""}`
+	if err := unexplainedErrors(map[string][]string{"virt-controller": {allowed, allowed}, "virt-api": nil}); err != nil {
+		t.Errorf("allowed lines failed the check: %v", err)
+	}
+	err := unexplainedErrors(map[string][]string{"virt-controller": {allowed, forbidden, forbidden}, "virt-api": {allowed}})
+	if err == nil {
+		t.Fatal("the check passed an unexplained line")
+	}
+	for _, want := range []string{"logged 2 unexplained error lines", "\n1x virt-api: " + allowed, "\n2x virt-controller: " + forbidden} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("the check's error does not say %q:\n%v", want, err)
+		}
+	}
 }

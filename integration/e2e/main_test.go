@@ -39,7 +39,8 @@
 // cluster of its own with newPrivateEnv(t, cluster.Options{...}) and
 // newScenarioIn(t, e, n). It costs a cluster start (15-50 s) and the README's
 // table lists it; share the cluster whenever a namespace and nodes of the test's
-// own are enough.
+// own are enough. When the test ends its cluster's virt-api and virt-controller
+// logs are checked as the shared cluster's are (stopPrivateCluster).
 package e2e
 
 import (

@@ -41,7 +41,7 @@ func newPrivateEnv(t *testing.T, opts cluster.Options) *env {
 	}
 	t.Cleanup(func() {
 		cancel()
-		c.Stop(t.Failed())
+		stopPrivateCluster(t, c)
 	})
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
