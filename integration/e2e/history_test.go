@@ -23,6 +23,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
@@ -589,37 +590,79 @@ func (h *history) reboot(i int) {
 // starting, pending), no migration is unfinished, every VM and VMIRS runs.
 func (h *history) settle() {
 	sc := h.sc
-	sc.eventually(historySettle, "the history's last step to settle", func() (bool, string) {
-		for i, a := range h.agents {
-			code, st := a.safeToShutdown("")
-			if code != http.StatusOK && code != http.StatusServiceUnavailable {
-				return false, fmt.Sprintf("%s: /safe-to-shutdown %d", a.node, code)
-			}
-			if st.Draining != h.draining(i) {
-				return false, fmt.Sprintf("%s: draining %v, want %v", a.node, st.Draining, h.draining(i))
-			}
-			for _, v := range st.VMs {
-				switch v.State {
-				case agent.StateBlocked, agent.StateWaitingExternal:
-				case agent.StateRunning:
-					if st.Draining {
-						return false, fmt.Sprintf("%s: VM %s still running while draining", a.node, v.Name)
-					}
-				default:
-					return false, fmt.Sprintf("%s: VM %s %s %s", a.node, v.Name, v.State, v.Detail)
-				}
-			}
-			n := sc.node(a.node)
-			if _, ok := n.Annotations[agent.AnnotationDrain]; ok != h.draining(i) {
-				return false, fmt.Sprintf("%s: drain record present %v, want %v", a.node, ok, h.draining(i))
-			}
-		}
-		if n := h.migrations.pending(); n != "" {
-			return false, "unfinished migrations: " + n
-		}
-		return h.vmsSettled()
+	var last string
+	err := wait.PollUntilContextTimeout(sc.ctx, 250*time.Millisecond, historySettle, true, func(context.Context) (bool, error) {
+		ok, msg := h.settledNow()
+		last = msg
+		return ok, nil
 	})
+	if err != nil {
+		sc.t.Fatalf("waiting %s for the history's last step to settle: %v (last seen: %s)\n%s", historySettle, err, last, h.describe())
+	}
 	h.settled++
+}
+
+// describe says what is on the cluster, for a failure message.
+func (h *history) describe() string {
+	sc := h.sc
+	var b strings.Builder
+	for _, a := range h.agents {
+		code, st := a.safeToShutdown("")
+		fmt.Fprintf(&b, "agent on %s: %s\n", a.node, statusJSON(code, st))
+	}
+	list := &kubevirtv1.VirtualMachineInstanceList{}
+	if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Do(sc.ctx).Into(list); err == nil {
+		for _, v := range list.Items {
+			fmt.Fprintf(&b, "VMI %s: %s, evacuationNodeName %q, migrationState %+v\n", v.Name, describeVMI(&v), v.Status.EvacuationNodeName, v.Status.MigrationState)
+		}
+	}
+	if pods, err := sc.kube().CoreV1().Pods(sc.ns).List(sc.ctx, metav1.ListOptions{}); err == nil {
+		for _, p := range pods.Items {
+			fmt.Fprintf(&b, "pod %s: node %s, phase %s, deleting %v, VMI uid %s, labels %v\n", p.Name, p.Spec.NodeName, p.Status.Phase,
+				p.DeletionTimestamp != nil, p.Labels[kubevirtv1.CreatedByLabel], p.Labels)
+		}
+	}
+	ms := &kubevirtv1.VirtualMachineInstanceMigrationList{}
+	if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceMigrations).Do(sc.ctx).Into(ms); err == nil {
+		for _, m := range ms.Items {
+			fmt.Fprintf(&b, "migration %s of %s: %s\n", m.Name, m.Spec.VMIName, m.Status.Phase)
+		}
+	}
+	return b.String()
+}
+
+// settledNow is one look at whether the steps' effects settled, and what is still
+// moving if not.
+func (h *history) settledNow() (bool, string) {
+	sc := h.sc
+	for i, a := range h.agents {
+		code, st := a.safeToShutdown("")
+		if code != http.StatusOK && code != http.StatusServiceUnavailable {
+			return false, fmt.Sprintf("%s: /safe-to-shutdown %d", a.node, code)
+		}
+		if st.Draining != h.draining(i) {
+			return false, fmt.Sprintf("%s: draining %v, want %v", a.node, st.Draining, h.draining(i))
+		}
+		for _, v := range st.VMs {
+			switch v.State {
+			case agent.StateBlocked, agent.StateWaitingExternal:
+			case agent.StateRunning:
+				if st.Draining {
+					return false, fmt.Sprintf("%s: VM %s still running while draining", a.node, v.Name)
+				}
+			default:
+				return false, fmt.Sprintf("%s: VM %s %s %s", a.node, v.Name, v.State, v.Detail)
+			}
+		}
+		n := sc.node(a.node)
+		if _, ok := n.Annotations[agent.AnnotationDrain]; ok != h.draining(i) {
+			return false, fmt.Sprintf("%s: drain record present %v, want %v", a.node, ok, h.draining(i))
+		}
+	}
+	if n := h.migrations.pending(); n != "" {
+		return false, "unfinished migrations: " + n
+	}
+	return h.vmsSettled()
 }
 
 // vmsSettled says whether every VMI is Running or ended, every VM runs and every VMIRS
