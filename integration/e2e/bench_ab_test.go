@@ -110,9 +110,9 @@ type benchRun struct {
 	side     string        // "kubectl" or "node-agent"
 	makespan time.Duration // command start to its return (mixed: to every leaving VM gone)
 	empty    time.Duration // command start to the last leaving VM gone, as a watch sees it
-	reaction time.Duration // taint seen to the last VM's first action; -1: not every VM got one
+	reaction time.Duration // taint seen to the last VM's first action; notMeasured: not every VM got one
 	evicted  int           // VMs acted on (an eviction request or a migration)
-	release  time.Duration // node-agent: last VM gone to /safe-to-shutdown 200; -1 when not measured
+	release  time.Duration // node-agent: last VM gone to /safe-to-shutdown 200 (negative: the agent saw it first); or notMeasured
 	timeline string
 }
 
@@ -214,24 +214,27 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 }
 
 func fmtReaction(r benchRun) string {
-	if r.reaction < 0 {
+	if r.reaction == notMeasured {
 		return fmt.Sprintf("n/a (%d VMs acted on)", r.evicted)
 	}
 	return fmt.Sprintf("%.2f s (%d VMs)", r.reaction.Seconds(), r.evicted)
 }
 
 func fmtRelease(d time.Duration) string {
-	if d < 0 {
+	if d == notMeasured {
 		return "-"
 	}
 	return fmt.Sprintf("%d ms", d.Milliseconds())
 }
 
-// measured picks one figure of each run, leaving out those not measured (negative).
+// notMeasured marks a figure a run has not.
+const notMeasured = time.Duration(math.MinInt64)
+
+// measured picks one figure of each run, leaving out those not measured.
 func measured(runs []benchRun, pick func(benchRun) time.Duration) []time.Duration {
 	var out []time.Duration
 	for _, r := range runs {
-		if d := pick(r); d >= 0 {
+		if d := pick(r); d != notMeasured {
 			out = append(out, d)
 		}
 	}
@@ -333,7 +336,7 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 		}()
 	}
 
-	run := benchRun{side: side, release: -1}
+	run := benchRun{side: side, release: notMeasured}
 	var end time.Time
 	if len(blocked) == 0 {
 		select {
@@ -517,8 +520,8 @@ func peerDrain(ctx context.Context, sc *scenario, node string) error {
 
 // benchReaction reads the API server's audit log: from the taint seen by the
 // observer to the first action on the last VM to get one (its first eviction
-// request, or its migration seen created). It returns -1 when fewer than want VMs
-// were acted on.
+// request, or its migration seen created). It returns notMeasured when fewer than
+// want VMs were acted on.
 //
 // It also summarises the eviction requests (dry runs included): how many, when the
 // first and last came, how long the API server took to answer them (the webhook's
@@ -596,7 +599,7 @@ func benchReaction(sc *scenario, obs *observer, want int, from time.Time, blocke
 	}
 	taint := obs.taintTime()
 	if len(first) < want || taint.IsZero() {
-		return -1, len(first), summary
+		return notMeasured, len(first), summary
 	}
 	return last.Sub(taint), len(first), summary
 }
