@@ -65,7 +65,8 @@ func newScenario(t testing.TB, nodes int) *scenario {
 
 // newClusterWideScenario is newScenario for a test that changes what every test on
 // the shared cluster sees: the KubeVirt CR's configuration, the legacy kubevirt-config
-// ConfigMap, the deployed manifests' cluster-scoped objects. It does not call
+// ConfigMap, the deployed manifests' cluster-scoped objects; or that loads the API
+// server every test shares (the Node-update flood). It does not call
 // t.Parallel, so go test runs it alone, before it lets the parallel tests start; it
 // puts back what it changed in t.Cleanup.
 func newClusterWideScenario(t testing.TB, nodes int) *scenario {
