@@ -9,9 +9,12 @@ import (
 	"testing"
 	"time"
 
+	authorizationv1 "k8s.io/api/authorization/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/nodeinfo"
@@ -20,7 +23,8 @@ import (
 // TestStart starts a whole cluster and checks that each part answers: the API server
 // serves KubeVirt's CRDs, the KubeVirt CR is there, virt-api answers its subresource
 // API through the aggregator (its /version, which virt-api writes), and virt-controller
-// leads and keeps renewing its leader lease. (The CR's phase is not checked: the
+// leads and keeps renewing its leader lease, and virt-api and virt-controller run with
+// the rights of KubeVirt's install, not a cluster admin's. (The CR's phase is not checked: the
 // harness writes it, there is no virt-operator.)
 func TestStart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
@@ -54,8 +58,48 @@ func TestStart(t *testing.T) {
 		t.Logf("virt-api %s", version.GitVersion)
 	}
 	checkLeaderRenews(ctx, t, c, "virt-controller")
+	checkKubeVirtRights(ctx, t, c)
 	if _, err := c.Kube.CoreV1().Namespaces().Get(ctx, "default", metav1.GetOptions{}); err != nil {
 		t.Errorf("reading the default namespace: %v", err)
+	}
+}
+
+// checkKubeVirtRights checks, with the credentials virt-api and virt-controller run
+// with, that each has a right its role in KubeVirt's install gives it and not a
+// cluster admin's rights (every verb on every resource), nor one its role lacks.
+func checkKubeVirtRights(ctx context.Context, t *testing.T, c *Cluster) {
+	t.Helper()
+	for _, tc := range []struct {
+		sa   string
+		attr authorizationv1.ResourceAttributes
+		want bool
+	}{
+		{VirtAPIServiceAccount, authorizationv1.ResourceAttributes{Verb: "patch", Group: "kubevirt.io", Resource: "virtualmachineinstances", Namespace: "default"}, true},
+		{VirtAPIServiceAccount, authorizationv1.ResourceAttributes{Verb: "create", Resource: "pods", Namespace: "default"}, false},
+		{VirtAPIServiceAccount, authorizationv1.ResourceAttributes{Verb: "*", Group: "*", Resource: "*"}, false},
+		{VirtControllerServiceAccount, authorizationv1.ResourceAttributes{Verb: "create", Resource: "pods", Namespace: "default"}, true},
+		{VirtControllerServiceAccount, authorizationv1.ResourceAttributes{Verb: "delete", Resource: "nodes"}, false},
+		{VirtControllerServiceAccount, authorizationv1.ResourceAttributes{Verb: "*", Group: "*", Resource: "*"}, false},
+	} {
+		cfg, err := clientcmd.BuildConfigFromFlags("", filepath.Join(c.Dir, tc.sa+".kubeconfig"))
+		if err != nil {
+			t.Fatalf("reading the kubeconfig of %s: %v", tc.sa, err)
+		}
+		kube, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		attr := tc.attr
+		review, err := kube.AuthorizationV1().SelfSubjectAccessReviews().Create(ctx, &authorizationv1.SelfSubjectAccessReview{
+			Spec: authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: &attr},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatalf("%s: can-i %s %s.%s: %v", tc.sa, attr.Verb, attr.Resource, attr.Group, err)
+		}
+		if review.Status.Allowed != tc.want {
+			t.Errorf("%s: can-i %s %s.%s in %q = %t, want %t (%s)", tc.sa, attr.Verb, attr.Resource, attr.Group, attr.Namespace,
+				review.Status.Allowed, tc.want, review.Status.Reason)
+		}
 	}
 }
 

@@ -49,13 +49,19 @@ func ServiceAccountUser(sa string) string {
 	return "system:serviceaccount:" + KubeVirtNamespace + ":" + sa
 }
 
+// serviceAccountGroups are the groups the API server gives a token of a service
+// account of KubeVirt's namespace (besides system:authenticated).
+func serviceAccountGroups() []string {
+	return []string{"system:serviceaccounts", "system:serviceaccounts:" + KubeVirtNamespace}
+}
+
 // KubeVirtClientAs returns a kubevirt.io/v1 REST client that acts as KubeVirt's
-// service account sa (impersonated by the cluster admin, with the admin's
-// permissions): for a test to write what only KubeVirt's own programs may write,
-// such as a VMI's status or its kubevirt.io/nodeName label.
+// service account sa (impersonated by the cluster admin) with that account's rights
+// only, the roles of KubeVirt's install: for a test to write what only KubeVirt's own
+// programs may write, such as a VMI's status or its kubevirt.io/nodeName label.
 func (c *Cluster) KubeVirtClientAs(sa string) (rest.Interface, error) {
 	cfg := rest.CopyConfig(c.RESTConfig)
-	cfg.Impersonate = rest.ImpersonationConfig{UserName: ServiceAccountUser(sa), Groups: []string{"system:masters", "system:authenticated"}}
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: ServiceAccountUser(sa), Groups: append(serviceAccountGroups(), "system:authenticated")}
 	return nodeinfo.NewKubeVirtClient(cfg)
 }
 
@@ -64,6 +70,7 @@ type kubevirtManifests struct {
 	CRDs              []*extv1.CustomResourceDefinition                       `json:"crds"`
 	ValidatingWebhook *admissionregistrationv1.ValidatingWebhookConfiguration `json:"validatingWebhook"`
 	MutatingWebhook   *admissionregistrationv1.MutatingWebhookConfiguration   `json:"mutatingWebhook"`
+	RBAC              kubevirtRBAC                                            `json:"rbac"`
 }
 
 // InstallKubeVirt installs KubeVirt into a cluster started with
@@ -86,6 +93,9 @@ func (c *Cluster) installKubeVirt(ctx context.Context, cfg kubevirtv1.KubeVirtCo
 	}
 	if _, err := c.Kube.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: KubeVirtNamespace}}, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("creating the %s namespace: %w", KubeVirtNamespace, err)
+	}
+	if err := c.createKubeVirtRBAC(ctx, m.RBAC); err != nil {
+		return err
 	}
 	if err := c.createCRDs(ctx, m.CRDs); err != nil {
 		return err
@@ -337,10 +347,10 @@ func (c *Cluster) registerVirtAPI(ctx context.Context, m kubevirtManifests, port
 // serviceAccountKubeconfig writes a kubeconfig that authenticates as the service
 // account sa of KubeVirt's namespace (a client certificate with its user name), for
 // the KubeVirt program the install runs as sa: KubeVirt's webhooks tell its own
-// programs' requests by that name. Its permissions are a cluster admin's
-// (system:masters), not the ClusterRoles of KubeVirt's install.
+// programs' requests by that name. It has a service account's groups, and the rights
+// the roles of KubeVirt's install give sa (createKubeVirtRBAC), nothing more.
 func (c *Cluster) serviceAccountKubeconfig(sa string) (string, error) {
-	pair, err := c.ca.issue(ServiceAccountUser(sa), []string{"system:masters"}, nil)
+	pair, err := c.ca.issue(ServiceAccountUser(sa), serviceAccountGroups(), nil)
 	if err != nil {
 		return "", err
 	}

@@ -108,7 +108,9 @@ type Options struct {
 	WaitTimeout time.Duration
 	// VirtHandlerUser is the user virt-handler writes VMIs as, impersonated with
 	// the configuration given to Start (which must allow impersonation, as a
-	// cluster admin's does) and a cluster admin's permissions. KubeVirt's VMI
+	// cluster admin's does) with a service account's groups and no more rights
+	// than RBAC gives that user: for the default, the kubevirt-handler ClusterRole
+	// of KubeVirt's install (integration/cluster creates it). KubeVirt's VMI
 	// webhooks let only its own service accounts change a VMI's status and its
 	// reserved kubevirt.io/ labels. Default: KubeVirt's virt-handler service
 	// account in the kubevirt namespace.
@@ -183,7 +185,7 @@ func Start(ctx context.Context, cfg *rest.Config, opts Options) (*Sim, error) {
 	handlerCfg := rest.CopyConfig(cfg)
 	handlerCfg.Impersonate = rest.ImpersonationConfig{
 		UserName: opts.VirtHandlerUser,
-		Groups:   []string{"system:masters", "system:authenticated"},
+		Groups:   []string{"system:serviceaccounts", "system:serviceaccounts:kubevirt", "system:authenticated"},
 	}
 	handlerKV, err := nodeinfo.NewKubeVirtClient(handlerCfg)
 	if err != nil {
