@@ -19,7 +19,7 @@ const (
 	apiUnknownAfter  = 5 * time.Second
 )
 
-// APIProbe asks the API server whether it serves (GET /readyz).
+// APIProbe asks the API server whether it serves (NewAgent's reads the agent's Node).
 type APIProbe func(context.Context) error
 
 // apiHealth is what the probes found; the engine's mu guards it.

@@ -61,21 +61,35 @@ var allowedErrors = []allowedError{
 // and virt-controller that allowedErrors does not explain: each is a place where
 // KubeVirt found the simulated cluster different from a real one. TestMain checks the
 // shared cluster after the tests, stopPrivateCluster a test's own when it ends.
-func checkControlPlaneLogs(c *cluster.Cluster) error {
+func checkControlPlaneLogs(c *cluster.Cluster, extra ...allowedError) error {
 	byProgram, err := c.ErrorLines()
 	if err != nil {
 		return err
 	}
-	return unexplainedErrors(byProgram)
+	return unexplainedErrors(byProgram, extra...)
 }
+
+// unavailable matches what KubeVirt logs as an error when the API server, its etcd or
+// virt-api does not answer (a refused or dropped connection, a timeout, a lost leader
+// lease), and nothing else.
+var unavailable = regexp.MustCompile(`connection refused|context deadline exceeded|the server was unable to return a response|` +
+	`client connection lost|unexpected EOF|: EOF|etcdserver: |Timeout: request did not complete|timed out|i/o timeout|` +
+	`the server is currently unable to handle the request|connection reset by peer|use of closed network connection|` +
+	`leaderelection|failed to renew lease|Failed to update lock|error retrieving resource lock|failed calling webhook`)
+
+// faultErrors are the error lines a cluster that a test breaks on purpose
+// (faults_test.go: kube-apiserver restarted, etcd paused, virt-api and virt-controller
+// restarted) may show besides allowedErrors: KubeVirt's own reports of the part that
+// did not answer. Only such tests pass them to stopPrivateCluster (env.faulted).
+var faultErrors = []allowedError{{"virt-controller", unavailable}, {"virt-api", unavailable}}
 
 // stopPrivateCluster stops a cluster a test started itself (newPrivateEnv,
 // TestAgentWithoutKubeVirtCRDs) after checking its control-plane logs as TestMain
 // checks the shared cluster's: an unexplained error line fails the test. The logs are
 // kept when the test failed.
-func stopPrivateCluster(t testing.TB, c *cluster.Cluster) {
+func stopPrivateCluster(t testing.TB, c *cluster.Cluster, extra ...allowedError) {
 	t.Helper()
-	if err := checkControlPlaneLogs(c); err != nil {
+	if err := checkControlPlaneLogs(c, extra...); err != nil {
 		t.Errorf("the cluster of %s (logs in %s): %v", t.Name(), c.Dir, err)
 	}
 	c.Stop(t.Failed())
@@ -83,12 +97,13 @@ func stopPrivateCluster(t testing.TB, c *cluster.Cluster) {
 
 // unexplainedErrors returns an error that lists, counted, the lines of byProgram
 // (error lines by program) that allowedErrors does not explain; nil if there is none.
-func unexplainedErrors(byProgram map[string][]string) error {
+func unexplainedErrors(byProgram map[string][]string, extra ...allowedError) error {
 	counts := map[string]int{}
+	allowed := append(append([]allowedError{}, allowedErrors...), extra...)
 	for program, lines := range byProgram {
 	next:
 		for _, line := range lines {
-			for _, a := range allowedErrors {
+			for _, a := range allowed {
 				if a.program == program && a.match.MatchString(line) {
 					continue next
 				}

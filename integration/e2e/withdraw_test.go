@@ -39,18 +39,22 @@ func newPrivateEnv(t *testing.T, opts cluster.Options) *env {
 		cancel()
 		t.Fatal(err)
 	}
+	e := &env{cluster: c, agentBin: shared.agentBin}
 	t.Cleanup(func() {
 		cancel()
-		stopPrivateCluster(t, c)
+		if e.faulted {
+			stopPrivateCluster(t, c, faultErrors...)
+		} else {
+			stopPrivateCluster(t, c)
+		}
 	})
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
-	s, err := sim.Start(ctx, c.RESTConfig, sim.Options{Log: log})
-	if err != nil {
+	if e.sim, err = sim.Start(ctx, c.RESTConfig, sim.Options{Log: log}); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("a cluster of the test's own up in %s", time.Since(start).Round(100*time.Millisecond))
-	return &env{cluster: c, sim: s, agentBin: shared.agentBin}
+	return e
 }
 
 // markedForEvacuation waits until KubeVirt's webhook has marked the VMI for
