@@ -151,10 +151,7 @@ func (p permission) covers(ev auditEvent) bool {
 // whether the Eviction API is served.
 func discoveryPath(uri string) bool {
 	path, _, _ := strings.Cut(uri, "?")
-	return path == "/api" || path == "/apis" || strings.HasPrefix(path, "/api/") || strings.HasPrefix(path, "/apis/") || path == "/version" ||
-		// The engine's probe of the API server while it drains (agent/apihealth.go),
-		// which Kubernetes' system:public-info-viewer grants everyone.
-		path == "/readyz"
+	return path == "/api" || path == "/apis" || strings.HasPrefix(path, "/api/") || strings.HasPrefix(path, "/apis/") || path == "/version"
 }
 
 func sortedKeys[V any](m map[string]V) []string {
