@@ -433,7 +433,11 @@ func (a *agentProc) stop() {
 }
 
 func (a *agentProc) get(path string) (int, string) {
-	resp, err := http.Get("http://" + a.addr + path)
+	// Bounded: an agent that hangs fails the wait that asked (its deadline) instead of
+	// stalling the test until go test's own timeout; longer than the longest ?wait= a
+	// test asks (3m, TestShutdownSafeToShutdownDuringTheDrain).
+	client := &http.Client{Timeout: 4 * time.Minute}
+	resp, err := client.Get("http://" + a.addr + path)
 	if err != nil {
 		return 0, err.Error()
 	}
