@@ -49,6 +49,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -77,6 +78,8 @@ type env struct {
 	// faulted: the test breaks this (private) cluster on purpose, and its log check
 	// also passes KubeVirt's reports of the part that did not answer (faultErrors).
 	faulted bool
+	// containerTier: the container tier's tests take turns (oneContainerTestAtATime).
+	containerTier sync.Mutex
 }
 
 var shared *env // set once by TestMain, read-only afterwards

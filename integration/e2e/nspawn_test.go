@@ -72,6 +72,16 @@ type container struct {
 	exitCode int
 }
 
+// oneContainerTestAtATime makes the container tier's tests take turns, each still
+// beside the other scenarios: their containers' systemd share the host's cgroup
+// hierarchies, and with three booted at once a `systemctl kill --signal=KILL` in one
+// failed ("Failed to send signal SIGKILL to auxiliary processes: Input/output error",
+// a CI run on a cgroup v1 host); one after another they never did.
+func oneContainerTestAtATime(t *testing.T) {
+	shared.containerTier.Lock()
+	t.Cleanup(shared.containerTier.Unlock)
+}
+
 // checkNspawnHost reports what this machine lacks to boot the container.
 func checkNspawnHost() error {
 	var missing []string
@@ -681,6 +691,7 @@ func (sc *scenario) runInContainer(argv []string, exitWait time.Duration, checks
 // table says; the table of what was measured is logged.
 func TestShutdownInContainerRebootCommands(t *testing.T) {
 	sc := newScenario(t, 1) // nodes[0]: where the VMs migrate to
+	oneContainerTestAtATime(t)
 	commands := []struct {
 		argv     []string
 		exitWait time.Duration
@@ -799,6 +810,7 @@ func (sc *scenario) checkContainerOnce(c *container, _ string) {
 // VM has left.
 func TestShutdownInContainerEngineKilledDuringReboot(t *testing.T) {
 	sc := newScenario(t, 1)
+	oneContainerTestAtATime(t)
 	var killed time.Time
 	kill := func(c *container) {
 		sc.eventually(time.Minute, "the VM's migration running", func() (bool, string) {
@@ -846,6 +858,7 @@ func TestShutdownInContainerEngineKilledDuringReboot(t *testing.T) {
 // TestShutdownInContainerRebootCommands runs on this machine's own layout.
 func TestShutdownInContainerCgroupLayouts(t *testing.T) {
 	t.Parallel() // its subtests run one after another (newScenario in a subtest)
+	oneContainerTestAtATime(t)
 	if err := checkNspawnHost(); err != nil {
 		t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container: %v", err)
 	}
