@@ -55,6 +55,16 @@ var allowedErrors = []allowedError{
 	{"virt-controller", regexp.MustCompile(`reported migration failed|vmi in migration backoff, re-enqueueing`)},
 	// A migration still pending when its VM is deleted at the end of a test.
 	{"virt-controller", regexp.MustCompile(`Unable to migrate vmi because vmi is shutdown`)},
+	// A migration's target virt-launcher exits while virt-controller has not yet
+	// processed the migration's end: the simulated virt-handler stops the target of
+	// a failed migration (migrationCleanup) once it has written the failure into the
+	// VMI, and a loaded virt-controller may see the pod down first. Seen only with the
+	// scenarios in parallel (two runs on 2026-11-30: TestDrainNoSecondUnfinishedMigration's
+	// injected failure, TestFaultAPIServerUnreachableDuringHeldShutdown, the container
+	// tier's engine kill), never in the serial runs. Not traced further: whether the
+	// simulator should wait for the migration object to be Failed before it stops the
+	// target, as a real virt-handler may, is open (issue 12).
+	{"virt-controller", regexp.MustCompile(`"target pod [a-z0-9-]+/virt-launcher-[a-z0-9-]+ shutdown during migration"`)},
 }
 
 // checkControlPlaneLogs fails the suite on every error line of a cluster's virt-api
