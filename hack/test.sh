@@ -21,7 +21,7 @@ trap 'rm -rf "$report"' EXIT
 go build -o "$report/testreport" ./hack/testreport
 # -parallel: the e2e scenarios on the shared cluster run side by side (README: "The two
 # commands"); NODE_AGENT_E2E_PARALLEL=1 runs them one after another.
-go test -race -count=1 -timeout 60m -parallel "${NODE_AGENT_E2E_PARALLEL:-4}" -json ./... | "$report/testreport"
+go test -race -count=1 -timeout 60m -parallel "${NODE_AGENT_E2E_PARALLEL:-3}" -json ./... | "$report/testreport"
 
 # A short fuzz run of every parser of input the agent reads (README: "Fuzzing"): each
 # target for NODE_AGENT_FUZZTIME (default 5000x, a count of inputs; 0 skips), one at a
