@@ -97,8 +97,24 @@ func TestHolderReleasesAtTheDeadline(t *testing.T) {
 	eventually(t, "lock held, delay known", func() bool { s := holderState(h); return s.LockHeld && s.EffectiveDelay == 20 })
 	b.sigs <- busSignal{prepare: true, active: true}
 	eventually(t, "the engine asked", func() bool { return eng.asked.Load() >= 1 })
-	f.clock.Step(19 * time.Second)
-	eventually(t, "asked again after the retry interval", func() bool { return eng.asked.Load() >= 2 })
+	// The holder arms its retry timer (RetryInterval, 1 s) after the engine failed to
+	// answer, at a moment the test cannot see: a single step of 19 s taken before that
+	// was lost (a CI run under load). Step a second at a time, at most one step per
+	// 50 ms of real time, until it asked again, never past 19 s.
+	var stepped time.Duration
+	var lastStep time.Time
+	eventually(t, "asked again after the retry interval", func() bool {
+		if eng.asked.Load() >= 2 {
+			return true
+		}
+		if stepped < 19*time.Second && time.Since(lastStep) >= 50*time.Millisecond {
+			f.clock.Step(time.Second)
+			stepped += time.Second
+			lastStep = time.Now()
+		}
+		return false
+	})
+	f.clock.Step(19*time.Second - stepped)
 	if st := holderState(h); st.Released || !st.Held {
 		t.Fatalf("state %+v before the deadline with the engine not answering: want held", st)
 	}
