@@ -100,6 +100,8 @@ func newScenarioIn(t testing.TB, e *env, nodes int) *scenario {
 	if _, err := sc.kube().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sc.ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("creating namespace %s: %v", sc.ns, err)
 	}
+	// Cleanups run last first: the nodes go after the VMs.
+	t.Cleanup(func() { e.retireNodes(sc.nodes) })
 	t.Cleanup(sc.deleteKubeVirtObjects)
 	for i := 0; i < nodes; i++ {
 		sc.addNode()
@@ -118,6 +120,37 @@ func (sc *scenario) deleteKubeVirtObjects() {
 			sc.t.Logf("cleaning up the %s of %s: %v", res, sc.ns, err)
 		}
 	}
+}
+
+// retireWithin bounds how long retireNodes waits for a finished scenario's pods and
+// VMs to leave its nodes: a virt-launcher's grace period, a guest's shutdown.
+const retireWithin = 3 * time.Minute
+
+// retireNodes removes a finished scenario's nodes from the cluster once their pods and
+// VMs are gone (sim.RemoveNode), in the background, so that the cluster keeps the nodes
+// of the running tests only, as a real one keeps its hosts: otherwise the simulated
+// kubelets of every finished test's nodes would go on renewing their Leases, hundreds
+// of writes a second by the end of a run. A node still busy after retireWithin stays.
+func (e *env) retireNodes(nodes []string) {
+	if e.sim == nil || e.ctx == nil || len(nodes) == 0 {
+		return
+	}
+	left := append([]string(nil), nodes...)
+	go func() {
+		_ = wait.PollUntilContextTimeout(e.ctx, 2*time.Second, retireWithin, true, func(ctx context.Context) (bool, error) {
+			busy := left[:0]
+			for _, node := range left {
+				if err := e.sim.RemoveNode(ctx, node); err != nil {
+					busy = append(busy, node)
+					continue
+				}
+				e.retired.Add(1)
+			}
+			left = busy
+			return len(left) == 0, nil
+		})
+		e.kept.Add(int64(len(left)))
+	}()
 }
 
 func (sc *scenario) kube() kubernetes.Interface { return sc.env.cluster.Kube }

@@ -50,6 +50,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -80,6 +81,11 @@ type env struct {
 	faulted bool
 	// containerTier: the container tier's tests take turns (oneContainerTestAtATime).
 	containerTier sync.Mutex
+	// ctx ends with the cluster: it bounds retireNodes.
+	ctx context.Context
+	// retired and kept count the finished scenarios' nodes that retireNodes removed
+	// from the cluster, and those still busy when it gave up.
+	retired, kept atomic.Int64
 }
 
 var shared *env // set once by TestMain, read-only afterwards
@@ -117,8 +123,10 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	fmt.Fprintf(os.Stderr, "e2e: cluster, simulators and agent ready in %s\n", time.Since(start).Round(100*time.Millisecond))
-	shared = &env{cluster: c, sim: s, agentBin: agentBin}
+	shared = &env{cluster: c, sim: s, agentBin: agentBin, ctx: ctx}
 	code := m.Run()
+	fmt.Fprintf(os.Stderr, "e2e: %d nodes of finished tests removed from the shared cluster, %d kept (still busy)\n",
+		shared.retired.Load(), shared.kept.Load())
 	if err := checkControlPlaneLogs(c); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
 		code = 1

@@ -39,7 +39,7 @@ func newPrivateEnv(t *testing.T, opts cluster.Options) *env {
 		cancel()
 		t.Fatal(err)
 	}
-	e := &env{cluster: c, agentBin: shared.agentBin}
+	e := &env{cluster: c, agentBin: shared.agentBin, ctx: ctx}
 	t.Cleanup(func() {
 		cancel()
 		if e.faulted {

@@ -33,8 +33,10 @@ type simNode struct {
 	nextHost   int
 	resources  corev1.ResourceList // capacity and allocatable
 
-	// The kubelet's heartbeat: running once started; stopped by StopKubelet.
-	heartbeat  bool
+	// The kubelet's heartbeat: running once started; stopped by StopKubelet,
+	// ended by RemoveNode (endHeartbeat).
+	heartbeat    bool
+	endHeartbeat context.CancelFunc
 	stopped    bool
 	lastStatus time.Time
 	lease      *coordinationv1.Lease // last written, renewed by the heartbeat only
@@ -373,7 +375,11 @@ func (s *Sim) startHeartbeat(sn *simNode, nodeUID types.UID) {
 		return
 	}
 	log := s.log.WithField("node", sn.name)
-	go wait.UntilWithContext(s.ctx, func(ctx context.Context) {
+	ctx, cancel := context.WithCancel(s.ctx)
+	s.mu.Lock()
+	sn.endHeartbeat = cancel
+	s.mu.Unlock()
+	go wait.UntilWithContext(ctx, func(ctx context.Context) {
 		s.mu.Lock()
 		stopped, due := sn.stopped, time.Since(sn.lastStatus) >= s.opts.NodeStatusInterval
 		s.mu.Unlock()
@@ -427,6 +433,42 @@ func (s *Sim) renewLease(ctx context.Context, sn *simNode, nodeUID types.UID) er
 		return fmt.Errorf("writing lease %s: %w", sn.name, err)
 	}
 	sn.lease = l
+	return nil
+}
+
+// ErrNodeBusy: RemoveNode found pods or VMs still on the node.
+var ErrNodeBusy = errors.New("pods or VMs still on the node")
+
+// RemoveNode takes node out of the cluster as an operator decommissions an empty
+// host: its kubelet stops for good and the Node is deleted (the garbage collector
+// then deletes the node's Lease, which the Node owns). It fails with ErrNodeBusy
+// while a pod or a VM domain is still there, and leaves the node as it was.
+func (s *Sim) RemoveNode(ctx context.Context, node string) error {
+	s.mu.Lock()
+	sn := s.simNodes[node]
+	if sn == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("node %s is not simulated", node)
+	}
+	busy := len(s.podsByNode[node]) > 0
+	for _, d := range s.domains {
+		busy = busy || d.node == node
+	}
+	if busy {
+		s.mu.Unlock()
+		return fmt.Errorf("removing node %s: %w", node, ErrNodeBusy)
+	}
+	sn.stopped = true
+	if sn.endHeartbeat != nil {
+		sn.endHeartbeat()
+	}
+	delete(s.simNodes, node)
+	delete(s.podsByNode, node)
+	s.mu.Unlock()
+	if err := s.kube.CoreV1().Nodes().Delete(ctx, node, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting node %s: %w", node, err)
+	}
+	s.log.WithField("node", node).Info("node removed")
 	return nil
 }
 
