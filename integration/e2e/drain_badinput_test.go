@@ -215,6 +215,7 @@ func ignoreConflict(err error) error {
 // cluster of its own.
 func TestAgentWithoutKubeVirtCRDs(t *testing.T) {
 	t.Parallel() // a cluster of its own
+	slots.take(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	c, err := cluster.Start(ctx, cluster.Options{WithoutKubeVirt: true})

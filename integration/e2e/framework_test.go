@@ -43,9 +43,6 @@ type scenario struct {
 	pool  string
 	nodes []string
 	env   *env
-	// clusterWide: the test may change what every test on its cluster sees (see
-	// newClusterWideScenario); changeClusterConfig refuses it otherwise.
-	clusterWide bool
 }
 
 var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
@@ -57,30 +54,40 @@ var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 // runs in its turn within its parent, which calls t.Parallel itself when it may.
 func newScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
-	if pt, ok := t.(*testing.T); ok && !strings.Contains(pt.Name(), "/") {
-		pt.Parallel()
-	}
+	parallel(t)
+	slots.take(t)
 	return newScenarioIn(t, shared, nodes)
 }
 
+// parallel calls t.Parallel for a top-level test (a benchmark runs alone).
+func parallel(t testing.TB) {
+	if pt, ok := t.(*testing.T); ok && !strings.Contains(pt.Name(), "/") {
+		pt.Parallel()
+	}
+}
+
 // newClusterWideScenario is newScenario for a test that changes what every test on
-// the shared cluster sees: the KubeVirt CR's configuration, the legacy kubevirt-config
+// its cluster sees: the KubeVirt CR's configuration, the legacy kubevirt-config
 // ConfigMap, the deployed manifests' cluster-scoped objects; or that loads the API
-// server every test shares (the Node-update flood). It does not call
-// t.Parallel, so go test runs it alone, before it lets the parallel tests start; it
-// puts back what it changed in t.Cleanup.
+// server (the Node-update flood). Such tests run on a second cluster of their own,
+// configured as the shared one (wideCluster, started by the first of them), one at a
+// time, beside the parallel scenarios on the shared cluster; each puts back what it
+// changed in t.Cleanup. A test waiting for its turn holds no slot (scenarioSlots).
 func newClusterWideScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
-	sc := newScenarioIn(t, shared, nodes)
-	sc.clusterWide = true
-	return sc
+	parallel(t)
+	wideCluster.turn.Lock()
+	t.Cleanup(wideCluster.turn.Unlock)
+	e := wideEnv(t)
+	slots.take(t)
+	return newScenarioIn(t, e, nodes)
 }
 
 // changeClusterConfig fails the test if it would change the shared cluster's
 // configuration while other tests run beside it (see newClusterWideScenario).
 func (sc *scenario) changeClusterConfig(what string) {
 	sc.t.Helper()
-	if sc.env == shared && !sc.clusterWide {
+	if sc.env == shared {
 		sc.t.Fatalf("%s changes the shared cluster for every test: start the test with newClusterWideScenario", what)
 	}
 }

@@ -124,6 +124,7 @@ func (sc *scenario) patchVMNodeSelector(name string, sel map[string]string) {
 // The seed document's legacy path: the drain taint makes KubeVirt migrate the node's
 // LiveMigrate VMs, on the default key and on a custom nodeDrainTaintKey.
 func TestKubeVirtDrainTaintMigrates(t *testing.T) {
+	t.Parallel() // its subtests run one after another (newClusterWideScenario in a subtest)
 	for _, key := range []string{nodeinfo.DefaultDrainTaintKey, "example.com/custom-drain"} {
 		t.Run(strings.ReplaceAll(key, "/", "_"), func(t *testing.T) {
 			sc := newClusterWideScenario(t, 2)

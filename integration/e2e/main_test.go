@@ -14,15 +14,16 @@
 //     creates (createVM, createVMI, createVMIRS) selects that pool, so no other
 //     test's VM lands on its nodes and its VMs land nowhere else; onNode pins a
 //     VM's first start to one node. newScenario calls t.Parallel: the scenarios
-//     run side by side (hack/test.sh sets -parallel), so a test must change
-//     nothing another test sees. A test that changes what every test sees (the
-//     KubeVirt CR's configuration, the legacy kubevirt-config ConfigMap, the
-//     deployed manifests' cluster-scoped objects) starts with
-//     newClusterWideScenario instead: go test runs such tests one at a time
-//     before it starts the parallel ones, and the test puts back what it changed
-//     in t.Cleanup, as setClusterEvictionStrategy does. The helpers that change
-//     the cluster (setDrainTaintKey, setClusterEvictionStrategy, legacyConfigMap,
-//     applyManifests) fail a parallel test that calls them. Objects a test
+//     run side by side, NODE_AGENT_E2E_PARALLEL at once (scenarioSlots; go
+//     test's -parallel must be at least as high), so a test must change nothing
+//     another test sees. A test that changes what every test sees (the KubeVirt
+//     CR's configuration, the legacy kubevirt-config ConfigMap, the deployed
+//     manifests' cluster-scoped objects) starts with newClusterWideScenario
+//     instead: such tests run one at a time on a second cluster configured as
+//     the shared one, beside the others, and each puts back what it changed in
+//     t.Cleanup, as setClusterEvictionStrategy does. The helpers that change the
+//     cluster (setDrainTaintKey, setClusterEvictionStrategy, legacyConfigMap,
+//     applyManifests) fail a test on the shared cluster that calls them. Objects a test
 //     creates outside its namespace (a ClusterRoleBinding, an admission policy)
 //     carry its namespace in their name and match only its own nodes or pods.
 //   - runs agents with sc.startAgent(node, flags...) and waits on conditions
@@ -54,7 +55,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -109,33 +109,30 @@ func runMain(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	c, err := cluster.Start(ctx, sharedClusterOptions)
-	if err != nil {
+	if slots, err = newScenarioSlots(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	log := logrus.New()
-	log.SetLevel(logrus.WarnLevel)
-	s, err := sim.Start(ctx, c.RESTConfig, sim.Options{Log: log})
-	if err != nil {
+	if shared, err = startEnv(ctx, sharedClusterOptions, agentBin); err != nil {
 		fmt.Fprintln(os.Stderr, err)
-		c.Stop(true)
 		return 1
 	}
 	fmt.Fprintf(os.Stderr, "e2e: cluster, simulators and agent ready in %s\n", time.Since(start).Round(100*time.Millisecond))
-	shared = &env{cluster: c, sim: s, agentBin: agentBin, ctx: ctx}
+	wideCluster = &lazyEnv{ctx: ctx, opts: sharedClusterOptions}
 	code := m.Run()
-	fmt.Fprintf(os.Stderr, "e2e: %d nodes of finished tests removed from the shared cluster, %d kept (still busy)\n",
-		shared.retired.Load(), shared.kept.Load())
-	if err := checkControlPlaneLogs(c); err != nil {
-		fmt.Fprintln(os.Stderr, "e2e:", err)
-		code = 1
+	envs := map[string]*env{"shared": shared}
+	if wideCluster.env != nil {
+		envs["cluster-wide tests'"] = wideCluster.env
 	}
-	if code != 0 {
-		c.DumpLogs(os.Stderr, 4000)
+	for name, e := range envs {
+		if !e.check(name, code != 0) {
+			code = 1
+		}
 	}
-	cancel()
-	c.Stop(code != 0)
+	cancel() // the simulators first
+	for _, e := range envs {
+		e.cluster.Stop(code != 0)
+	}
 	return code
 }
 

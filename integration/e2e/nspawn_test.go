@@ -77,7 +77,11 @@ type container struct {
 // hierarchies, and with three booted at once a `systemctl kill --signal=KILL` in one
 // failed ("Failed to send signal SIGKILL to auxiliary processes: Input/output error",
 // a CI run on a cgroup v1 host); one after another they never did.
+//
+// A top-level test calls it first: it calls t.Parallel, and waits for its turn before
+// it takes a slot (scenarioSlots).
 func oneContainerTestAtATime(t *testing.T) {
+	parallel(t)
 	shared.containerTier.Lock()
 	t.Cleanup(shared.containerTier.Unlock)
 }
@@ -690,8 +694,8 @@ func (sc *scenario) runInContainer(argv []string, exitWait time.Duration, checks
 // held, the two forced ones must not be (the container stops at once), as the README's
 // table says; the table of what was measured is logged.
 func TestShutdownInContainerRebootCommands(t *testing.T) {
-	sc := newScenario(t, 1) // nodes[0]: where the VMs migrate to
 	oneContainerTestAtATime(t)
+	sc := newScenario(t, 1) // nodes[0]: where the VMs migrate to
 	commands := []struct {
 		argv     []string
 		exitWait time.Duration
@@ -809,8 +813,8 @@ func (sc *scenario) checkContainerOnce(c *container, _ string) {
 // restarts the engine, the engine carries on, and the reboot still waits until the node's
 // VM has left.
 func TestShutdownInContainerEngineKilledDuringReboot(t *testing.T) {
-	sc := newScenario(t, 1)
 	oneContainerTestAtATime(t)
+	sc := newScenario(t, 1)
 	var killed time.Time
 	kill := func(c *container) {
 		sc.eventually(time.Minute, "the VM's migration running", func() (bool, string) {
@@ -857,8 +861,7 @@ func TestShutdownInContainerEngineKilledDuringReboot(t *testing.T) {
 // container's systemd boots, its logind runs, and the agent holds its delay lock.
 // TestShutdownInContainerRebootCommands runs on this machine's own layout.
 func TestShutdownInContainerCgroupLayouts(t *testing.T) {
-	t.Parallel() // its subtests run one after another (newScenario in a subtest)
-	oneContainerTestAtATime(t)
+	oneContainerTestAtATime(t) // its subtests run one after another (newScenario in a subtest)
 	if err := checkNspawnHost(); err != nil {
 		t.Skipf("tier 2 skipped: this machine cannot boot systemd in a container: %v", err)
 	}

@@ -32,6 +32,7 @@ import (
 func newPrivateEnv(t *testing.T, opts cluster.Options) *env {
 	t.Helper()
 	t.Parallel()
+	slots.take(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	start := time.Now()
 	c, err := cluster.Start(ctx, opts)
