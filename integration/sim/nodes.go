@@ -37,9 +37,9 @@ type simNode struct {
 	// ended by RemoveNode (endHeartbeat).
 	heartbeat    bool
 	endHeartbeat context.CancelFunc
-	stopped    bool
-	lastStatus time.Time
-	lease      *coordinationv1.Lease // last written, renewed by the heartbeat only
+	stopped      bool
+	lastStatus   time.Time
+	lease        *coordinationv1.Lease // last written, renewed by the heartbeat only
 }
 
 // NodeOption configures a node made by AddNode.
