@@ -30,8 +30,39 @@ type apiHealth struct {
 
 // runAPIProbe probes the API server every apiProbeInterval while a drain or a host
 // shutdown is under way, until ctx ends; a change between known and unknown asks for a
-// look at the node.
+// look at the node. Idle, it waits for wakeAPIProbe: no timer runs.
 func (e *Engine) runAPIProbe(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-e.probeWake:
+		}
+		e.probeWhileBusy(ctx)
+	}
+}
+
+// wakeAPIProbe starts the probes if a drain or a host shutdown is under way (after
+// each look at the node, and when a host shutdown starts).
+func (e *Engine) wakeAPIProbe() {
+	if !e.busy() {
+		return
+	}
+	select {
+	case e.probeWake <- struct{}{}:
+	default: // already woken
+	}
+}
+
+// busy: a drain or a host shutdown is under way.
+func (e *Engine) busy() bool {
+	st, _ := e.Status()
+	return st.Draining || e.shutdownPending()
+}
+
+// probeWhileBusy probes every apiProbeInterval until neither a drain nor a host
+// shutdown is under way; then what the probes found is forgotten.
+func (e *Engine) probeWhileBusy(ctx context.Context) {
 	tick := e.opts.Clock.NewTicker(apiProbeInterval)
 	defer tick.Stop()
 	for {
@@ -40,10 +71,9 @@ func (e *Engine) runAPIProbe(ctx context.Context) {
 			return
 		case <-tick.C():
 		}
-		st, _ := e.Status()
-		if !st.Draining && !e.shutdownPending() {
+		if !e.busy() {
 			e.apiProbed(nil)
-			continue
+			return
 		}
 		pctx, cancel := context.WithTimeout(ctx, apiProbeTimeout)
 		err := e.opts.ProbeAPI(pctx)

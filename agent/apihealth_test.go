@@ -1,10 +1,17 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
+
+	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/clock"
 )
 
 // An API server that does not answer: the cache still shows the node empty, but
@@ -47,3 +54,69 @@ func TestAPIUnreachableMakesTheStateUnknown(t *testing.T) {
 		t.Errorf("status %+v once the API server answers again: want ready and safe", st)
 	}
 }
+
+// Idle, the agent does not probe the API server, and no timer of the probes runs (an
+// idle agent costs nothing); a host shutdown starts the probes every apiProbeInterval,
+// and once it is cancelled they stop, with their timer. In a synctest bubble: time
+// there advances only when every goroutine of the bubble is blocked, so the counts are
+// exact.
+func TestAPIProbesOnlyWhileBusy(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var probes atomic.Int64
+		clk := &probeTickers{WithTicker: clock.RealClock{}}
+		e := New(fakeView{}, Clients{}, record.NewFakeRecorder(64), nil, Options{NodeName: thisNode, Clock: clk,
+			ProbeAPI: func(context.Context) error { probes.Add(1); return nil }})
+		defer e.queue.ShutDown()
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go e.runAPIProbe(ctx)
+
+		e.wakeAPIProbe() // what every look at an idle node does
+		time.Sleep(10 * time.Minute)
+		synctest.Wait()
+		if n, running := probes.Load(), clk.running(); n != 0 || running != 0 {
+			t.Fatalf("%d probes and %d probe timers running in 10 idle minutes: want none", n, running)
+		}
+
+		now := time.Now()
+		e.ShutdownStarted(now, now.Add(time.Minute))
+		time.Sleep(10*apiProbeInterval + apiProbeInterval/2)
+		synctest.Wait()
+		if n := probes.Load(); n != 10 {
+			t.Fatalf("%d probes in %s of a host shutdown: want 10, one every %s", n, 10*apiProbeInterval+apiProbeInterval/2, apiProbeInterval)
+		}
+
+		e.ShutdownCancelled()
+		time.Sleep(10 * time.Minute)
+		synctest.Wait()
+		if n, running := probes.Load(), clk.running(); n != 10 || running != 0 {
+			t.Fatalf("%d probes and %d probe timers running after the shutdown was cancelled: want the 10 before it, none running", n, running)
+		}
+	})
+}
+
+// probeTickers counts the tickers of the probes' period that run (the work queue has
+// tickers of its own, of another period).
+type probeTickers struct {
+	clock.WithTicker
+	n atomic.Int64
+}
+
+func (c *probeTickers) NewTicker(d time.Duration) clock.Ticker {
+	tk := c.WithTicker.NewTicker(d)
+	if d != apiProbeInterval {
+		return tk
+	}
+	c.n.Add(1)
+	return &countedTicker{Ticker: tk, n: &c.n}
+}
+
+func (c *probeTickers) running() int64 { return c.n.Load() }
+
+type countedTicker struct {
+	clock.Ticker
+	n    *atomic.Int64
+	once sync.Once
+}
+
+func (t *countedTicker) Stop() { t.once.Do(func() { t.n.Add(-1) }); t.Ticker.Stop() }

@@ -117,6 +117,9 @@ type Engine struct {
 	withdrawing withdrawProgress
 	// migrations names the migration of each migrating VM for the status.
 	migrations *migrations
+	// probeWake starts the API server probes (runAPIProbe) when a drain or a host
+	// shutdown is under way; idle, the agent does not probe.
+	probeWake chan struct{}
 	// api is what the API server probes found (under mu).
 	api apiHealth
 }
@@ -158,6 +161,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "node-agent", Clock: opts.Clock}),
 		changed:     make(chan struct{}),
+		probeWake:   make(chan struct{}, 1),
 		since:       since{},
 		nodeErr:     map[string]string{},
 		nodeRetry:   map[string]time.Time{},
@@ -206,6 +210,7 @@ func (e *Engine) processNext(ctx context.Context) bool {
 	}
 	defer e.queue.Done(key)
 	requeue, err := e.syncSafely(ctx)
+	e.wakeAPIProbe()
 	switch {
 	case err != nil:
 		e.log.WithError(err).Warn("sync failed; retrying")
@@ -242,6 +247,7 @@ func (e *Engine) ShutdownStarted(at, deadline time.Time) {
 	e.adopted = false
 	e.gen++
 	e.mu.Unlock()
+	e.wakeAPIProbe()
 	e.Enqueue()
 }
 
