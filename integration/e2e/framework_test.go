@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -59,12 +60,18 @@ func newScenario(t testing.TB, nodes int) *scenario {
 	return newScenarioIn(t, shared, nodes)
 }
 
-// parallel calls t.Parallel for a top-level test (a benchmark runs alone).
+// parallel calls t.Parallel for a top-level test (a benchmark runs alone), once: a
+// test may wait for its turn (oneContainerTestAtATime) before its scenario.
 func parallel(t testing.TB) {
 	if pt, ok := t.(*testing.T); ok && !strings.Contains(pt.Name(), "/") {
-		pt.Parallel()
+		if _, called := parallelCalled.LoadOrStore(pt, true); !called {
+			pt.Parallel()
+		}
 	}
 }
+
+// parallelCalled: the tests parallel has made parallel.
+var parallelCalled sync.Map
 
 // newClusterWideScenario is newScenario for a test that changes what every test on
 // its cluster sees: the KubeVirt CR's configuration, the legacy kubevirt-config
