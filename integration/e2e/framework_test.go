@@ -79,15 +79,15 @@ var parallelCalled sync.Map
 // server (the Node-update flood). Such tests run on a second cluster of their own,
 // configured as the shared one (wideCluster, started by the first of them), one at a
 // time, beside the parallel scenarios on the shared cluster; each puts back what it
-// changed in t.Cleanup. A test waiting for its turn holds no slot (scenarioSlots).
+// changed in t.Cleanup. They are a lane of their own: a test waiting for its turn, or
+// holding it, takes no slot (scenarioSlots).
 func newClusterWideScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
 	parallel(t)
 	wideCluster.turn.Lock()
 	t.Cleanup(wideCluster.turn.Unlock)
-	e := wideEnv(t)
-	slots.take(t)
-	return newScenarioIn(t, e, nodes)
+	slots.lane(t)
+	return newScenarioIn(t, wideEnv(t), nodes)
 }
 
 // changeClusterConfig fails the test if it would change the shared cluster's

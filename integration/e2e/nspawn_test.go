@@ -78,12 +78,13 @@ type container struct {
 // failed ("Failed to send signal SIGKILL to auxiliary processes: Input/output error",
 // a CI run on a cgroup v1 host); one after another they never did.
 //
-// A top-level test calls it first: it calls t.Parallel, and waits for its turn before
-// it takes a slot (scenarioSlots).
+// A top-level test calls it first: it calls t.Parallel and waits for its turn; the
+// tier is a lane of its own beside the slots (scenarioSlots).
 func oneContainerTestAtATime(t *testing.T) {
 	parallel(t)
 	shared.containerTier.Lock()
 	t.Cleanup(shared.containerTier.Unlock)
+	slots.lane(t)
 }
 
 // checkNspawnHost reports what this machine lacks to boot the container.

@@ -34,28 +34,31 @@ const (
 // or a container's boot: they get a slot before the others, so that a run does not
 // end on one of them started last.
 var startFirst = map[string]bool{
-	"TestShutdownInContainerRebootCommands": true,
-	"TestDrainRefusedEvictionsBackOff":      true,
-	"TestNoEvictionWebhook":                 true,
-	"TestFaultEtcdPausedMidDrain":           true,
-	"TestFaultAPIServerRestartedMidDrain":   true,
-	"TestFaultKubeVirtRestartedMidDrain":    true,
-	"TestRandomHistory":                     true,
-	"TestDrainAllPodsNeverSpins":            true,
-	"TestShutdownHeldAcrossEngineKills":     true,
-	"TestDrainMigrationStatusRequests":      true,
-	"TestDrainRollingMaintenance":           true,
-	"TestAgentWithoutKubeVirtCRDs":          true,
+	"TestDrainRefusedEvictionsBackOff":    true,
+	"TestNoEvictionWebhook":               true,
+	"TestFaultEtcdPausedMidDrain":         true,
+	"TestFaultAPIServerRestartedMidDrain": true,
+	"TestFaultKubeVirtRestartedMidDrain":  true,
+	"TestRandomHistory":                   true,
+	"TestDrainAllPodsNeverSpins":          true,
+	"TestShutdownHeldAcrossEngineKills":   true,
+	"TestDrainMigrationStatusRequests":    true,
+	"TestDrainRollingMaintenance":         true,
+	"TestAgentWithoutKubeVirtCRDs":        true,
 }
 
 // scenarioSlots limits how many tests run a scenario or a cluster of their own at
 // once. A test holds one slot from its first scenario to its end, its subtests
-// included (held counts per top-level test).
+// included (held counts per top-level test). The tests that take turns among
+// themselves (the cluster-wide tests, the container tier) are lanes of their own,
+// each one test at a time beside the slots: a test that holds its lane's turn never
+// waits for a slot behind the others (laned).
 type scenarioSlots struct {
 	mu           sync.Mutex
 	cond         *sync.Cond
 	free         int
 	held         map[string]int
+	laned        map[string]bool
 	firstWaiting int
 }
 
@@ -67,18 +70,35 @@ func newScenarioSlots() (*scenarioSlots, error) {
 			return nil, fmt.Errorf("%s=%q: want a number of scenarios, 1 or more", parallelEnv, v)
 		}
 	}
-	s := &scenarioSlots{free: n, held: map[string]int{}}
+	s := &scenarioSlots{free: n, held: map[string]int{}, laned: map[string]bool{}}
 	s.cond = sync.NewCond(&s.mu)
 	return s, nil
 }
 
-// take waits for a slot for t's top-level test, unless it holds one, and gives it
-// back when t ends.
+// lane marks t's top-level test as holding its lane's turn: it takes no slot.
+func (s *scenarioSlots) lane(t testing.TB) {
+	top, _, _ := strings.Cut(t.Name(), "/")
+	s.mu.Lock()
+	s.laned[top] = true
+	s.mu.Unlock()
+	t.Cleanup(func() {
+		s.mu.Lock()
+		delete(s.laned, top)
+		s.mu.Unlock()
+	})
+}
+
+// take waits for a slot for t's top-level test, unless it holds one or its lane's
+// turn, and gives it back when t ends.
 func (s *scenarioSlots) take(t testing.TB) {
 	t.Helper()
 	top, _, _ := strings.Cut(t.Name(), "/")
 	first := startFirst[top]
 	s.mu.Lock()
+	if s.laned[top] {
+		s.mu.Unlock()
+		return
+	}
 	if s.held[top] == 0 {
 		if first {
 			s.firstWaiting++
