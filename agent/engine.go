@@ -11,6 +11,7 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
@@ -33,6 +34,9 @@ type NodeView interface {
 	NamespaceMigrations(ctx context.Context, namespace string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
 	// VMIMigrations lists the migrations of one VMI (KubeVirt's kubevirt.io/vmi-name label).
 	VMIMigrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	// MigrationTargetPods lists the target pods of one migration (KubeVirt's
+	// kubevirt.io/migrationJobUID label).
+	MigrationTargetPods(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error)
 	// AddChangeHandler has f called after every change the view sees (before Run).
 	AddChangeHandler(f func())
 }
@@ -177,7 +181,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 			Log: e.log, Recorder: recorder, Metrics: metrics,
 		})
 	}
-	e.migrations = &migrations{list: view.VMIMigrations, clock: opts.Clock, entries: map[string]migrationEntry{}}
+	e.migrations = &migrations{list: view.VMIMigrations, targets: view.MigrationTargetPods, clock: opts.Clock, entries: map[string]migrationEntry{}}
 	view.AddChangeHandler(e.Enqueue)
 	return e
 }

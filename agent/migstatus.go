@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
@@ -91,8 +93,9 @@ const migrationRelist = 10 * time.Second
 // migration, and every migrationRelist while the VMI shows nothing of it: not on every
 // sync, which a drain runs on every event of every VMI and pod of the node.
 type migrations struct {
-	list  func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
-	clock interface{ Now() time.Time }
+	list    func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	targets func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error)
+	clock   interface{ Now() time.Time }
 
 	mu      sync.Mutex
 	entries map[string]migrationEntry // by VM key
@@ -102,6 +105,9 @@ type migrationEntry struct {
 	mark   string // what on the VMI the list was read for
 	listed time.Time
 	items  []kubevirtv1.VirtualMachineInstanceMigration
+	// unschedulable is why the scheduler found no node for the waiting migration's
+	// target pod (its PodScheduled condition), as last read; empty when it did not say.
+	unschedulable string
 }
 
 // migrationMark is what on a VMI changes when its migration is created or handed from
@@ -117,19 +123,22 @@ func migrationMark(vmi *kubevirtv1.VirtualMachineInstance) string {
 }
 
 // describe names the migration of a migrating VM, listing its migrations only when
-// its VMI shows a change (or every migrationRelist while it shows nothing).
-func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger) *MigrationStatus {
+// its VMI shows a change (or every migrationRelist while it shows nothing). While the
+// migration waits for its target pod to be scheduled it also reads that pod, and
+// returns why the scheduler finds no node for it (empty while it did not say so):
+// such a VM cannot leave until the cluster changes.
+func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger) (*MigrationStatus, string) {
 	if v.vmi == nil {
-		return nil
+		return nil, ""
 	}
 	mark, now := migrationMark(v.vmi), c.clock.Now()
 	c.mu.Lock()
 	entry, ok := c.entries[v.key]
 	c.mu.Unlock()
 	current := DescribeMigration(v.vmi, entry.items)
-	waiting := current == nil || current.Phase == string(kubevirtv1.MigrationPending) || current.Phase == string(kubevirtv1.MigrationScheduling)
+	waiting := current == nil || waitingForTarget(current)
 	if ok && entry.mark == mark && (!waiting || now.Sub(entry.listed) < migrationRelist) {
-		return current
+		return current, unschedulableIf(current, entry.unschedulable)
 	}
 	items, err := c.list(ctx, v.vmi.Namespace, v.vmi.Name)
 	if err != nil {
@@ -137,10 +146,68 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 		log.WithError(err).Debug("cannot list the VM's migrations")
 		items = entry.items
 	}
+	current = DescribeMigration(v.vmi, items)
+	unschedulable := ""
+	if m := UnfinishedMigration(items); m != nil && current != nil && waitingForTarget(current) && c.targets != nil {
+		pods, err := c.targets(ctx, v.vmi.Namespace, m.UID)
+		if err != nil {
+			log.WithError(err).Debug("cannot list the migration's target pods")
+			unschedulable = entry.unschedulable
+		}
+		if why := TargetUnschedulable(pods); why != "" {
+			unschedulable = why
+		}
+	}
 	c.mu.Lock()
-	c.entries[v.key] = migrationEntry{mark: mark, listed: now, items: items}
+	c.entries[v.key] = migrationEntry{mark: mark, listed: now, items: items, unschedulable: unschedulable}
 	c.mu.Unlock()
-	return DescribeMigration(v.vmi, items)
+	return current, unschedulableIf(current, unschedulable)
+}
+
+// waitingForTarget: the migration waits for its target pod to be created or
+// scheduled (Pending, Scheduling).
+func waitingForTarget(m *MigrationStatus) bool {
+	return m.Phase == string(kubevirtv1.MigrationPending) || m.Phase == string(kubevirtv1.MigrationScheduling)
+}
+
+func unschedulableIf(m *MigrationStatus, why string) string {
+	if m == nil || !waitingForTarget(m) {
+		return ""
+	}
+	return why
+}
+
+// TargetUnschedulable is the scheduler's message on a migration's pending target pod
+// (of pods, the migration's target pods) that it found no node for: PodScheduled False,
+// reason Unschedulable, as KubeVirt's migration controller checks it before it times
+// the pod out. Empty when none is.
+func TargetUnschedulable(pods []corev1.Pod) string {
+	for _, p := range pods {
+		if p.Status.Phase != corev1.PodPending || p.DeletionTimestamp != nil {
+			continue
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
+				if c.Message == "" {
+					return "no node fits it"
+				}
+				return c.Message
+			}
+		}
+	}
+	return ""
+}
+
+// SetTargetUnschedulable reports a migrating VM whose migration's target pod cannot be
+// scheduled (why, TargetUnschedulable's) as blocked, the migration still named: it
+// cannot leave until the cluster changes (room on another node); KubeVirt times the
+// target pod out and retries the migration. Empty why leaves it as it is.
+func (s *VMStatus) SetTargetUnschedulable(why string) {
+	if why == "" || s.State != StateMigrating {
+		return
+	}
+	s.State = StateBlocked
+	s.Detail += ": its target pod cannot be scheduled: " + why
 }
 
 // keep forgets the VMs not in present (not migrating any more, or gone).

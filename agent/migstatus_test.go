@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -158,5 +159,70 @@ func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
 	}
 	if !strings.Contains(string(raw), `"migration":{"name":"kubevirt-evacuation-x","phase":"Running","targetNode":"node-b"}`) {
 		t.Errorf("JSON %s has no migration", raw)
+	}
+}
+
+// A migration whose target pod the scheduler finds no node for (PodScheduled False,
+// Unschedulable) cannot finish until the cluster changes: the VM is reported blocked,
+// with the migration and the scheduler's message, and a Warning says so once; once
+// the target pod is scheduled it is reported migrating again. The VM is not acted on
+// otherwise: a blocked LiveMigrate VM is never shut down.
+func TestSyncStatusBlockedWhileTheTargetPodCannotBeScheduled(t *testing.T) {
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	vmi := newVMI("vm", thisNode, kubevirtv1.Running)
+	live := kubevirtv1.EvictionStrategyLiveMigrate
+	vmi.Spec.EvictionStrategy = &live
+	vmi.Status.EvacuationNodeName = thisNode
+	f := newFixture(t, n, vmi, launcherPod("virt-launcher-vm", string(vmi.UID), thisNode, corev1.PodRunning))
+	f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationScheduling, t0)}}
+	const why = "0/3 nodes are available: 1 node(s) had untolerated taint {kubevirt.io/drain: }, 2 node(s) didn't match Pod's node affinity/selector."
+	target := launcherPod("virt-launcher-vm-target", string(vmi.UID), "", corev1.PodPending)
+	target.Labels[kubevirtv1.MigrationJobLabel] = "uid-kubevirt-evacuation-x"
+	target.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodScheduled, Status: corev1.ConditionFalse, Reason: corev1.PodReasonUnschedulable, Message: why}}
+	if _, err := f.kube.CoreV1().Pods("ns").Create(context.Background(), target, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	look := func() VMStatus {
+		t.Helper()
+		for range 3 {
+			if _, err := f.sync(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		st, _ := f.engine.Status()
+		if len(st.VMs) != 1 {
+			t.Fatalf("status %+v", st)
+		}
+		return st.VMs[0]
+	}
+
+	got := look()
+	wantDetail := "migration kubevirt-evacuation-x Scheduling: its target pod cannot be scheduled: " + why
+	if got.State != StateBlocked || got.Detail != wantDetail || got.Migration == nil || got.Migration.Name != "kubevirt-evacuation-x" {
+		t.Errorf("state %s, detail %q, migration %+v; want blocked, %q, the migration named", got.State, got.Detail, got.Migration, wantDetail)
+	}
+	f.clock.Step(migrationRelist)
+	look()
+	var warnings int
+	for _, e := range f.events() {
+		if strings.HasPrefix(e, "Warning "+ReasonBlocked) && strings.Contains(e, "cannot be scheduled") {
+			warnings++
+		}
+	}
+	if warnings != 1 {
+		t.Errorf("%d Warning %s events about the target pod over two looks: want one", warnings, ReasonBlocked)
+	}
+	f.noEvictions("a LiveMigrate VM whose migration waits is not acted on again")
+
+	// The scheduler found a node: migrating again once the pod is read again.
+	target.Status.Conditions = nil
+	target.Spec.NodeName = "node-b"
+	if _, err := f.kube.CoreV1().Pods("ns").Update(context.Background(), target, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Step(migrationRelist)
+	if got := look(); got.State != StateMigrating || got.Detail != "migration kubevirt-evacuation-x Scheduling" {
+		t.Errorf("state %s, detail %q once the target pod is scheduled; want migrating, the migration named", got.State, got.Detail)
 	}
 }

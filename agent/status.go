@@ -112,7 +112,15 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		vs := VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail}
 		if state == StateMigrating {
 			migrating[v.key] = true
-			vs.SetMigration(e.migrations.describe(ctx, v, e.vmLog(v)))
+			m, unschedulable := e.migrations.describe(ctx, v, e.vmLog(v))
+			vs.SetMigration(m)
+			if unschedulable != "" {
+				vs.SetTargetUnschedulable(unschedulable)
+				e.warnOnce(v, ReasonBlocked+"/TargetUnschedulable/"+m.Name, func() {
+					e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), vs.Detail)
+					e.vmLog(v).WithField("reason", vs.Detail).Warn("the VM cannot leave the node")
+				})
+			}
 		}
 		st.VMs = append(st.VMs, vs)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -82,6 +83,9 @@ func (fakeView) VMIMigrations(context.Context, string, string) ([]kubevirtv1.Vir
 	return nil, nil
 }
 func (fakeView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return nil, nil
+}
+func (fakeView) MigrationTargetPods(context.Context, string, types.UID) ([]corev1.Pod, error) {
 	return nil, nil
 }
 

@@ -23,6 +23,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
@@ -224,6 +225,13 @@ func (v fixtureView) VMIMigrations(_ context.Context, ns, vmi string) ([]kubevir
 }
 func (fixtureView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil
+}
+func (v fixtureView) MigrationTargetPods(ctx context.Context, ns string, migration types.UID) ([]corev1.Pod, error) {
+	list, err := v.f.kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: kubevirtv1.MigrationJobLabel + "=" + string(migration)})
+	if err != nil {
+		return nil, err
+	}
+	return list.Items, nil
 }
 
 // sync runs one look at the node, as the queue's worker does.

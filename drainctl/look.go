@@ -73,8 +73,18 @@ func (c *Client) complete(ctx context.Context, v NodeView, cfg nodeinfo.Config, 
 		if vm.State != agent.StateMigrating {
 			continue
 		}
-		if ms, err := nodeinfo.MigrationsOf(ctx, c.KubeVirt, vm.Namespace, vm.Name); err == nil {
-			vm.SetMigration(agent.DescribeMigration(byKey[vm.Namespace+"/"+vm.Name], ms))
+		ms, err := nodeinfo.MigrationsOf(ctx, c.KubeVirt, vm.Namespace, vm.Name)
+		if err != nil {
+			continue
+		}
+		m := agent.DescribeMigration(byKey[vm.Namespace+"/"+vm.Name], ms)
+		vm.SetMigration(m)
+		// As the agent reports it: blocked while the target pod cannot be scheduled.
+		if u := agent.UnfinishedMigration(ms); u != nil && m != nil &&
+			(m.Phase == string(kubevirtv1.MigrationPending) || m.Phase == string(kubevirtv1.MigrationScheduling)) {
+			if pods, err := nodeinfo.MigrationTargetPodsOf(ctx, c.Kube, vm.Namespace, u.UID); err == nil {
+				vm.SetTargetUnschedulable(agent.TargetUnschedulable(pods))
+			}
 		}
 	}
 	if predict {

@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -52,6 +53,7 @@ type ViewOptions struct {
 // ConfigMap in KubeVirt's namespace. Its traffic does not grow with the cluster.
 type View struct {
 	opts      ViewOptions
+	kube      kubernetes.Interface
 	kubevirt  rest.Interface
 	informers map[string]cache.SharedIndexInformer
 
@@ -63,7 +65,7 @@ type View struct {
 
 // NewView creates the informers; Run starts them.
 func NewView(kube kubernetes.Interface, kubevirt rest.Interface, opts ViewOptions) *View {
-	v := &View{opts: opts, kubevirt: kubevirt, informers: map[string]cache.SharedIndexInformer{}, listErrs: map[string]error{}}
+	v := &View{opts: opts, kube: kube, kubevirt: kubevirt, informers: map[string]cache.SharedIndexInformer{}, listErrs: map[string]error{}}
 	core := kube.CoreV1().RESTClient()
 	byName := func(name string) func(*metav1.ListOptions) {
 		return func(o *metav1.ListOptions) {
@@ -306,6 +308,25 @@ func (v *View) NamespaceMigrations(ctx context.Context, namespace string) ([]kub
 // VMIMigrations lists the migrations of one VMI (MigrationsOf).
 func (v *View) VMIMigrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return MigrationsOf(ctx, v.kubevirt, namespace, vmi)
+}
+
+// MigrationTargetPods lists the target pods of one migration (MigrationTargetPodsOf).
+func (v *View) MigrationTargetPods(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error) {
+	return MigrationTargetPodsOf(ctx, v.kube, namespace, migration)
+}
+
+// MigrationTargetPodsOf lists the target pods of one migration: the virt-launcher pods
+// KubeVirt's migration controller labels kubevirt.io/migrationJobUID with the
+// migration's UID. A target pod waiting for a node is on no node, out of the
+// informers' sight: it is read only while a migration of the node waits for it.
+func MigrationTargetPodsOf(ctx context.Context, kube kubernetes.Interface, namespace string, migration types.UID) ([]corev1.Pod, error) {
+	list, err := kube.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{
+		LabelSelector: labels.SelectorFromSet(labels.Set{kubevirtv1.MigrationJobLabel: string(migration)}).String(),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing the target pods of migration %s in %s: %w", migration, namespace, err)
+	}
+	return list.Items, nil
 }
 
 // MigrationsOf lists the migrations of one VMI with a kubevirt.io/v1 client: selected

@@ -126,6 +126,13 @@ func (a *agentProc) waitStatus(timeout time.Duration, what string, code int, con
 }
 
 // vmStatus returns the agent's entry for a VM, or nil.
+// migratingOrNoRoom: the VM is reported migrating, or blocked only because its
+// migration's target pod cannot be scheduled (a pool of one node: no room elsewhere).
+func migratingOrNoRoom(v *agent.VMStatus) bool {
+	return v != nil && (v.State == agent.StateMigrating ||
+		v.State == agent.StateBlocked && v.Migration != nil && strings.Contains(v.Detail, "its target pod cannot be scheduled"))
+}
+
 func vmStatus(st agent.NodeStatus, ns, name string) *agent.VMStatus {
 	for i := range st.VMs {
 		if st.VMs[i].Namespace == ns && st.VMs[i].Name == name {

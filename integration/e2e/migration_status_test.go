@@ -27,10 +27,14 @@ func migrationNamed(ms []kubevirtv1.VirtualMachineInstanceMigration, name string
 	return nil
 }
 
-// A LiveMigrate VM on a node with no other node to go to: KubeVirt creates the
-// evacuation migration, whose target pod stays Pending. /safe-to-shutdown shows the VM
-// migrating, with that migration's name and its phase (Pending or Scheduling), and
-// `node-agent status` the same.
+// A LiveMigrate VM on a node with no other node to go to (issue 13 part 3, a target
+// pod that never schedules): KubeVirt creates the evacuation migration, whose target
+// pod the real scheduler finds no node for. /safe-to-shutdown reports the VM blocked,
+// with the migration's name and phase (Pending or Scheduling) and the scheduler's
+// message, a Warning DrainBlocked event on the Node says so, and `node-agent status`
+// shows the same; the VM keeps running where it is, never shut down. A node added to
+// the pool makes room: the scheduler places the target pod, the VM migrates and the
+// node is safe.
 func TestSafeToShutdownNamesAMigrationThatCannotFinish(t *testing.T) {
 	sc := newScenario(t, 1)
 	node := sc.nodes[0]
@@ -38,9 +42,9 @@ func TestSafeToShutdownNamesAMigrationThatCannotFinish(t *testing.T) {
 	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey)
 
 	sc.taint(node, agentOnlyKey)
-	st := a.waitStatus(time.Minute, "the VM's migration named, Pending or Scheduling", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+	st := a.waitStatus(time.Minute, "the VM blocked, its migration named, Pending or Scheduling, the target pod unschedulable", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
 		v := vmStatus(st, sc.ns, "vm")
-		return v != nil && v.State == agent.StateMigrating && v.Migration != nil && v.Migration.Name != "" &&
+		return v != nil && v.State == agent.StateBlocked && v.Migration != nil && v.Migration.Name != "" &&
 			(v.Migration.Phase == string(kubevirtv1.MigrationPending) || v.Migration.Phase == string(kubevirtv1.MigrationScheduling))
 	})
 	v := vmStatus(st, sc.ns, "vm")
@@ -48,13 +52,27 @@ func TestSafeToShutdownNamesAMigrationThatCannotFinish(t *testing.T) {
 	if m == nil || m.Spec.VMIName != "vm" || m.IsFinal() {
 		t.Fatalf("/safe-to-shutdown names migration %q, not an unfinished migration of the VM: %+v", v.Migration.Name, m)
 	}
-	if want := "migration " + v.Migration.Name + " " + v.Migration.Phase; v.Detail != want {
-		t.Errorf("detail %q, want %q", v.Detail, want)
+	// The real scheduler's message: "0/N nodes are available: ...".
+	prefix := "migration " + v.Migration.Name + " " + v.Migration.Phase + ": its target pod cannot be scheduled: "
+	if !strings.HasPrefix(v.Detail, prefix) || !strings.Contains(v.Detail, "nodes are available") {
+		t.Errorf("detail %q, want %q and the scheduler's message", v.Detail, prefix+"0/N nodes are available: ...")
+	}
+	ev := sc.nodeEvent(node, agent.ReasonBlocked)
+	if !strings.Contains(ev.Message, sc.ns+"/vm") || !strings.Contains(ev.Message, "its target pod cannot be scheduled") {
+		t.Errorf("event %s %q: want it to name the VM and its unschedulable target pod", ev.Reason, ev.Message)
 	}
 	out, errOut, code := sc.ctl("status", node, "--drain-taint-key="+agentOnlyKey)
-	if code != 0 && code != 1 || !strings.Contains(out, "migrating: migration "+v.Migration.Name+" ") {
-		t.Errorf("node-agent status (exit %d) does not name migration %s:\n%s%s", code, v.Migration.Name, out, errOut)
+	if code != 0 && code != 1 || !strings.Contains(out, "blocked: migration "+v.Migration.Name+" ") || !strings.Contains(out, "its target pod cannot be scheduled") {
+		t.Errorf("node-agent status (exit %d) does not show the VM blocked on migration %s's target pod:\n%s%s", code, v.Migration.Name, out, errOut)
 	}
+	sc.waitVMIOn("vm", node) // still running where it was: never shut down
+
+	other := sc.addNode()
+	after := a.waitSafe(3 * time.Minute)
+	if len(after.VMs) != 0 {
+		t.Errorf("safe with VMs %+v", after.VMs)
+	}
+	sc.waitVMIOn("vm", other)
 }
 
 // A LiveMigrate VM whose migration takes a while: at some point /safe-to-shutdown

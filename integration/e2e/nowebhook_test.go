@@ -134,9 +134,8 @@ func noWebhookWithdrawDeletesMigrations(t *testing.T, e *env) {
 		}
 		return false, fmt.Sprint(len(sc.migrationsOf("vm")), " migrations")
 	})
-	a.waitStatus(30*time.Second, "the VM reported migrating", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
-		v := vmStatus(st, sc.ns, "vm")
-		return v != nil && v.State == agent.StateMigrating
+	a.waitStatus(30*time.Second, "the VM reported migrating (blocked once its target pod is unschedulable)", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return migratingOrNoRoom(vmStatus(st, sc.ns, "vm"))
 	})
 
 	sc.untaint(node, agentOnlyKey)
