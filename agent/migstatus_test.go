@@ -74,17 +74,24 @@ func TestDescribeMigration(t *testing.T) {
 	}
 }
 
-// A drain's status names each migrating VM's migration and phase, reading the VM's
-// migrations when its VMI shows a change (and every migrationRelist while it shows
-// nothing of the migration), not on every sync.
-func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
+// evacuatingVM is a node drained by the taint with one LiveMigrate VM on it, marked
+// for evacuation.
+func evacuatingVM(t *testing.T) (*fixture, *kubevirtv1.VirtualMachineInstance) {
+	t.Helper()
 	n := testNode()
 	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
 	vmi := newVMI("vm", thisNode, kubevirtv1.Running)
 	live := kubevirtv1.EvictionStrategyLiveMigrate
 	vmi.Spec.EvictionStrategy = &live
 	vmi.Status.EvacuationNodeName = thisNode
-	f := newFixture(t, n, vmi, launcherPod("virt-launcher-vm", string(vmi.UID), thisNode, corev1.PodRunning))
+	return newFixture(t, n, vmi, launcherPod("virt-launcher-vm", string(vmi.UID), thisNode, corev1.PodRunning)), vmi
+}
+
+// A drain's status names each migrating VM's migration and phase, reading the VM's
+// migrations when its VMI shows a change (and every migrationRelist while it shows
+// nothing of the migration), not on every sync.
+func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
+	f, vmi := evacuatingVM(t)
 	setMigration := func(phase kubevirtv1.VirtualMachineInstanceMigrationPhase) {
 		f.mu.Lock()
 		defer f.mu.Unlock()
@@ -168,13 +175,7 @@ func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
 // the target pod is scheduled it is reported migrating again. The VM is not acted on
 // otherwise: a blocked LiveMigrate VM is never shut down.
 func TestSyncStatusBlockedWhileTheTargetPodCannotBeScheduled(t *testing.T) {
-	n := testNode()
-	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
-	vmi := newVMI("vm", thisNode, kubevirtv1.Running)
-	live := kubevirtv1.EvictionStrategyLiveMigrate
-	vmi.Spec.EvictionStrategy = &live
-	vmi.Status.EvacuationNodeName = thisNode
-	f := newFixture(t, n, vmi, launcherPod("virt-launcher-vm", string(vmi.UID), thisNode, corev1.PodRunning))
+	f, vmi := evacuatingVM(t)
 	f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationScheduling, t0)}}
 	const why = "0/3 nodes are available: 1 node(s) had untolerated taint {kubevirt.io/drain: }, 2 node(s) didn't match Pod's node affinity/selector."
 	target := launcherPod("virt-launcher-vm-target", string(vmi.UID), "", corev1.PodPending)
