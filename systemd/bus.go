@@ -54,6 +54,38 @@ type bus interface {
 	Close()
 }
 
+// timedBus bounds each call of the bus it wraps by timeout (Options.CallTimeout): a logind
+// that does not answer makes the call fail, as libdbus and sd-bus clients' calls do after
+// D-Bus's default 25 s, instead of holding the Guard for ever.
+type timedBus struct {
+	bus
+	timeout time.Duration
+}
+
+func (t timedBus) Inhibit(ctx context.Context, what, who, why, mode string) (*os.File, error) {
+	ctx, cancel := context.WithTimeout(ctx, t.timeout)
+	defer cancel()
+	return t.bus.Inhibit(ctx, what, who, why, mode)
+}
+
+func (t timedBus) InhibitDelayMax(ctx context.Context) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, t.timeout)
+	defer cancel()
+	return t.bus.InhibitDelayMax(ctx)
+}
+
+func (t timedBus) PreparingForShutdown(ctx context.Context) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, t.timeout)
+	defer cancel()
+	return t.bus.PreparingForShutdown(ctx)
+}
+
+func (t timedBus) ReloadLogind(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, t.timeout)
+	defer cancel()
+	return t.bus.ReloadLogind(ctx)
+}
+
 // dialer connects to the bus; dialSystemBus is the real one.
 type dialer func(ctx context.Context) (bus, error)
 

@@ -164,11 +164,12 @@ func (g *Guard) Run(ctx context.Context) error {
 
 // session is one connection's life. established reports that it got as far as holding the lock.
 func (g *Guard) session(ctx context.Context) (established bool, err error) {
-	b, err := g.dial(ctx)
+	conn, err := g.dial(ctx)
 	if err != nil {
 		return false, err
 	}
-	defer b.Close()
+	defer conn.Close()
+	b := timedBus{bus: conn, timeout: g.opts.CallTimeout}
 	if err := g.sync(ctx, b); err != nil {
 		return false, err
 	}

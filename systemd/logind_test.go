@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -211,6 +212,41 @@ func TestNoBusIsDegradedAndRecovers(t *testing.T) {
 	if err := env.StartBus(ctx); err != nil {
 		t.Fatal(err)
 	}
+	waitStatus(ctx, t, g, "recovered", healthy)
+	waitOurs(ctx, t, env, 1, "delay")
+	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)
+}
+
+// A logind that does not answer when the Guard starts (stopped with SIGSTOP: stuck, or
+// starved on a loaded host) while the bus does: the Guard reports itself degraded once its
+// call times out, instead of waiting for ever, and when logind answers again it takes the
+// lock and holds a power-off until it releases it.
+func TestSlowLogindIsDegradedAndRecovers(t *testing.T) {
+	env, ctx := startEnv(t)
+	pid, err := env.LogindPID(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	var resumed bool
+	resume := func() {
+		if !resumed {
+			resumed = true
+			if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+				t.Errorf("SIGCONT to logind: %v", err)
+			}
+		}
+	}
+	t.Cleanup(resume)
+	g, _ := runGuard(t, systemd.Options{CallTimeout: 2 * time.Second})
+	s := waitStatus(ctx, t, g, "degraded: logind did not answer in time", func(s systemd.Status) bool {
+		return !s.Connected && !s.LockHeld && strings.Contains(s.Degraded, "deadline exceeded")
+	})
+	t.Logf("degraded: %s", s.Degraded)
+
+	resume()
 	waitStatus(ctx, t, g, "recovered", healthy)
 	waitOurs(ctx, t, env, 1, "delay")
 	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)

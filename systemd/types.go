@@ -105,6 +105,10 @@ type Options struct {
 	DropInDir string
 	// RetryMin and RetryMax bound the reconnect backoff (defaults 500ms and 30s).
 	RetryMin, RetryMax time.Duration
+	// CallTimeout bounds each call to logind and systemd (default 25s, D-Bus's own default
+	// reply timeout): a logind that does not answer (stopped, stuck, starved on a loaded
+	// host) then makes the Guard report itself degraded and reconnect, not wait for ever.
+	CallTimeout time.Duration
 	// ReloadWait is how long to wait for logind to apply a raised InhibitDelayMaxSec (default 2s).
 	// Signals are handled after it: it is spent at most once per Guard when a later drop-in keeps
 	// the value lower.
@@ -133,6 +137,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.RetryMax < o.RetryMin {
 		o.RetryMax = o.RetryMin
+	}
+	if o.CallTimeout <= 0 {
+		o.CallTimeout = 25 * time.Second
 	}
 	if o.ReloadWait <= 0 {
 		o.ReloadWait = 2 * time.Second
