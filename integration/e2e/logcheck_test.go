@@ -85,9 +85,11 @@ func checkControlPlaneLogs(c *cluster.Cluster, extra ...allowedError) error {
 
 // unavailable matches what KubeVirt logs as an error when the API server, its etcd or
 // virt-api does not answer (a refused or dropped connection, a timeout, a lost leader
-// lease), and nothing else.
+// lease), and nothing else. "TLS handshake timeout": a kube-apiserver that has just
+// started again accepts connections before it answers them (a cold CI run, 2026-11-30:
+// two reflectors of virt-controller, 20 s after the restart).
 var unavailable = regexp.MustCompile(`connection refused|context deadline exceeded|the server was unable to return a response|` +
-	`client connection lost|unexpected EOF|: EOF|etcdserver: |Timeout: request did not complete|timed out|i/o timeout|` +
+	`client connection lost|unexpected EOF|: EOF|etcdserver: |Timeout: request did not complete|timed out|i/o timeout|TLS handshake timeout|` +
 	`the server is currently unable to handle the request|connection reset by peer|use of closed network connection|` +
 	`leaderelection|failed to renew lease|Failed to update lock|error retrieving resource lock|failed calling webhook`)
 
