@@ -20,6 +20,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"time"
 )
 
 // event is one line of `go test -json` (cmd/test2json's TestEvent, and the build events).
@@ -30,6 +31,18 @@ type event struct {
 	Test       string
 	Output     string
 	Elapsed    float64 // seconds, on a test's pass, fail or skip
+	Time       time.Time
+}
+
+// turnMarker starts the line a test logs when it gets its turn to run (the e2e
+// package's slots and lanes): its time counts from there, not from its start, which
+// the waiting for its turn is part of.
+const turnMarker = "e2e: its turn after "
+
+// topLevel is the top-level test of a test or subtest.
+func topLevel(test string) string {
+	top, _, _ := strings.Cut(test, "/")
+	return top
 }
 
 // skip is a skipped test and what it said.
@@ -66,6 +79,7 @@ func main() {
 func report(in io.Reader, out io.Writer) (result, error) {
 	var res result
 	buffered := map[string][]string{} // a running test's output, by package and name
+	turn := map[string]time.Time{}    // when a top-level test got its turn, by package and name
 	sc := bufio.NewScanner(in)
 	sc.Buffer(make([]byte, 1024*1024), 64*1024*1024)
 	for sc.Scan() {
@@ -76,8 +90,18 @@ func report(in io.Reader, out io.Writer) (result, error) {
 			continue
 		}
 		key := e.Package + " " + e.Test
+		topKey := e.Package + " " + topLevel(e.Test)
+		if e.Action == "output" && strings.Contains(e.Output, turnMarker) && !e.Time.IsZero() {
+			if _, seen := turn[topKey]; !seen {
+				turn[topKey] = e.Time
+			}
+		}
 		if e.Test != "" && !strings.Contains(e.Test, "/") && (e.Action == "pass" || e.Action == "fail") {
-			res.times = append(res.times, timing{Package: e.Package, Test: e.Test, Seconds: e.Elapsed})
+			seconds := e.Elapsed
+			if at, ok := turn[topKey]; ok && !e.Time.IsZero() {
+				seconds = e.Time.Sub(at).Seconds()
+			}
+			res.times = append(res.times, timing{Package: e.Package, Test: e.Test, Seconds: seconds})
 		}
 		switch {
 		case e.Action == "build-output":
@@ -127,8 +151,9 @@ func reason(lines []string) string {
 	return r
 }
 
-// slowest prints the n longest top-level tests: with the scenarios in parallel their
-// times overlap, and the package's own time is the suite's.
+// slowest prints the n longest top-level tests, each from its turn (turnMarker) when it
+// logged one: with the scenarios in parallel their times overlap, and the package's own
+// time is the suite's.
 func slowest(out io.Writer, times []timing, n int) {
 	if len(times) == 0 {
 		return

@@ -96,3 +96,22 @@ func TestSlowestTests(t *testing.T) {
 		t.Errorf("got\n%q\nwant\n%q", out.String(), want)
 	}
 }
+
+// A test that waited for its turn (the e2e package's slots) is timed from its turn: 100 s
+// elapsed, of which 70 s waiting, is 30 s.
+func TestSlowestTestsCountFromTheirTurn(t *testing.T) {
+	res, err := report(strings.NewReader(`{"Time":"2026-11-30T04:00:00Z","Action":"run","Package":"example.com/e2e","Test":"TestWaits"}
+{"Time":"2026-11-30T04:01:10Z","Action":"output","Package":"example.com/e2e","Test":"TestWaits","Output":"    schedule_test.go:1: e2e: its turn after 1m10s\n"}
+{"Time":"2026-11-30T04:01:40Z","Action":"pass","Package":"example.com/e2e","Test":"TestWaits","Elapsed":100}
+{"Time":"2026-11-30T04:01:40Z","Action":"pass","Package":"example.com/e2e","Test":"TestAlone","Elapsed":50}
+`), &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	slowest(&out, res.times, 2)
+	want := "testreport: the 2 slowest of 2 tests:\n     50.0s example.com/e2e TestAlone\n     30.0s example.com/e2e TestWaits\n"
+	if out.String() != want {
+		t.Errorf("got\n%q\nwant\n%q", out.String(), want)
+	}
+}

@@ -84,9 +84,10 @@ var parallelCalled sync.Map
 func newClusterWideScenario(t testing.TB, nodes int) *scenario {
 	t.Helper()
 	parallel(t)
+	asked := time.Now()
 	wideCluster.turn.Lock()
 	t.Cleanup(wideCluster.turn.Unlock)
-	slots.lane(t)
+	slots.lane(t, asked)
 	return newScenarioIn(t, wideEnv(t), nodes)
 }
 

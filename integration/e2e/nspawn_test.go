@@ -82,9 +82,10 @@ type container struct {
 // tier is a lane of its own beside the slots (scenarioSlots).
 func oneContainerTestAtATime(t *testing.T) {
 	parallel(t)
+	asked := time.Now()
 	shared.containerTier.Lock()
 	t.Cleanup(shared.containerTier.Unlock)
-	slots.lane(t)
+	slots.lane(t, asked)
 }
 
 // checkNspawnHost reports what this machine lacks to boot the container.

@@ -75,9 +75,15 @@ func newScenarioSlots() (*scenarioSlots, error) {
 	return s, nil
 }
 
-// lane marks t's top-level test as holding its lane's turn: it takes no slot.
-func (s *scenarioSlots) lane(t testing.TB) {
+// turnMarker starts the line a test logs when it gets its turn: hack/testreport times
+// the test from there (its elapsed time counts the waiting too).
+const turnMarker = "e2e: its turn after "
+
+// lane marks t's top-level test as holding its lane's turn (since waiting began at
+// asked): it takes no slot.
+func (s *scenarioSlots) lane(t testing.TB, asked time.Time) {
 	top, _, _ := strings.Cut(t.Name(), "/")
+	t.Logf("%s%s", turnMarker, time.Since(asked).Round(100*time.Millisecond))
 	s.mu.Lock()
 	s.laned[top] = true
 	s.mu.Unlock()
@@ -94,12 +100,14 @@ func (s *scenarioSlots) take(t testing.TB) {
 	t.Helper()
 	top, _, _ := strings.Cut(t.Name(), "/")
 	first := startFirst[top]
+	asked := time.Now()
 	s.mu.Lock()
 	if s.laned[top] {
 		s.mu.Unlock()
 		return
 	}
 	if s.held[top] == 0 {
+		defer func() { t.Logf("%s%s", turnMarker, time.Since(asked).Round(100*time.Millisecond)) }()
 		if first {
 			s.firstWaiting++
 		}
