@@ -54,10 +54,12 @@ func (e *Engine) wakeAPIProbe() {
 	}
 }
 
-// busy: a drain or a host shutdown is under way.
+// busy: a drain or a host shutdown is under way. Called after every sync: it reads the
+// two fields under mu, not a copy of the status.
 func (e *Engine) busy() bool {
-	st, _ := e.Status()
-	return st.Draining || e.shutdownPending()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.status.Draining || e.intent.pending
 }
 
 // probeWhileBusy probes every apiProbeInterval until neither a drain nor a host

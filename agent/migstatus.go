@@ -136,7 +136,7 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	entry, ok := c.entries[v.key]
 	c.mu.Unlock()
 	current := DescribeMigration(v.vmi, entry.items)
-	waiting := current == nil || waitingForTarget(current)
+	waiting := current == nil || current.WaitingForTarget()
 	if ok && entry.mark == mark && (!waiting || now.Sub(entry.listed) < migrationRelist) {
 		return current, unschedulableIf(current, entry.unschedulable)
 	}
@@ -148,7 +148,7 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	}
 	current = DescribeMigration(v.vmi, items)
 	unschedulable := ""
-	if m := UnfinishedMigration(items); m != nil && current != nil && waitingForTarget(current) && c.targets != nil {
+	if m := UnfinishedMigration(items); m != nil && current != nil && current.WaitingForTarget() && c.targets != nil {
 		pods, err := c.targets(ctx, v.vmi.Namespace, m.UID)
 		if err != nil {
 			log.WithError(err).Debug("cannot list the migration's target pods")
@@ -164,14 +164,14 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	return current, unschedulableIf(current, unschedulable)
 }
 
-// waitingForTarget: the migration waits for its target pod to be created or
+// WaitingForTarget: the migration waits for its target pod to be created or
 // scheduled (Pending, Scheduling).
-func waitingForTarget(m *MigrationStatus) bool {
+func (m *MigrationStatus) WaitingForTarget() bool {
 	return m.Phase == string(kubevirtv1.MigrationPending) || m.Phase == string(kubevirtv1.MigrationScheduling)
 }
 
 func unschedulableIf(m *MigrationStatus, why string) string {
-	if m == nil || !waitingForTarget(m) {
+	if m == nil || !m.WaitingForTarget() {
 		return ""
 	}
 	return why

@@ -80,8 +80,7 @@ func (c *Client) complete(ctx context.Context, v NodeView, cfg nodeinfo.Config, 
 		m := agent.DescribeMigration(byKey[vm.Namespace+"/"+vm.Name], ms)
 		vm.SetMigration(m)
 		// As the agent reports it: blocked while the target pod cannot be scheduled.
-		if u := agent.UnfinishedMigration(ms); u != nil && m != nil &&
-			(m.Phase == string(kubevirtv1.MigrationPending) || m.Phase == string(kubevirtv1.MigrationScheduling)) {
+		if u := agent.UnfinishedMigration(ms); u != nil && m != nil && m.WaitingForTarget() {
 			if pods, err := nodeinfo.MigrationTargetPodsOf(ctx, c.Kube, vm.Namespace, u.UID); err == nil {
 				vm.SetTargetUnschedulable(agent.TargetUnschedulable(pods))
 			}
