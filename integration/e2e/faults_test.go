@@ -63,7 +63,7 @@ func startFaultDrain(t *testing.T) *faultDrain {
 	}
 	for i := 0; i < faultNoneVMs; i++ {
 		f.none = append(f.none, sc.pinned(fmt.Sprintf("none%d", i), f.node, noneStrategy,
-			sim.WithTerminationGracePeriod(60), sim.WithShutdownDuration(8*time.Second)))
+			sim.WithTerminationGracePeriod(60), sim.WithShutdownDuration(20*time.Second)))
 	}
 	f.held = sc.pinned("held", f.node, noneStrategy, sim.WithLabels(map[string]string{"budget": heldBudget}))
 	if _, err := sc.kube().PolicyV1().PodDisruptionBudgets(sc.ns).Create(sc.ctx, &policyv1.PodDisruptionBudget{
