@@ -26,6 +26,8 @@ type APIProbe func(context.Context) error
 type apiHealth struct {
 	failingSince time.Time // first failed probe since the last good one; zero when none
 	lastErr      error
+	// unknown: the last probe found the state unknown, and it was reported so.
+	unknown bool
 }
 
 // runAPIProbe probes the API server every apiProbeInterval while a drain or a host
@@ -87,11 +89,14 @@ func (e *Engine) probeWhileBusy(ctx context.Context) {
 	}
 }
 
-// apiProbed records a probe's answer (nil: the API server serves).
+// apiProbed records a probe's answer (nil: the API server serves). When the state
+// turns unknown it is reported at once, not at the engine's next look: that look may
+// itself be waiting on the API server (a write to an API server whose etcd does not
+// answer waits for its timeout).
 func (e *Engine) apiProbed(err error) {
 	now := e.opts.Clock.Now()
 	e.mu.Lock()
-	before := e.apiUnknownLocked(now)
+	was := e.api.unknown
 	if err == nil {
 		e.api = apiHealth{}
 	} else {
@@ -100,13 +105,15 @@ func (e *Engine) apiProbed(err error) {
 		}
 		e.api.lastErr = err
 	}
-	after := e.apiUnknownLocked(now)
+	why := e.apiUnknownLocked(now)
+	e.api.unknown = why != ""
 	e.mu.Unlock()
 	switch {
-	case before == "" && after != "":
+	case !was && why != "":
 		e.log.WithError(err).Error("the API server does not answer: the state of the node's VMs is unknown until it does")
+		e.notSynced(why, false)
 		e.Enqueue()
-	case before != "" && after == "":
+	case was && why == "":
 		e.log.Info("the API server answers again")
 		e.Enqueue()
 	}

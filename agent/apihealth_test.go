@@ -10,6 +10,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"k8s.io/apimachinery/pkg/runtime"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/clock"
 )
@@ -41,6 +43,10 @@ func TestAPIUnreachableMakesTheStateUnknown(t *testing.T) {
 	}
 	clk.Step(time.Second)
 	e.apiProbed(refused)
+	// Reported at once, before any look (a look may be waiting on the API server).
+	if st, _ := e.Status(); st.Ready || st.ReadyToPowerOff() {
+		t.Errorf("status %+v right after the probe that found the API server silent for %s: want not ready, not safe", st, apiUnknownAfter)
+	}
 	st := look()
 	if st.Ready || st.ReadyToPowerOff() || st.Safe || st.SafeBlind != "" {
 		t.Errorf("status %+v with the API server silent for %s: want not ready, not safe", st, apiUnknownAfter)
@@ -52,6 +58,31 @@ func TestAPIUnreachableMakesTheStateUnknown(t *testing.T) {
 	e.apiProbed(nil)
 	if st := look(); !st.Ready || !st.ReadyToPowerOff() {
 		t.Errorf("status %+v once the API server answers again: want ready and safe", st)
+	}
+}
+
+// A look at the node that began while the API server answered and ends after it has
+// stopped answering (its requests waited on it meanwhile) does not publish what it
+// read as known: the node stays not ready, not safe.
+func TestAPIUnknownDuringALookIsNotOverwritten(t *testing.T) {
+	f := newFixture(t, testNode())
+	e, clk := f.engine, f.clock
+	refused := errors.New("context deadline exceeded")
+	var once sync.Once
+	f.kube.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		once.Do(func() { // the look's write waits while the probes fail
+			e.apiProbed(refused)
+			clk.Step(apiUnknownAfter)
+			e.apiProbed(refused)
+		})
+		return false, nil, nil
+	})
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := e.Status()
+	if st.Ready || st.ReadyToPowerOff() || !strings.Contains(st.Reason, "API server has not answered") {
+		t.Errorf("status %+v after a look during which the API server stopped answering: want not ready, not safe, the reason", st)
 	}
 }
 

@@ -70,6 +70,11 @@ type Options struct {
 	// refused eviction (and of the other pods' evictions). Default 2s and 1m.
 	EvictionBackoff    time.Duration
 	EvictionBackoffMax time.Duration
+	// MigrationStallTimeout is how long a migration may stay in one of the phases that
+	// the target node's virt-handler moves on (Scheduled, PreparingTarget,
+	// TargetReady) before its VM is reported blocked (MigrationStatus.Stalled).
+	// Default DefaultMigrationStallTimeout.
+	MigrationStallTimeout time.Duration
 	// ProbeAPI asks the API server whether it serves; while a drain or a host shutdown
 	// is under way the engine calls it every few seconds, and reports the node's state
 	// unknown while it fails (apihealth.go). Nil: no probe.
@@ -135,6 +140,9 @@ type sets map[string]struct{}
 func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics *Metrics, opts Options) *Engine {
 	if opts.Resync <= 0 {
 		opts.Resync = 5 * time.Second
+	}
+	if opts.MigrationStallTimeout <= 0 {
+		opts.MigrationStallTimeout = DefaultMigrationStallTimeout
 	}
 	if opts.PodEvictionRetry <= 0 {
 		opts.PodEvictionRetry = DefaultPodEvictionRetry

@@ -8,6 +8,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
@@ -24,6 +25,10 @@ type MigrationStatus struct {
 	Phase string `json:"phase"`
 	// TargetNode is where it goes, once known.
 	TargetNode string `json:"targetNode,omitempty"`
+	// PhaseSince is when it entered Phase, as KubeVirt recorded it (the migration's
+	// status.phaseTransitionTimestamps; for Running, Succeeded and Failed told by the
+	// VMI, its migrationState's start and end); nil when KubeVirt recorded none.
+	PhaseSince *metav1.Time `json:"phaseSince,omitempty"`
 }
 
 // DescribeMigration names the migration a VM is in, from its VMI and the migrations
@@ -65,7 +70,82 @@ func DescribeMigration(vmi *kubevirtv1.VirtualMachineInstance, migrations []kube
 	if out.TargetNode == "" && m.Status.MigrationState != nil {
 		out.TargetNode = m.Status.MigrationState.TargetNode
 	}
+	out.PhaseSince = phaseSince(out.Phase, m, ms)
 	return out
+}
+
+// phaseSince is when the migration m entered phase, from the VMI's migrationState ms
+// where the phase was read there, else from the migration's own phase transitions.
+func phaseSince(phase string, m *kubevirtv1.VirtualMachineInstanceMigration, ms *kubevirtv1.VirtualMachineInstanceMigrationState) *metav1.Time {
+	if ms != nil && ms.MigrationUID == m.UID && phase != string(m.Status.Phase) {
+		switch phase {
+		case string(kubevirtv1.MigrationRunning):
+			return ms.StartTimestamp
+		case string(kubevirtv1.MigrationSucceeded), string(kubevirtv1.MigrationFailed):
+			return ms.EndTimestamp
+		}
+		return nil
+	}
+	var since *metav1.Time
+	for _, t := range m.Status.PhaseTransitionTimestamps {
+		if string(t.Phase) == phase {
+			since = t.PhaseTransitionTimestamp.DeepCopy()
+		}
+	}
+	return since
+}
+
+// DefaultMigrationStallTimeout is the engine's MigrationStallTimeout unless set: as
+// long as KubeVirt waits for an unschedulable target pod before it gives up on it.
+const DefaultMigrationStallTimeout = 5 * time.Minute
+
+// A migration stalls in the phases after its target pod was scheduled and before the
+// transfer starts (Scheduled, PreparingTarget, TargetReady): there the target node's
+// virt-handler moves it on, and KubeVirt times none of them out (v1.8's migration
+// controller times out only a target pod that is not scheduled, after 5 and 15
+// minutes, and virt-handler aborts a transfer that makes no progress). A migration in
+// one of them for longer than the engine's MigrationStallTimeout is reported blocked.
+func stallPhase(phase string) bool {
+	switch kubevirtv1.VirtualMachineInstanceMigrationPhase(phase) {
+	case kubevirtv1.MigrationScheduled, kubevirtv1.MigrationPreparingTarget, kubevirtv1.MigrationTargetReady:
+		return true
+	}
+	return false
+}
+
+// Stalled says why the migration cannot be expected to finish: it has been in a phase
+// that only the target node's virt-handler moves on (stallPhase) for at least after,
+// counted from KubeVirt's record of the phase. Empty when it has not, or when KubeVirt
+// recorded no time for the phase.
+func (m *MigrationStatus) Stalled(now time.Time, after time.Duration) string {
+	if m == nil || m.PhaseSince == nil || !stallPhase(m.Phase) {
+		return ""
+	}
+	stuck := now.Sub(m.PhaseSince.Time)
+	if stuck < after {
+		return ""
+	}
+	return fmt.Sprintf("it has been %s for %s (since %s): the virt-handler of %s has not moved it on",
+		m.Phase, stuck.Round(time.Second), m.PhaseSince.UTC().Format(time.RFC3339), targetOrUnknown(m.TargetNode))
+}
+
+func targetOrUnknown(node string) string {
+	if node == "" {
+		return "the target node"
+	}
+	return "the target node " + node
+}
+
+// SetStalled reports a migrating VM whose migration stalled (why, Stalled's) as
+// blocked, the migration still named: it cannot leave until the target node's
+// virt-handler acts, or the migration is cancelled and tried again. Empty why leaves it
+// as it is.
+func (s *VMStatus) SetStalled(why string) {
+	if why == "" || s.State != StateMigrating {
+		return
+	}
+	s.State = StateBlocked
+	s.Detail += ": " + why
 }
 
 // SetMigration puts the migration on a VM's status: the field, and the detail that

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -20,6 +21,16 @@ func testMigration(name string, phase kubevirtv1.VirtualMachineInstanceMigration
 	m.Namespace, m.Name, m.UID, m.Status.Phase = "ns", name, types.UID("uid-"+name), phase
 	m.CreationTimestamp = metav1.NewTime(created)
 	m.Spec.VMIName = "vm"
+	return m
+}
+
+// withTransitions records m's phases as KubeVirt does, one a minute from its creation.
+func withTransitions(m kubevirtv1.VirtualMachineInstanceMigration, phases ...kubevirtv1.VirtualMachineInstanceMigrationPhase) kubevirtv1.VirtualMachineInstanceMigration {
+	for i, p := range phases {
+		m.Status.PhaseTransitionTimestamps = append(m.Status.PhaseTransitionTimestamps, kubevirtv1.VirtualMachineInstanceMigrationPhaseTransitionTimestamp{
+			Phase: p, PhaseTransitionTimestamp: metav1.NewTime(m.CreationTimestamp.Add(time.Duration(i) * time.Minute)),
+		})
+	}
 	return m
 }
 
@@ -50,7 +61,7 @@ func TestDescribeMigration(t *testing.T) {
 			migrations: []kubevirtv1.VirtualMachineInstanceMigration{old, testMigration("m", kubevirtv1.MigrationPending, t0.Add(time.Minute))}},
 		{name: "handed over: the target from the VMI", state: state("uid-m", nil), want: &MigrationStatus{Name: "m", Phase: "Scheduled", TargetNode: "node-b"},
 			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationScheduled, t0)}},
-		{name: "started on the VMI before the object says so", state: state("uid-m", started), want: &MigrationStatus{Name: "m", Phase: "Running", TargetNode: "node-b"},
+		{name: "started on the VMI before the object says so", state: state("uid-m", started), want: &MigrationStatus{Name: "m", Phase: "Running", TargetNode: "node-b", PhaseSince: ptrTime(t0)},
 			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationTargetReady, t0)}},
 		{name: "completed on the VMI", state: state("uid-m", func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { started(ms); ms.Completed = true }),
 			want:       &MigrationStatus{Name: "m", Phase: "Succeeded", TargetNode: "node-b"},
@@ -61,13 +72,16 @@ func TestDescribeMigration(t *testing.T) {
 		{name: "ended, the VMI not moved yet", state: state("uid-m", func(ms *kubevirtv1.VirtualMachineInstanceMigrationState) { started(ms); ms.Completed = true }),
 			want:       &MigrationStatus{Name: "m", Phase: "Succeeded", TargetNode: "node-b"},
 			migrations: []kubevirtv1.VirtualMachineInstanceMigration{testMigration("m", kubevirtv1.MigrationSucceeded, t0)}},
+		{name: "since when: the phase's transition KubeVirt recorded", state: state("uid-m", nil),
+			want:       &MigrationStatus{Name: "m", Phase: "PreparingTarget", TargetNode: "node-b", PhaseSince: ptrTime(t0.Add(2 * time.Minute))},
+			migrations: []kubevirtv1.VirtualMachineInstanceMigration{withTransitions(testMigration("m", kubevirtv1.MigrationPreparingTarget, t0), kubevirtv1.MigrationPending, kubevirtv1.MigrationScheduling, kubevirtv1.MigrationPreparingTarget)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			vmi := newVMI("vm", thisNode, kubevirtv1.Running)
 			vmi.Status.MigrationState = tt.state
 			got := DescribeMigration(vmi, tt.migrations)
-			if (got == nil) != (tt.want == nil) || (got != nil && *got != *tt.want) {
+			if !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("DescribeMigration() = %+v, want %+v", got, tt.want)
 			}
 		})
@@ -123,7 +137,7 @@ func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
 	}
 	check := func(step string, got VMStatus, lists int, want *MigrationStatus, wantDetail string, wantLists int) {
 		t.Helper()
-		if got.State != StateMigrating || (got.Migration == nil) != (want == nil) || (want != nil && *got.Migration != *want) || got.Detail != wantDetail {
+		if got.State != StateMigrating || !reflect.DeepEqual(got.Migration, want) || got.Detail != wantDetail {
 			t.Errorf("%s: state %s, migration %+v, detail %q; want migrating, %+v, %q", step, got.State, got.Migration, got.Detail, want, wantDetail)
 		}
 		if lists != wantLists {
@@ -157,14 +171,14 @@ func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
 	setVMI(func(v *kubevirtv1.VirtualMachineInstance) { v.Status.MigrationState.StartTimestamp = ptrTime(t0) })
 	f.clock.Step(time.Hour)
 	got, lists = look(20)
-	want.Phase = "Running"
+	want.Phase, want.PhaseSince = "Running", ptrTime(t0)
 	check("running", got, lists, want, "migration kubevirt-evacuation-x Running to node-b", 4)
 
 	raw, err := json.Marshal(got)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(raw), `"migration":{"name":"kubevirt-evacuation-x","phase":"Running","targetNode":"node-b"}`) {
+	if !strings.Contains(string(raw), `"migration":{"name":"kubevirt-evacuation-x","phase":"Running","targetNode":"node-b","phaseSince":"2030-01-02T03:00:00Z"}`) {
 		t.Errorf("JSON %s has no migration", raw)
 	}
 }
@@ -225,5 +239,94 @@ func TestSyncStatusBlockedWhileTheTargetPodCannotBeScheduled(t *testing.T) {
 	f.clock.Step(migrationRelist)
 	if got := look(); got.State != StateMigrating || got.Detail != "migration kubevirt-evacuation-x Scheduling" {
 		t.Errorf("state %s, detail %q once the target pod is scheduled; want migrating, the migration named", got.State, got.Detail)
+	}
+}
+
+// A migration that stays in a phase only the target node's virt-handler moves on
+// (here PreparingTarget: the target's virt-handler does not prepare it) is reported
+// blocked once it has been there MigrationStallTimeout, counted from KubeVirt's record
+// of the phase, with a Warning once; a migration Running as long is not (virt-handler
+// aborts a transfer that makes no progress). When the phase moves on, the VM is
+// migrating again. The VM is never acted on otherwise.
+func TestSyncStatusBlockedWhileTheMigrationStalls(t *testing.T) {
+	f, vmi := evacuatingVM(t)
+	// The phase began a minute before the agent looked.
+	stuck := withTransitions(testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationPreparingTarget, f.clock.Now().Add(-3*time.Minute)),
+		kubevirtv1.MigrationPending, kubevirtv1.MigrationScheduling, kubevirtv1.MigrationPreparingTarget)
+	setMigration := func(m kubevirtv1.VirtualMachineInstanceMigration) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {m}}
+	}
+	setMigration(stuck)
+	v := vmi.DeepCopy()
+	v.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{MigrationUID: stuck.UID, SourceNode: thisNode, TargetNode: "node-b", TargetPod: "virt-launcher-vm-target"}
+	if err := f.vmis.Update(v); err != nil {
+		t.Fatal(err)
+	}
+	look := func() VMStatus {
+		t.Helper()
+		for range 3 {
+			if _, err := f.sync(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		st, _ := f.engine.Status()
+		if len(st.VMs) != 1 {
+			t.Fatalf("status %+v", st)
+		}
+		return st.VMs[0]
+	}
+	warnings := func() int {
+		n := 0
+		for _, e := range f.events() {
+			if strings.HasPrefix(e, "Warning "+ReasonBlocked) && strings.Contains(e, "has been PreparingTarget") {
+				n++
+			}
+		}
+		return n
+	}
+
+	if got := look(); got.State != StateMigrating || got.Detail != "migration kubevirt-evacuation-x PreparingTarget to node-b" {
+		t.Errorf("a minute in PreparingTarget: state %s, detail %q; want migrating", got.State, got.Detail)
+	}
+	f.clock.Step(DefaultMigrationStallTimeout - time.Minute - time.Second)
+	if got := look(); got.State != StateMigrating {
+		t.Errorf("a second short of the stall timeout: state %s, detail %q; want migrating", got.State, got.Detail)
+	}
+	f.clock.Step(time.Second)
+	got := look()
+	wantDetail := "migration kubevirt-evacuation-x PreparingTarget to node-b: it has been PreparingTarget for 5m0s (since 2030-01-02T02:59:00Z): the virt-handler of the target node node-b has not moved it on"
+	if got.State != StateBlocked || got.Detail != wantDetail || got.Migration == nil || got.Migration.Name != stuck.Name {
+		t.Errorf("at the stall timeout: state %s, detail %q, migration %+v; want blocked, %q", got.State, got.Detail, got.Migration, wantDetail)
+	}
+	f.clock.Step(time.Minute)
+	look()
+	if n := warnings(); n != 1 {
+		t.Errorf("%d Warning %s events about the stalled migration over two looks: want one", n, ReasonBlocked)
+	}
+	f.noEvictions("a LiveMigrate VM whose migration stalls is not acted on again")
+
+	// The target's virt-handler prepares it: TargetReady, a new phase, migrating again.
+	ready := withTransitions(stuck, kubevirtv1.MigrationTargetReady)
+	ready.Status.Phase = kubevirtv1.MigrationTargetReady
+	ready.Status.PhaseTransitionTimestamps[len(ready.Status.PhaseTransitionTimestamps)-1].PhaseTransitionTimestamp = metav1.NewTime(f.clock.Now())
+	setMigration(ready)
+	v.Status.MigrationState.TargetNodeAddress = "10.0.0.2"
+	if err := f.vmis.Update(v); err != nil {
+		t.Fatal(err)
+	}
+	if got := look(); got.State != StateMigrating || got.Detail != "migration kubevirt-evacuation-x TargetReady to node-b" {
+		t.Errorf("once prepared: state %s, detail %q; want migrating", got.State, got.Detail)
+	}
+
+	// Running far longer than the stall timeout: still migrating.
+	v.Status.MigrationState.StartTimestamp = ptrTime(f.clock.Now())
+	if err := f.vmis.Update(v); err != nil {
+		t.Fatal(err)
+	}
+	f.clock.Step(time.Hour)
+	if got := look(); got.State != StateMigrating || got.Migration == nil || got.Migration.Phase != "Running" {
+		t.Errorf("an hour Running: state %s, detail %q; want migrating", got.State, got.Detail)
 	}
 }

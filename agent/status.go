@@ -114,9 +114,16 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 			migrating[v.key] = true
 			m, unschedulable := e.migrations.describe(ctx, v, e.vmLog(v))
 			vs.SetMigration(m)
+			blocked := ""
 			if unschedulable != "" {
 				vs.SetTargetUnschedulable(unschedulable)
-				e.warnOnce(v, ReasonBlocked+"/TargetUnschedulable/"+m.Name, func() {
+				blocked = "TargetUnschedulable"
+			} else if why := m.Stalled(now, e.opts.MigrationStallTimeout); why != "" {
+				vs.SetStalled(why)
+				blocked = "Stalled/" + m.Phase
+			}
+			if blocked != "" {
+				e.warnOnce(v, ReasonBlocked+"/"+blocked+"/"+m.Name, func() {
 					e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), vs.Detail)
 					e.vmLog(v).WithField("reason", vs.Detail).Warn("the VM cannot leave the node")
 				})
@@ -127,6 +134,9 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	e.migrations.keep(migrating)
 	e.mu.Lock()
 	st.ConfigError, st.NodeError = e.status.ConfigError, e.status.NodeError
+	// The API server stopped answering during this look (which may have waited on it):
+	// what it read is no proof.
+	unknown := e.apiUnknownLocked(now)
 	seen := map[string]bool{}
 	for i := range st.VMs {
 		vs := &st.VMs[i]
@@ -141,6 +151,9 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	}
 	e.mu.Unlock()
 	st.Safe = SafeToPowerOff(st.VMs, st.PodsLeft)
+	if unknown != "" {
+		st.Ready, st.Reason, st.Safe = false, unknown, false
+	}
 	e.setStatus(func(s *NodeStatus) { *s = st })
 	e.metrics.observe(st)
 	if summary := st.Summary(); node.Annotations[AnnotationState] != summary {

@@ -8,10 +8,12 @@ package drainctl
 
 import (
 	"fmt"
+	"time"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
@@ -22,6 +24,10 @@ type Options struct {
 	// DrainTaintKey, when set, is the drain taint key (as the agents' flag); otherwise
 	// it is resolved as the agents resolve it.
 	DrainTaintKey string
+	// MigrationStallTimeout is when a migration stuck in one phase shows its VM as
+	// blocked, as the agents' --migration-stall-timeout. Default
+	// agent.DefaultMigrationStallTimeout.
+	MigrationStallTimeout time.Duration
 }
 
 // Client is a workstation's connection to the cluster.
@@ -39,6 +45,9 @@ type Client struct {
 func New(cfg *rest.Config, opts Options) (*Client, error) {
 	if opts.KubeVirtNamespace == "" {
 		opts.KubeVirtNamespace = "kubevirt"
+	}
+	if opts.MigrationStallTimeout <= 0 {
+		opts.MigrationStallTimeout = agent.DefaultMigrationStallTimeout
 	}
 	c := &Client{opts: opts}
 	var err error

@@ -3,6 +3,7 @@ package drainctl
 import (
 	"context"
 	"fmt"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -85,6 +86,7 @@ func (c *Client) complete(ctx context.Context, v NodeView, cfg nodeinfo.Config, 
 				vm.SetTargetUnschedulable(agent.TargetUnschedulable(pods))
 			}
 		}
+		vm.SetStalled(m.Stalled(time.Now(), c.opts.MigrationStallTimeout))
 	}
 	if predict {
 		v.Predicted = map[string]string{}

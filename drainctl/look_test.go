@@ -145,7 +145,7 @@ func TestDescribeMigrationNamesTheLiveOne(t *testing.T) {
 	if want := "migration live Running to node-b"; vm.Detail != want {
 		t.Errorf("detail %q, want %q", vm.Detail, want)
 	}
-	if want := (agent.MigrationStatus{Name: "live", Phase: "Running", TargetNode: "node-b"}); vm.Migration == nil || *vm.Migration != want {
+	if want := (agent.MigrationStatus{Name: "live", Phase: "Running", TargetNode: "node-b"}); vm.Migration == nil || !reflect.DeepEqual(*vm.Migration, want) {
 		t.Errorf("migration %+v, want %+v", vm.Migration, want)
 	}
 	vm.Detail = "to node-b"

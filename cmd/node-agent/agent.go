@@ -87,12 +87,13 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 		}
 	}
 	ag, err := agent.NewAgent(config, agent.Options{
-		NodeName:         a.NodeName,
-		AllPods:          a.AllPods,
-		ShutdownAllPods:  a.ShutdownAllPods,
-		Resync:           a.Resync,
-		PodEvictionRetry: a.PodEvictionRetry,
-		Log:              logger,
+		NodeName:              a.NodeName,
+		AllPods:               a.AllPods,
+		ShutdownAllPods:       a.ShutdownAllPods,
+		Resync:                a.Resync,
+		MigrationStallTimeout: a.MigrationStall,
+		PodEvictionRetry:      a.PodEvictionRetry,
+		Log:                   logger,
 	})
 	if err != nil {
 		return err

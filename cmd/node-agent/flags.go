@@ -13,6 +13,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
@@ -25,6 +26,7 @@ type runArgs struct {
 	AllPods           bool
 	ListenAddress     string
 	Resync            time.Duration
+	MigrationStall    time.Duration
 	PodEvictionRetry  time.Duration
 	QPS               float64
 	Burst             int
@@ -52,6 +54,7 @@ func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&a.AllPods, "all-pods", false, "during a drain also evict every other pod, as kubectl drain --ignore-daemonsets --delete-emptydir-data --force would")
 	fs.StringVar(&a.ListenAddress, "listen-address", ":8095", "address of /safe-to-shutdown, /healthz, /readyz and /metrics")
 	fs.DurationVar(&a.Resync, "resync", 5*time.Second, "how often a drain in progress is looked at again (changes are seen at once)")
+	fs.DurationVar(&a.MigrationStall, "migration-stall-timeout", agent.DefaultMigrationStallTimeout, "a VM whose migration stays this long in a phase that the target node's virt-handler moves on (Scheduled, PreparingTarget, TargetReady; KubeVirt times none of them out) is reported blocked, with a DrainBlocked event; the migration is left to run")
 	fs.DurationVar(&a.PodEvictionRetry, "pod-eviction-retry", 5*time.Second, "first pause before retrying a refused eviction of another pod (--all-pods): a budget's 429 or any other error; it doubles up to 1m")
 	fs.Float64Var(&a.QPS, "kube-api-qps", 100, "queries per second to the API server (enough to act on 100 VMs at once)")
 	fs.IntVar(&a.Burst, "kube-api-burst", 300, "burst of queries to the API server")
@@ -190,6 +193,9 @@ func (a runArgs) validate() error {
 	}
 	if a.Resync <= 0 {
 		errs = append(errs, fmt.Errorf("--resync %s: must be positive", a.Resync))
+	}
+	if a.MigrationStall <= 0 {
+		errs = append(errs, fmt.Errorf("--migration-stall-timeout %s: must be positive", a.MigrationStall))
 	}
 	if a.PodEvictionRetry <= 0 {
 		errs = append(errs, fmt.Errorf("--pod-eviction-retry %s: must be positive (zero would retry in a busy loop)", a.PodEvictionRetry))

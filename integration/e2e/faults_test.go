@@ -231,9 +231,7 @@ func TestFaultEtcdPausedMidDrain(t *testing.T) {
 		return code == http.StatusServiceUnavailable, statusJSON(code, st)
 	})
 	if unknownAt.IsZero() {
-		// Measured: the agent's reads of its Node were still answered (not
-		// explained yet; docs/RELIABILITY.md lists it as not done).
-		t.Log("the agent did not report the state unknown while etcd was paused")
+		t.Error("the agent did not report the state unknown while etcd was paused")
 	} else {
 		t.Logf("the state reported unknown %s after etcd was paused", unknownAt.Sub(paused).Round(100*time.Millisecond))
 	}

@@ -75,6 +75,60 @@ func TestSafeToShutdownNamesAMigrationThatCannotFinish(t *testing.T) {
 	sc.waitVMIOn("vm", other)
 }
 
+// A LiveMigrate VM whose migration stalls after its target pod was scheduled (the
+// target node's virt-handler stopped: KubeVirt waits in PreparingTarget, with no
+// timeout) is reported blocked once it has been in that phase
+// --migration-stall-timeout, with the migration named and a DrainBlocked event, and is
+// never shut down; once the target's virt-handler runs again the VM migrates and the
+// node is safe.
+func TestSafeToShutdownNamesAStalledMigration(t *testing.T) {
+	sc := newScenario(t, 2)
+	node, other := sc.nodes[0], sc.nodes[1]
+	before := sc.pinned("vm", node, liveMigrate)
+	if err := sc.env.sim.StopVirtHandler(other); err != nil {
+		t.Fatal(err)
+	}
+	const stall = 10 * time.Second
+	a := sc.startAgent(node, "--drain-taint-key="+agentOnlyKey, "--migration-stall-timeout="+stall.String())
+
+	sc.taint(node, agentOnlyKey)
+	st := a.waitStatus(2*time.Minute, "the VM blocked, its migration named, stuck before Running", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, "vm")
+		return v != nil && v.State == agent.StateBlocked && v.Migration != nil && v.Migration.PhaseSince != nil
+	})
+	v := vmStatus(st, sc.ns, "vm")
+	m := migrationNamed(sc.migrationsOf("vm"), v.Migration.Name)
+	if m == nil || m.IsFinal() || string(m.Status.Phase) != v.Migration.Phase {
+		t.Fatalf("/safe-to-shutdown names migration %q in %s, not an unfinished migration of the VM in that phase: %+v", v.Migration.Name, v.Migration.Phase, m)
+	}
+	if v.Migration.Phase != string(kubevirtv1.MigrationPreparingTarget) || v.Migration.TargetNode != other {
+		t.Errorf("migration %+v: want PreparingTarget (KubeVirt waits for the target's virt-handler) to %s", v.Migration, other)
+	}
+	// Blocked since (the agent's clock) no earlier than the stall timeout after the
+	// phase began (KubeVirt's record, whole seconds: one second of slack).
+	if stuck := v.Since.Sub(v.Migration.PhaseSince.Time); stuck < stall-time.Second {
+		t.Errorf("blocked %s after the phase began, before the stall timeout %s", stuck, stall)
+	}
+	want := "migration " + v.Migration.Name + " PreparingTarget to " + other + ": it has been PreparingTarget for "
+	if !strings.HasPrefix(v.Detail, want) || !strings.HasSuffix(v.Detail, "the virt-handler of the target node "+other+" has not moved it on") {
+		t.Errorf("detail %q, want %q...", v.Detail, want)
+	}
+	ev := sc.nodeEvent(node, agent.ReasonBlocked)
+	if !strings.Contains(ev.Message, sc.ns+"/vm") || !strings.Contains(ev.Message, "has been PreparingTarget for") {
+		t.Errorf("event %s %q: want it to name the VM and its stalled migration", ev.Reason, ev.Message)
+	}
+	sc.waitVMIOn("vm", node) // still running where it was: never shut down
+
+	if err := sc.env.sim.StartVirtHandler(other); err != nil {
+		t.Fatal(err)
+	}
+	a.waitSafe(2 * time.Minute)
+	sc.waitMigrated(before, other)
+	if n := len(sc.migrationsOf("vm")); n != 1 {
+		t.Errorf("%d migrations of the VM: want the one that stalled, finished", n)
+	}
+}
+
 // A LiveMigrate VM whose migration takes a while: at some point /safe-to-shutdown
 // shows it Running, with the migration's name and its target, then the node is safe
 // and the VM runs on the other node.

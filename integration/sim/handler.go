@@ -285,8 +285,8 @@ func (s *Sim) migrate(v *kubevirtv1.VirtualMachineInstance, d domain) (time.Dura
 		log.Info("virt-handler: migration aborted")
 		return 0, nil
 	}
-	if s.managed(ms.TargetNode) == nil {
-		return 0, nil // no virt-handler there
+	if !s.handlerRuns(ms.TargetNode) {
+		return 0, nil // no virt-handler there, or it is stopped
 	}
 	target := s.getPod(v.Namespace, ms.TargetPod)
 	targetUp := false

@@ -39,7 +39,9 @@ type simNode struct {
 	endHeartbeat context.CancelFunc
 	stopped      bool
 	lastStatus   time.Time
-	lease        *coordinationv1.Lease // last written, renewed by the heartbeat only
+	// handlerStopped: the node's virt-handler does not run (StopVirtHandler).
+	handlerStopped bool
+	lease          *coordinationv1.Lease // last written, renewed by the heartbeat only
 }
 
 // NodeOption configures a node made by AddNode.
@@ -512,6 +514,48 @@ func (s *Sim) StartKubelet(ctx context.Context, node string) error {
 	}
 	s.log.WithField("node", node).Info("kubelet started")
 	return nil
+}
+
+// StopVirtHandler stops the virt-handler of node, as if it crashed or hung, while the
+// node and its kubelet stay up: a migration whose target is node is not prepared (its
+// target pod runs, and KubeVirt's migration controller waits in PreparingTarget for
+// the target's virt-handler, with no timeout).
+func (s *Sim) StopVirtHandler(node string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sn := s.simNodes[node]
+	if sn == nil {
+		return fmt.Errorf("node %s is not simulated", node)
+	}
+	sn.handlerStopped = true
+	s.log.WithField("node", node).Info("virt-handler stopped")
+	return nil
+}
+
+// StartVirtHandler starts a stopped virt-handler of node again; it looks at every VMI,
+// as a starting virt-handler does.
+func (s *Sim) StartVirtHandler(node string) error {
+	s.mu.Lock()
+	sn := s.simNodes[node]
+	if sn == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("node %s is not simulated", node)
+	}
+	sn.handlerStopped = false
+	s.mu.Unlock()
+	for _, obj := range s.vmis.GetStore().List() {
+		s.enqueueVMI(obj)
+	}
+	s.log.WithField("node", node).Info("virt-handler started")
+	return nil
+}
+
+// handlerRuns reports whether node is simulated and its virt-handler not stopped.
+func (s *Sim) handlerRuns(node string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sn := s.simNodes[node]
+	return sn != nil && !sn.handlerStopped
 }
 
 // kubeletRuns reports whether node is simulated and its kubelet not stopped.
