@@ -43,6 +43,8 @@ type faultDrain struct {
 	held  *kubevirtv1.VirtualMachineInstance
 	pods  map[string]string // VMI name -> its virt-launcher pod on node at the start
 	start time.Time
+	// safeAt: when finish saw /safe-to-shutdown answer 200.
+	safeAt time.Time
 }
 
 const (
@@ -51,9 +53,22 @@ const (
 	heldBudget   = "held"
 )
 
-// startFaultDrain starts the drain and returns once it is under way: a migration
-// running, the None VMs shutting down, the held VM's eviction refused.
+// startFaultDrain starts the drain (the agent's own taint key) on a cluster of the
+// test's own and returns once it is under way: a migration running, the None VMs
+// shutting down, the held VM's eviction refused.
 func startFaultDrain(t *testing.T) *faultDrain {
+	f := newFaultVMs(t)
+	f.a = f.sc.startAgent(f.node, "--drain-taint-key="+agentOnlyKey)
+	f.start = time.Now()
+	f.sc.taint(f.node, agentOnlyKey)
+	f.underWay(agent.TriggerTaint)
+	return f
+}
+
+// newFaultVMs starts a cluster of the test's own (marked faulted) with three nodes and
+// puts the fault drain's VMs on the first, and the budget that refuses the held VM's
+// eviction.
+func newFaultVMs(t *testing.T) *faultDrain {
 	e := newPrivateEnv(t, cluster.Options{})
 	e.faulted = true
 	sc := newScenarioIn(t, e, 3)
@@ -79,9 +94,13 @@ func startFaultDrain(t *testing.T) *faultDrain {
 	for _, v := range append(append(append([]*kubevirtv1.VirtualMachineInstance{}, f.live...), f.none...), f.held) {
 		f.pods[v.Name] = sc.launcherPod(v, f.node).Name
 	}
-	f.a = sc.startAgent(f.node, "--drain-taint-key="+agentOnlyKey)
-	f.start = time.Now()
-	sc.taint(f.node, agentOnlyKey)
+	return f
+}
+
+// underWay waits until the drain (started by trigger) is under way: a migration
+// running, the None VMs shutting down, the held VM's eviction refused.
+func (f *faultDrain) underWay(trigger string) {
+	sc := f.sc
 	f.a.waitStatus(time.Minute, "the drain under way", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
 		migrating := 0
 		for _, v := range f.live {
@@ -95,10 +114,9 @@ func startFaultDrain(t *testing.T) *faultDrain {
 			}
 		}
 		h := vmStatus(st, sc.ns, f.held.Name)
-		return st.Draining && migrating > 0 && h != nil && strings.Contains(h.Detail, "eviction refused")
+		return st.Draining && st.Trigger == trigger && migrating > 0 && h != nil && strings.Contains(h.Detail, "eviction refused")
 	})
-	t.Logf("drain under way %s after the taint", time.Since(f.start).Round(100*time.Millisecond))
-	return f
+	sc.t.Logf("drain under way %s after it was asked for", time.Since(f.start).Round(100*time.Millisecond))
 }
 
 // finish lifts the budget, waits for the drain to complete and checks what a user
@@ -115,7 +133,8 @@ func (f *faultDrain) finish(recovered time.Time) time.Duration {
 		t.Fatal(err)
 	}
 	f.a.waitSafe(3 * time.Minute)
-	done := time.Since(recovered)
+	f.safeAt = time.Now()
+	done := f.safeAt.Sub(recovered)
 	t.Logf("drain completed %s after the fault ended (%s after the taint)", done.Round(100*time.Millisecond), time.Since(f.start).Round(100*time.Millisecond))
 
 	for _, before := range f.live {
@@ -421,5 +440,101 @@ func TestFaultAPIServerUnreachableDuringHeldShutdown(t *testing.T) {
 	}
 	if n := sc.eventCount(sc.ns, "VirtualMachineInstance", slow.Name, agent.ReasonShutdownRequested); n != 0 {
 		t.Errorf("%d %s events on the LiveMigrate VM", n, agent.ReasonShutdownRequested)
+	}
+}
+
+// The faults of the drain above (a, b, c), one after another, while a host shutdown
+// is held (issue 13.2: each mid-held-shutdown): a power-off asked through the real
+// logind starts the drain (the agent's lock on logind's bus, --shutdown-timeout 15m), and
+// while it is under way (the held VM's eviction refused by its budget until the end)
+// kube-apiserver is restarted, etcd is paused for 30 s, then virt-controller and virt-api
+// are restarted. After each fault logind has started no power-off (the lock still
+// holds) and the agent is ready again; then the budget is lifted, the drain completes
+// with each VM's action requested once and no VM lost, and the lock is released once
+// the node is safe, long before the deadline.
+func TestFaultsDuringHeldShutdown(t *testing.T) {
+	const timeout = 15 * time.Minute
+	f := newFaultVMs(t)
+	sc, c := f.sc, f.sc.env.cluster
+	env := sc.startLogind(logind.WithInhibitDelayMax(timeout))
+	// The agent's own taint key, as in the drains above: KubeVirt's evacuation controller
+	// does not act on it, so that each VM's action is the agent's to request.
+	f.a = sc.startShutdownAgent(f.node, env, "--shutdown-timeout="+timeout.String(), "--drain-taint-key="+agentOnlyKey)
+	asked := sc.powerOff(env)
+	f.start = asked
+	f.underWay(agent.TriggerShutdown)
+	held := func(after string) {
+		t.Helper()
+		if at, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
+			t.Fatalf("%s: the power-off job started at %s (%v): the lock did not hold", after, at, err)
+		}
+		if code, st := f.a.safeToShutdown(""); code != http.StatusServiceUnavailable || !st.Draining || vmStatus(st, sc.ns, f.held.Name) == nil {
+			t.Fatalf("%s: want the drain still under way, the held VM left: %s", after, statusJSON(code, st))
+		}
+	}
+
+	// a. kube-apiserver restarted.
+	down, err := c.RestartAPIServer(sc.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	f.a.waitServing("/readyz", time.Minute)
+	t.Logf("a: kube-apiserver answered nothing for %s; the agent ready again %s after", down.Round(100*time.Millisecond), time.Since(back).Round(100*time.Millisecond))
+	held("after the API server's restart")
+
+	// b. etcd paused for 30 s: the state unknown, never safe, the lock held.
+	if err := c.PauseEtcd(); err != nil {
+		t.Fatal(err)
+	}
+	paused := time.Now()
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			_ = c.ResumeEtcd()
+		}
+	})
+	var unknownAt time.Time
+	sc.consistently(30*time.Second, "the shutdown held, not safe, while etcd is paused", func() (bool, string) {
+		code, st := f.a.safeToShutdown("")
+		if unknownAt.IsZero() && !st.Ready && strings.Contains(st.Reason, "API server has not answered") {
+			unknownAt = time.Now()
+		}
+		if at, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
+			return false, fmt.Sprintf("poweroff job started at %s (%v)", at, err)
+		}
+		return code == http.StatusServiceUnavailable, statusJSON(code, st)
+	})
+	if unknownAt.IsZero() {
+		t.Error("b: the agent did not report the state unknown while etcd was paused")
+	}
+	if err := c.ResumeEtcd(); err != nil {
+		t.Fatal(err)
+	}
+	resumed = true
+	back = time.Now()
+	f.a.waitServing("/readyz", time.Minute)
+	t.Logf("b: etcd paused %s, the state unknown %s after the pause; the agent ready again %s after etcd resumed",
+		back.Sub(paused).Round(100*time.Millisecond), unknownAt.Sub(paused).Round(100*time.Millisecond), time.Since(back).Round(100*time.Millisecond))
+	held("after etcd's pause")
+
+	// c. virt-controller, then virt-api restarted.
+	start := time.Now()
+	if err := c.RestartVirtController(sc.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.RestartVirtAPI(sc.ctx); err != nil {
+		t.Fatal(err)
+	}
+	back = time.Now()
+	t.Logf("c: virt-controller and virt-api serve again %s after their restarts began", back.Sub(start).Round(100*time.Millisecond))
+	held("after KubeVirt's restarts")
+
+	f.finish(back)
+	started := sc.waitPowerOffJob(env, asked, time.Minute)
+	t.Logf("the power-off held %s in all (--shutdown-timeout %s); its job started %s after the test saw the node safe",
+		started.Sub(asked).Round(100*time.Millisecond), timeout, started.Sub(f.safeAt).Round(100*time.Millisecond))
+	if started.Sub(asked) >= timeout {
+		t.Errorf("the power-off went at the deadline, not when the node was safe")
 	}
 }

@@ -296,6 +296,29 @@ func (sc *scenario) taint(node, key string) {
 	})
 }
 
+// tryTaint adds the drain taint with key to node as `kubectl taint` without
+// --overwrite does: a node that already has a taint of that key and effect (an agent's
+// own, for a host shutdown) is left as it is, and it reports false.
+func (sc *scenario) tryTaint(node, key string) bool {
+	sc.t.Helper()
+	added := false
+	err := nodeinfo.UpdateNode(sc.ctx, sc.kube(), node, func(n *corev1.Node) (bool, error) {
+		for _, t := range n.Spec.Taints {
+			if t.Key == key && t.Effect == corev1.TaintEffectNoSchedule {
+				added = false
+				return false, nil
+			}
+		}
+		n.Spec.Taints = append(n.Spec.Taints, corev1.Taint{Key: key, Value: "draining", Effect: corev1.TaintEffectNoSchedule})
+		added = true
+		return true, nil
+	})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	return added
+}
+
 // untaint removes every taint with key from node, as `kubectl taint KEY-` would.
 func (sc *scenario) untaint(node, key string) {
 	sc.t.Helper()

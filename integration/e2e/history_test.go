@@ -268,7 +268,12 @@ func (h *history) ops() []historyOp {
 		{"taint", 4, func() bool {
 			i, ok := nodeWhere(func(i int) bool { return !h.tainted(i) && h.canClose(i) })
 			if ok {
-				sc.taint(sc.nodes[i], h.key)
+				// kubectl taint without --overwrite: refused while the node has the
+				// taint already (the agent's own, of a host shutdown being given back).
+				if !sc.tryTaint(sc.nodes[i], h.key) {
+					h.record("kubectl taint %s %s=draining:NoSchedule (refused: the node has that taint already)", sc.nodes[i], h.key)
+					return true
+				}
 				h.nodes[i].taints[h.key] = true
 				h.record("kubectl taint %s %s=draining:NoSchedule", sc.nodes[i], h.key)
 			}
