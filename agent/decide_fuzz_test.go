@@ -132,7 +132,7 @@ func FuzzSnapshotObjects(f *testing.F) {
 		}
 		for _, s := range got {
 			switch s.State {
-			case StateRunning, StatePending, StateMigrating, StateShuttingDown, StateWaitingExternal, StateIncoming:
+			case StateRunning, StatePending, StateMigrating, StateShuttingDown, StateWaitingExternal, StateIncoming, StateStarting:
 			case StateBlocked:
 				if s.Detail == "" {
 					t.Fatalf("blocked without a reason: %+v", s)

@@ -40,7 +40,7 @@ func NewMetrics(node string) *Metrics {
 		Registry: prometheus.NewRegistry(),
 		VMs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "node_agent_vms",
-			Help: "VMs on this node, by effective eviction strategy and by what is happening to them (running, pending, migrating, shutting-down, waiting-external, blocked, incoming-migration).",
+			Help: "VMs on this node, by effective eviction strategy and by what is happening to them (running, pending, migrating, shutting-down, waiting-external, blocked, incoming-migration, starting).",
 		}, []string{"strategy", "state"}),
 		Draining: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "node_agent_draining",

@@ -77,7 +77,7 @@ func (s NodeStatus) Summary() string {
 		return "drained: no VM left, safe to power off"
 	}
 	var parts []string
-	for _, st := range []VMState{StatePending, StateMigrating, StateShuttingDown, StateWaitingExternal, StateBlocked, StateIncoming} {
+	for _, st := range []VMState{StatePending, StateMigrating, StateShuttingDown, StateWaitingExternal, StateBlocked, StateIncoming, StateStarting} {
 		if n := s.Counts()[st]; n > 0 {
 			parts = append(parts, fmt.Sprintf("%d %s", n, st))
 		}

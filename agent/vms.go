@@ -26,6 +26,9 @@ const (
 	StateBlocked VMState = "blocked"
 	// StateIncoming: a migration into this node has a target pod here.
 	StateIncoming VMState = "incoming-migration"
+	// StateStarting: a VM being started here: its virt-launcher pod is on the node
+	// before its VMI names the node (not a migration's target pod).
+	StateStarting VMState = "starting"
 )
 
 // vm is one VM on the node: its VMI (nil for a pod whose VMI is not on this node,
@@ -118,10 +121,14 @@ func vmsOnNode(node string, vmis []*kubevirtv1.VirtualMachineInstance, pods []*c
 // observe says what is happening to a VM, from the cluster alone.
 func observe(v *vm, d Decision, node string, draining bool) (VMState, string) {
 	if v.vmi == nil {
-		if p := v.pods[0]; p.DeletionTimestamp != nil {
+		p := v.pods[0]
+		if p.DeletionTimestamp != nil {
 			return StateShuttingDown, "virt-launcher pod " + p.Name + " is terminating"
 		}
-		return StateIncoming, "virt-launcher pod " + v.pods[0].Name + " of a VM running elsewhere"
+		if _, target := p.Labels[kubevirtv1.MigrationJobLabel]; target {
+			return StateIncoming, "virt-launcher pod " + p.Name + " of a VM running elsewhere"
+		}
+		return StateStarting, "virt-launcher pod " + p.Name + " of a VM being started here (its VMI does not name the node yet)"
 	}
 	vmi := v.vmi
 	if v.terminating() {

@@ -374,6 +374,11 @@ func TestObserve(t *testing.T) {
 			want: StateIncoming, detailHas: "target-x", wantDetail: true,
 		},
 		{
+			name: "a lone pod that is no migration's target is a VM being started",
+			v:    &vm{key: "ns/x", pods: []*corev1.Pod{launcherPod("virt-launcher-x", "uid-x", thisNode, corev1.PodPending)}}, d: decide(&vm{}, testConfig()), draining: true,
+			want: StateStarting, detailHas: "virt-launcher-x of a VM being started here", wantDetail: true,
+		},
+		{
 			name: "a lone terminating pod is shutting down",
 			v:    &vm{key: "ns/x", pods: []*corev1.Pod{deleting(targetPod("target-x", "uid-x", "x", thisNode))}}, d: decide(&vm{}, testConfig()), draining: true,
 			want: StateShuttingDown, detailHas: "target-x", wantDetail: true,
