@@ -188,6 +188,26 @@ func (c *Cluster) ErrorLines() (map[string][]string, error) {
 // CA returns the PEM of the authority that signed every serving certificate.
 func (c *Cluster) CA() []byte { return c.caPEM }
 
+// PID is the process ID of the named part of the control plane as it runs now
+// ("kube-apiserver", "etcd"), for benchmarks that read its CPU and memory; 0 if it
+// does not run.
+func (c *Cluster) PID(part string) int {
+	var p *process
+	switch part {
+	case "kube-apiserver":
+		p = c.apiserver
+	case "etcd":
+		p = c.etcd
+	}
+	if p == nil {
+		return 0
+	}
+	if cmd := p.current(); cmd != nil && cmd.Process != nil {
+		return cmd.Process.Pid
+	}
+	return 0
+}
+
 func (c *Cluster) startKubernetes(ctx context.Context) error {
 	ca, err := newAuthority("node-agent-test-ca")
 	if err != nil {

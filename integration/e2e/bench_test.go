@@ -9,9 +9,6 @@ package e2e
 
 import (
 	"fmt"
-	"os"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -71,16 +68,4 @@ func benchmarkDrain(b *testing.B, n int) {
 }
 
 // peakRSS reads a process's peak resident set (VmHWM) in KiB.
-func peakRSS(pid int) int {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if strings.HasPrefix(line, "VmHWM:") {
-			kb, _ := strconv.Atoi(strings.Fields(line)[1])
-			return kb
-		}
-	}
-	return 0
-}
+func peakRSS(pid int) int { return procStatusKiB(pid, "VmHWM:") }
