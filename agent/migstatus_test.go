@@ -198,19 +198,7 @@ func TestSyncStatusBlockedWhileTheTargetPodCannotBeScheduled(t *testing.T) {
 	if _, err := f.kube.CoreV1().Pods("ns").Create(context.Background(), target, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	look := func() VMStatus {
-		t.Helper()
-		for range 3 {
-			if _, err := f.sync(); err != nil {
-				t.Fatal(err)
-			}
-		}
-		st, _ := f.engine.Status()
-		if len(st.VMs) != 1 {
-			t.Fatalf("status %+v", st)
-		}
-		return st.VMs[0]
-	}
+	look := func() VMStatus { t.Helper(); return f.lookAtTheOneVM() }
 
 	got := look()
 	wantDetail := "migration kubevirt-evacuation-x Scheduling: its target pod cannot be scheduled: " + why
@@ -264,19 +252,7 @@ func TestSyncStatusBlockedWhileTheMigrationStalls(t *testing.T) {
 	if err := f.vmis.Update(v); err != nil {
 		t.Fatal(err)
 	}
-	look := func() VMStatus {
-		t.Helper()
-		for range 3 {
-			if _, err := f.sync(); err != nil {
-				t.Fatal(err)
-			}
-		}
-		st, _ := f.engine.Status()
-		if len(st.VMs) != 1 {
-			t.Fatalf("status %+v", st)
-		}
-		return st.VMs[0]
-	}
+	look := func() VMStatus { t.Helper(); return f.lookAtTheOneVM() }
 	warnings := func() int {
 		n := 0
 		for _, e := range f.events() {
@@ -329,4 +305,19 @@ func TestSyncStatusBlockedWhileTheMigrationStalls(t *testing.T) {
 	if got := look(); got.State != StateMigrating || got.Migration == nil || got.Migration.Phase != "Running" {
 		t.Errorf("an hour Running: state %s, detail %q; want migrating", got.State, got.Detail)
 	}
+}
+
+// lookAtTheOneVM looks at the node three times and returns the status of its one VM.
+func (f *fixture) lookAtTheOneVM() VMStatus {
+	f.t.Helper()
+	for range 3 {
+		if _, err := f.sync(); err != nil {
+			f.t.Fatal(err)
+		}
+	}
+	st, _ := f.engine.Status()
+	if len(st.VMs) != 1 {
+		f.t.Fatalf("status %+v", st)
+	}
+	return st.VMs[0]
 }

@@ -230,39 +230,53 @@ func TestFaultAPIServerRestartedMidDrain(t *testing.T) {
 // action is requested once, no VM is lost.
 func TestFaultEtcdPausedMidDrain(t *testing.T) {
 	f := startFaultDrain(t)
-	c := f.sc.env.cluster
+	paused, back, unknownAt := f.pauseEtcd(nil)
+	if !unknownAt.IsZero() {
+		t.Logf("the state reported unknown %s after etcd was paused", unknownAt.Sub(paused).Round(100*time.Millisecond))
+	}
+	t.Logf("etcd paused for %s", back.Sub(paused).Round(100*time.Millisecond))
+	f.a.waitServing("/readyz", time.Minute)
+	t.Logf("the agent ready %s after etcd resumed", time.Since(back).Round(100*time.Millisecond))
+	f.finish(back)
+}
+
+// pauseEtcd pauses etcd for 30 s (SIGSTOP, then SIGCONT), checking meanwhile that
+// /safe-to-shutdown never answers 200 and, with extra, whatever else must hold; it
+// returns when etcd was paused and resumed, and when the agent first reported the
+// state unknown (zero if it never did, which fails the test).
+func (f *faultDrain) pauseEtcd(extra func() string) (paused, resumed, unknownAt time.Time) {
+	t, c := f.sc.t, f.sc.env.cluster
+	t.Helper()
 	if err := c.PauseEtcd(); err != nil {
 		t.Fatal(err)
 	}
-	paused := time.Now()
-	resumed := false
+	paused = time.Now()
+	done := false
 	t.Cleanup(func() {
-		if !resumed {
+		if !done {
 			_ = c.ResumeEtcd()
 		}
 	})
-	var unknownAt time.Time
-	f.sc.consistently(30*time.Second, "/safe-to-shutdown not safe while etcd is paused", func() (bool, string) {
+	f.sc.consistently(30*time.Second, "not safe while etcd is paused", func() (bool, string) {
 		code, st := f.a.safeToShutdown("")
 		if unknownAt.IsZero() && !st.Ready && strings.Contains(st.Reason, "API server has not answered") {
 			unknownAt = time.Now()
+		}
+		if extra != nil {
+			if why := extra(); why != "" {
+				return false, why
+			}
 		}
 		return code == http.StatusServiceUnavailable, statusJSON(code, st)
 	})
 	if unknownAt.IsZero() {
 		t.Error("the agent did not report the state unknown while etcd was paused")
-	} else {
-		t.Logf("the state reported unknown %s after etcd was paused", unknownAt.Sub(paused).Round(100*time.Millisecond))
 	}
 	if err := c.ResumeEtcd(); err != nil {
 		t.Fatal(err)
 	}
-	resumed = true
-	back := time.Now()
-	t.Logf("etcd paused for %s", back.Sub(paused).Round(100*time.Millisecond))
-	f.a.waitServing("/readyz", time.Minute)
-	t.Logf("the agent ready %s after etcd resumed", time.Since(back).Round(100*time.Millisecond))
-	f.finish(back)
+	done = true
+	return paused, time.Now(), unknownAt
 }
 
 // virt-controller and virt-api restarted in the middle of a drain (virt-controller
@@ -484,35 +498,12 @@ func TestFaultsDuringHeldShutdown(t *testing.T) {
 	held("after the API server's restart")
 
 	// b. etcd paused for 30 s: the state unknown, never safe, the lock held.
-	if err := c.PauseEtcd(); err != nil {
-		t.Fatal(err)
-	}
-	paused := time.Now()
-	resumed := false
-	t.Cleanup(func() {
-		if !resumed {
-			_ = c.ResumeEtcd()
-		}
-	})
-	var unknownAt time.Time
-	sc.consistently(30*time.Second, "the shutdown held, not safe, while etcd is paused", func() (bool, string) {
-		code, st := f.a.safeToShutdown("")
-		if unknownAt.IsZero() && !st.Ready && strings.Contains(st.Reason, "API server has not answered") {
-			unknownAt = time.Now()
-		}
+	paused, back, unknownAt := f.pauseEtcd(func() string {
 		if at, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
-			return false, fmt.Sprintf("poweroff job started at %s (%v)", at, err)
+			return fmt.Sprintf("poweroff job started at %s (%v)", at, err)
 		}
-		return code == http.StatusServiceUnavailable, statusJSON(code, st)
+		return ""
 	})
-	if unknownAt.IsZero() {
-		t.Error("b: the agent did not report the state unknown while etcd was paused")
-	}
-	if err := c.ResumeEtcd(); err != nil {
-		t.Fatal(err)
-	}
-	resumed = true
-	back = time.Now()
 	f.a.waitServing("/readyz", time.Minute)
 	t.Logf("b: etcd paused %s, the state unknown %s after the pause; the agent ready again %s after etcd resumed",
 		back.Sub(paused).Round(100*time.Millisecond), unknownAt.Sub(paused).Round(100*time.Millisecond), time.Since(back).Round(100*time.Millisecond))
