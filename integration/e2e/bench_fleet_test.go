@@ -18,6 +18,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"sort"
 	"strconv"
@@ -96,8 +97,10 @@ func benchFleet(b *testing.B, n int, idle time.Duration) {
 
 	start := time.Now()
 	agents := make([]*agentProc, 0, n)
+	port := 20000
 	for _, node := range sc.nodes {
-		addr := freeAddr(b)
+		var addr string
+		addr, port = fleetAddr(b, port)
 		agents = append(agents, sc.spawnAgent(sc.env.agentBin, node, addr, []string{"run", "--kubeconfig=" + kubeconfig,
 			"--node-name=" + node, "--listen-address=" + addr, "--shutdown-inhibitor=false"}, nil))
 	}
@@ -143,6 +146,23 @@ func benchFleet(b *testing.B, n int, idle time.Duration) {
 	b.ReportMetric(ready.Seconds(), "s-all-ready")
 	b.ReportMetric(medianF(with.agentCPU), "millicores-agent-idle")
 	b.ReportMetric(float64(agentWatches)/float64(n), "watches-per-agent")
+}
+
+// fleetAddr returns a free local address at or after port, below Linux's ephemeral
+// range (32768 and up), and the port after it: the agents all start at once, so each
+// needs a port that neither another agent nor an outgoing connection takes before it
+// binds (freeAddr's port, from the ephemeral range, may be handed out again meanwhile).
+func fleetAddr(t testing.TB, port int) (string, int) {
+	t.Helper()
+	for ; port < 32768; port++ {
+		addr := "127.0.0.1:" + strconv.Itoa(port)
+		if l, err := net.Listen("tcp", addr); err == nil {
+			l.Close()
+			return addr, port + 1
+		}
+	}
+	t.Fatal("no free port below 32768")
+	return "", port
 }
 
 // watchesServed is the number of WATCH requests the API server serves now
