@@ -9,11 +9,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/kubectl/pkg/util/templates"
 
+	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/drainctl"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
@@ -42,6 +44,7 @@ type ctlOptions struct {
 	conn              *genericclioptions.ConfigFlags
 	kubeVirtNamespace string
 	drainTaintKey     string
+	migrationStall    time.Duration
 	stdout, stderr    io.Writer
 }
 
@@ -52,7 +55,8 @@ func (o *ctlOptions) client() (*drainctl.Client, error) {
 		return nil, fmt.Errorf("loading the kubeconfig: %w", err)
 	}
 	cfg.UserAgent = "node-agent-ctl"
-	return drainctl.New(cfg, drainctl.Options{KubeVirtNamespace: o.kubeVirtNamespace, DrainTaintKey: o.drainTaintKey})
+	return drainctl.New(cfg, drainctl.Options{KubeVirtNamespace: o.kubeVirtNamespace, DrainTaintKey: o.drainTaintKey,
+		MigrationStallTimeout: o.migrationStall})
 }
 
 // config resolves the drain taint key as the agents do. A source that does not decide
@@ -85,6 +89,9 @@ func newCtlCommand(ctx context.Context, stdout, stderr io.Writer) *cobra.Command
 					return usageError{fmt.Errorf("--drain-taint-key: %w", err)}
 				}
 			}
+			if o.migrationStall <= 0 {
+				return usageError{fmt.Errorf("--migration-stall-timeout %s: must be positive", o.migrationStall)}
+			}
 			return nil
 		},
 	}
@@ -98,6 +105,7 @@ func newCtlCommand(ctx context.Context, stdout, stderr io.Writer) *cobra.Command
 	o.conn.AddFlags(flags)
 	flags.StringVar(&o.kubeVirtNamespace, "kubevirt-namespace", "kubevirt", "The namespace of the KubeVirt CR and the legacy kubevirt-config ConfigMap.")
 	flags.StringVar(&o.drainTaintKey, "drain-taint-key", "", "The drain taint key. If empty, it is resolved as the agents resolve it: the KubeVirt CR, the legacy ConfigMap, kubevirt.io/drain.")
+	flags.DurationVar(&o.migrationStall, "migration-stall-timeout", agent.DefaultMigrationStallTimeout, "A VM whose migration has stayed this long in Scheduled, PreparingTarget or TargetReady is shown blocked, as the agents' flag of that name.")
 	root.AddCommand(newDrainCommand(o), newUndrainCommand(o), newStatusCommand(o), newOptionsCommand(stdout))
 	templates.ActsAsRootCommand(root, []string{"options"})
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })

@@ -20,6 +20,7 @@ func TestCtlUsage(t *testing.T) {
 		{name: "two nodes", args: []string{"undrain", "a", "b"}, want: exitUsage, stderrHas: []string{"one node at a time"}},
 		{name: "unknown output", args: []string{"status", "x", "-o", "yaml"}, want: exitUsage, stderrHas: []string{`-o "yaml": want text or json`}},
 		{name: "unknown flag", args: []string{"drain", "x", "--bogus"}, want: exitUsage, stderrHas: []string{"unknown flag: --bogus"}},
+		{name: "zero stall timeout", args: []string{"status", "x", "--migration-stall-timeout=0s"}, want: exitUsage, stderrHas: []string{"--migration-stall-timeout 0s: must be positive"}},
 		{name: "invalid taint key", args: []string{"drain", "x", "--drain-taint-key=not a key!"}, want: exitUsage, stderrHas: []string{"--drain-taint-key: invalid taint key"}},
 		{name: "a kubeconfig that is not there", args: []string{"status", "x", "--kubeconfig=/nonexistent/kubeconfig"}, want: exitFailed, stderrHas: []string{"node-agent status:", "/nonexistent/kubeconfig"}},
 		{name: "help in kubectl's layout", args: []string{"drain", "--help"}, want: exitOK, stdoutHas: []string{

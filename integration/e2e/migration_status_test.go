@@ -117,6 +117,10 @@ func TestSafeToShutdownNamesAStalledMigration(t *testing.T) {
 	if !strings.Contains(ev.Message, sc.ns+"/vm") || !strings.Contains(ev.Message, "has been PreparingTarget for") {
 		t.Errorf("event %s %q: want it to name the VM and its stalled migration", ev.Reason, ev.Message)
 	}
+	out, errOut, code := sc.ctl("status", node, "--drain-taint-key="+agentOnlyKey, "--migration-stall-timeout="+stall.String())
+	if code != 0 && code != 1 || !strings.Contains(out, "blocked: migration "+v.Migration.Name+" ") || !strings.Contains(out, "has not moved it on") {
+		t.Errorf("node-agent status (exit %d) does not show the VM blocked on its stalled migration %s:\n%s%s", code, v.Migration.Name, out, errOut)
+	}
 	sc.waitVMIOn("vm", node) // still running where it was: never shut down
 
 	if err := sc.env.sim.StartVirtHandler(other); err != nil {
