@@ -209,10 +209,12 @@ func TestNoBusIsDegradedAndRecovers(t *testing.T) {
 	})
 	t.Logf("degraded: %s", s.Degraded)
 
+	started := time.Now()
 	if err := env.StartBus(ctx); err != nil {
 		t.Fatal(err)
 	}
 	waitStatus(ctx, t, g, "recovered", healthy)
+	t.Logf("the lock held again %s after the bus was started", time.Since(started).Round(time.Millisecond))
 	waitOurs(ctx, t, env, 1, "delay")
 	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)
 }
@@ -246,8 +248,10 @@ func TestSlowLogindIsDegradedAndRecovers(t *testing.T) {
 	})
 	t.Logf("degraded: %s", s.Degraded)
 
+	resumedAt := time.Now()
 	resume()
 	waitStatus(ctx, t, g, "recovered", healthy)
+	t.Logf("the lock held again %s after logind answered again", time.Since(resumedAt).Round(time.Millisecond))
 	waitOurs(ctx, t, env, 1, "delay")
 	powerOffHeldUntilRelease(ctx, t, env, g, 200*time.Millisecond)
 }

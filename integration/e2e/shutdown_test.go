@@ -493,6 +493,7 @@ func TestShutdownLockHeldAgainAfterLogindAndBusRestarts(t *testing.T) {
 		{"logind restarted with its state", func(ctx context.Context) error { return env.RestartLogind(ctx, true) }},
 		{"the system bus restarted", env.RestartBus},
 	} {
+		start := time.Now()
 		if err := restart.do(sc.ctx); err != nil {
 			t.Fatalf("%s: %v", restart.what, err)
 		}
@@ -503,7 +504,7 @@ func TestShutdownLockHeldAgainAfterLogindAndBusRestarts(t *testing.T) {
 			code, body := a.get("/readyz")
 			return code == http.StatusOK, body
 		})
-		t.Logf("%s: the lock is held again", restart.what)
+		t.Logf("%s: the lock is held again, the agent ready, %s after the restart began", restart.what, time.Since(start).Round(time.Millisecond))
 	}
 
 	vms := sc.watchVMs(node)
