@@ -107,13 +107,11 @@ func TestOtherPodsEvictOncePerBackoff(t *testing.T) {
 	defer cancel()
 	launchers := []*corev1.Pod{&launcher}
 
-	start := time.Now()
 	if left := p.evict(ctx, launchers); left != 1 {
 		t.Errorf("first pass: %d pods left, want 1 (web; the hotplug pod of a VM on the node stays)", left)
 	}
-	if took := time.Since(start); took > 900*time.Millisecond {
-		t.Errorf("the first pass took %s: the refusal's Retry-After (1 s) was waited for", took)
-	}
+	// One request: client-go did not retry the 429 after its Retry-After (1 s) itself
+	// (a wall-clock bound here failed on a loaded machine and proved no more).
 	if n := srv.count("web"); n != 1 {
 		t.Errorf("after the first pass: %d evictions of web posted, want 1 (no client-side retry of a 429)", n)
 	}
