@@ -14,6 +14,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/clock"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
 // An API server that does not answer: the cache still shows the node empty, but
@@ -61,18 +62,21 @@ func TestAPIUnreachableMakesTheStateUnknown(t *testing.T) {
 	}
 }
 
-// A look at the node that began while the API server answered and ends after it has
-// stopped answering (its requests waited on it meanwhile) does not publish what it
-// read as known: the node stays not ready, not safe.
+// A look at the node that began while the API server still counted as answering and
+// that ends after it has stopped (the look's own reads waited meanwhile: here the list
+// of a waiting migration's target pods) does not publish what it read as known: the
+// node stays not ready, not safe.
 func TestAPIUnknownDuringALookIsNotOverwritten(t *testing.T) {
-	f := newFixture(t, testNode())
+	f, _ := evacuatingVM(t)
+	f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationScheduling, t0)}}
 	e, clk := f.engine, f.clock
 	refused := errors.New("context deadline exceeded")
+	e.apiProbed(refused)
+	clk.Step(apiUnknownAfter - time.Second) // failing, not yet for apiUnknownAfter
 	var once sync.Once
-	f.kube.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
-		once.Do(func() { // the look's write waits while the probes fail
-			e.apiProbed(refused)
-			clk.Step(apiUnknownAfter)
+	f.kube.PrependReactor("list", "pods", func(k8stesting.Action) (bool, runtime.Object, error) {
+		once.Do(func() { // the look's read waits while the probes go on failing
+			clk.Step(2 * time.Second)
 			e.apiProbed(refused)
 		})
 		return false, nil, nil

@@ -134,9 +134,9 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	e.migrations.keep(migrating)
 	e.mu.Lock()
 	st.ConfigError, st.NodeError = e.status.ConfigError, e.status.NodeError
-	// The API server stopped answering during this look (which may have waited on it):
-	// what it read is no proof.
-	unknown := e.apiUnknownLocked(now)
+	// The API server stopped answering during this look (which may have waited on it:
+	// the clock is read again, not the look's start): what it read is no proof.
+	unknown := e.apiUnknownLocked(e.opts.Clock.Now())
 	seen := map[string]bool{}
 	for i := range st.VMs {
 		vs := &st.VMs[i]
