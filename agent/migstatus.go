@@ -141,7 +141,15 @@ func targetOrUnknown(node string) string {
 // virt-handler acts, or the migration is cancelled and tried again. Empty why leaves it
 // as it is.
 func (s *VMStatus) SetStalled(why string) {
-	if why == "" || s.State != StateMigrating {
+	if why != "" {
+		s.blockMigrating(why)
+	}
+}
+
+// blockMigrating reports a migrating VM as blocked, why added to its detail (which
+// still names the migration); a VM in another state is left as it is.
+func (s *VMStatus) blockMigrating(why string) {
+	if s.State != StateMigrating {
 		return
 	}
 	s.State = StateBlocked
@@ -283,11 +291,9 @@ func TargetUnschedulable(pods []corev1.Pod) string {
 // cannot leave until the cluster changes (room on another node); KubeVirt times the
 // target pod out and retries the migration. Empty why leaves it as it is.
 func (s *VMStatus) SetTargetUnschedulable(why string) {
-	if why == "" || s.State != StateMigrating {
-		return
+	if why != "" {
+		s.blockMigrating("its target pod cannot be scheduled: " + why)
 	}
-	s.State = StateBlocked
-	s.Detail += ": its target pod cannot be scheduled: " + why
 }
 
 // keep forgets the VMs not in present (not migrating any more, or gone).

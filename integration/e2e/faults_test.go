@@ -477,10 +477,17 @@ func TestFaultsDuringHeldShutdown(t *testing.T) {
 	asked := sc.powerOff(env)
 	f.start = asked
 	f.underWay(agent.TriggerShutdown)
+	// poweredOff says when logind started the power-off job, if it did (or could not tell).
+	poweredOff := func() string {
+		if at, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
+			return fmt.Sprintf("the power-off job started at %s (%v)", at, err)
+		}
+		return ""
+	}
 	held := func(after string) {
 		t.Helper()
-		if at, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
-			t.Fatalf("%s: the power-off job started at %s (%v): the lock did not hold", after, at, err)
+		if why := poweredOff(); why != "" {
+			t.Fatalf("%s: %s: the lock did not hold", after, why)
 		}
 		if code, st := f.a.safeToShutdown(""); code != http.StatusServiceUnavailable || !st.Draining || vmStatus(st, sc.ns, f.held.Name) == nil {
 			t.Fatalf("%s: want the drain still under way, the held VM left: %s", after, statusJSON(code, st))
@@ -498,12 +505,7 @@ func TestFaultsDuringHeldShutdown(t *testing.T) {
 	held("after the API server's restart")
 
 	// b. etcd paused for 30 s: the state unknown, never safe, the lock held.
-	paused, back, unknownAt := f.pauseEtcd(func() string {
-		if at, ok, err := env.StartUnitAt(sc.ctx, powerOffUnit, asked); err != nil || ok {
-			return fmt.Sprintf("poweroff job started at %s (%v)", at, err)
-		}
-		return ""
-	})
+	paused, back, unknownAt := f.pauseEtcd(poweredOff)
 	f.a.waitServing("/readyz", time.Minute)
 	t.Logf("b: etcd paused %s, the state unknown %s after the pause; the agent ready again %s after etcd resumed",
 		back.Sub(paused).Round(100*time.Millisecond), unknownAt.Sub(paused).Round(100*time.Millisecond), time.Since(back).Round(100*time.Millisecond))
