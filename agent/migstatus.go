@@ -224,7 +224,10 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	entry, ok := c.entries[v.key]
 	c.mu.Unlock()
 	current := DescribeMigration(v.vmi, entry.items)
-	waiting := current == nil || current.WaitingForTarget()
+	// Read again every migrationRelist also while it is in a phase that only the target's
+	// virt-handler moves on: the migration controller writes those phases just after the
+	// VMI change the list was read for, so the list can be one phase behind.
+	waiting := current == nil || current.WaitingForTarget() || stallPhase(current.Phase)
 	if ok && entry.mark == mark && (!waiting || now.Sub(entry.listed) < migrationRelist) {
 		return current, unschedulableIf(current, entry.unschedulable)
 	}
