@@ -189,7 +189,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 			Log: e.log, Recorder: recorder, Metrics: metrics,
 		})
 	}
-	e.migrations = &migrations{list: view.VMIMigrations, targets: view.MigrationTargetPods, clock: opts.Clock, entries: map[string]migrationEntry{}}
+	e.migrations = &migrations{list: view.VMIMigrations, targets: view.MigrationTargetPods, clock: opts.Clock, stall: opts.MigrationStallTimeout, entries: map[string]migrationEntry{}}
 	view.AddChangeHandler(e.Enqueue)
 	return e
 }

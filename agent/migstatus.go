@@ -115,18 +115,25 @@ func stallPhase(phase string) bool {
 
 // Stalled says why the migration cannot be expected to finish: it has been in a phase
 // that only the target node's virt-handler moves on (stallPhase) for at least after,
-// counted from KubeVirt's record of the phase. Empty when it has not, or when KubeVirt
-// recorded no time for the phase.
-func (m *MigrationStatus) Stalled(now time.Time, after time.Duration) string {
-	if m == nil || m.PhaseSince == nil || !stallPhase(m.Phase) {
+// counted from KubeVirt's record of the phase to read, when the migration was read in
+// it (a later time would take a phase that moved on since for one that stalled). Empty
+// when it has not, or when KubeVirt recorded no time for the phase.
+func (m *MigrationStatus) Stalled(read time.Time, after time.Duration) string {
+	if !m.stalls() {
 		return ""
 	}
-	stuck := now.Sub(m.PhaseSince.Time)
+	stuck := read.Sub(m.PhaseSince.Time)
 	if stuck < after {
 		return ""
 	}
 	return fmt.Sprintf("it has been %s for %s (since %s): the virt-handler of %s has not moved it on",
 		m.Phase, stuck.Round(time.Second), m.PhaseSince.UTC().Format(time.RFC3339), targetOrUnknown(m.TargetNode))
+}
+
+// stalls: the migration is in a phase that only the target node's virt-handler moves
+// on, and KubeVirt recorded when it began.
+func (m *MigrationStatus) stalls() bool {
+	return m != nil && m.PhaseSince != nil && stallPhase(m.Phase)
 }
 
 func targetOrUnknown(node string) string {
@@ -184,6 +191,9 @@ type migrations struct {
 	list    func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
 	targets func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error)
 	clock   interface{ Now() time.Time }
+	// stall is how long a migration may stay in a stallPhase before it is reported
+	// stalled (the engine's MigrationStallTimeout).
+	stall time.Duration
 
 	mu      sync.Mutex
 	entries map[string]migrationEntry // by VM key
@@ -210,14 +220,23 @@ func migrationMark(vmi *kubevirtv1.VirtualMachineInstance) string {
 	return mark
 }
 
+// blocked is why a migrating VM cannot leave the node while its migration lasts, from
+// describe: the scheduler finds no node for its target pod, or it stalled.
+type blocked struct {
+	unschedulable string // TargetUnschedulable's message
+	stalled       string // Stalled's
+}
+
 // describe names the migration of a migrating VM, listing its migrations only when
 // its VMI shows a change (or every migrationRelist while it shows nothing). While the
 // migration waits for its target pod to be scheduled it also reads that pod, and
 // returns why the scheduler finds no node for it (empty while it did not say so):
-// such a VM cannot leave until the cluster changes.
-func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger) (*MigrationStatus, string) {
+// such a VM cannot leave until the cluster changes. A migration is said to have stalled
+// only from a list read once the stall timeout had passed: the one before may be a
+// phase behind.
+func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger) (*MigrationStatus, blocked) {
 	if v.vmi == nil {
-		return nil, ""
+		return nil, blocked{}
 	}
 	mark, now := migrationMark(v.vmi), c.clock.Now()
 	c.mu.Lock()
@@ -226,10 +245,12 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	current := DescribeMigration(v.vmi, entry.items)
 	// Read again every migrationRelist also while it is in a phase that only the target's
 	// virt-handler moves on: the migration controller writes those phases just after the
-	// VMI change the list was read for, so the list can be one phase behind.
+	// VMI change the list was read for, so the list can be one phase behind. And read
+	// again once such a phase would have lasted the stall timeout, if the list is older.
 	waiting := current == nil || current.WaitingForTarget() || stallPhase(current.Phase)
-	if ok && entry.mark == mark && (!waiting || now.Sub(entry.listed) < migrationRelist) {
-		return current, unschedulableIf(current, entry.unschedulable)
+	due := current.stalls() && entry.listed.Before(current.PhaseSince.Add(c.stall)) && !now.Before(current.PhaseSince.Add(c.stall))
+	if ok && entry.mark == mark && !due && (!waiting || now.Sub(entry.listed) < migrationRelist) {
+		return current, c.blocked(current, entry)
 	}
 	items, err := c.list(ctx, v.vmi.Namespace, v.vmi.Name)
 	if err != nil {
@@ -249,10 +270,19 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 			unschedulable = why
 		}
 	}
+	entry = migrationEntry{mark: mark, listed: now, items: items, unschedulable: unschedulable}
 	c.mu.Lock()
-	c.entries[v.key] = migrationEntry{mark: mark, listed: now, items: items, unschedulable: unschedulable}
+	c.entries[v.key] = entry
 	c.mu.Unlock()
-	return current, unschedulableIf(current, unschedulable)
+	return current, c.blocked(current, entry)
+}
+
+// blocked is why the migration m, as entry read it, keeps its VM on the node.
+func (c *migrations) blocked(m *MigrationStatus, entry migrationEntry) blocked {
+	if why := unschedulableIf(m, entry.unschedulable); why != "" {
+		return blocked{unschedulable: why}
+	}
+	return blocked{stalled: m.Stalled(entry.listed, c.stall)}
 }
 
 // WaitingForTarget: the migration waits for its target pod to be created or

@@ -307,6 +307,44 @@ func TestSyncStatusBlockedWhileTheMigrationStalls(t *testing.T) {
 	}
 }
 
+// A migration is reported stalled only from a list read once the stall timeout had
+// passed: the list read before may be one phase behind (the migration controller
+// writes PreparingTarget just after the VMI change the list was read for, and nothing
+// on the VMI changes with it). A CI run showed a VM blocked "Scheduled for 11s" while
+// KubeVirt had been in PreparingTarget for ten seconds.
+func TestSyncStatusStalledOnlyFromAReadAfterTheTimeout(t *testing.T) {
+	f, vmi := evacuatingVM(t)
+	scheduledAt := f.clock.Now().Add(-DefaultMigrationStallTimeout + 5*time.Second)
+	m := testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationScheduled, scheduledAt.Add(-time.Minute))
+	at := func(p kubevirtv1.VirtualMachineInstanceMigrationPhase, when time.Time) {
+		m.Status.Phase = p
+		m.Status.PhaseTransitionTimestamps = append(m.Status.PhaseTransitionTimestamps, kubevirtv1.VirtualMachineInstanceMigrationPhaseTransitionTimestamp{Phase: p, PhaseTransitionTimestamp: metav1.NewTime(when)})
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {*m.DeepCopy()}}
+	}
+	at(kubevirtv1.MigrationScheduled, scheduledAt)
+	v := vmi.DeepCopy()
+	v.Status.MigrationState = &kubevirtv1.VirtualMachineInstanceMigrationState{MigrationUID: m.UID, SourceNode: thisNode, TargetNode: "node-b", TargetPod: "virt-launcher-vm-target"}
+	if err := f.vmis.Update(v); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.lookAtTheOneVM(); got.State != StateMigrating || got.Migration == nil || got.Migration.Phase != "Scheduled" {
+		t.Fatalf("Scheduled for 4m55s: state %s, detail %q; want migrating", got.State, got.Detail)
+	}
+	// KubeVirt moves it on a second later; the VMI shows nothing of it.
+	at(kubevirtv1.MigrationPreparingTarget, f.clock.Now().Add(time.Second))
+	f.clock.Step(5 * time.Second) // Scheduled would have lasted the stall timeout
+	if got := f.lookAtTheOneVM(); got.State != StateMigrating || got.Detail != "migration kubevirt-evacuation-x PreparingTarget to node-b" {
+		t.Errorf("at the stall timeout of a phase it left 4 s ago: state %s, detail %q; want migrating in PreparingTarget", got.State, got.Detail)
+	}
+	for _, e := range f.events() {
+		if strings.HasPrefix(e, "Warning "+ReasonBlocked) {
+			t.Errorf("event %q about a migration that did not stall", e)
+		}
+	}
+}
+
 // lookAtTheOneVM looks at the node three times and returns the status of its one VM.
 func (f *fixture) lookAtTheOneVM() VMStatus {
 	f.t.Helper()

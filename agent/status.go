@@ -112,14 +112,14 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		vs := VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail}
 		if state == StateMigrating {
 			migrating[v.key] = true
-			m, unschedulable := e.migrations.describe(ctx, v, e.vmLog(v))
+			m, why := e.migrations.describe(ctx, v, e.vmLog(v))
 			vs.SetMigration(m)
 			blocked := ""
-			if unschedulable != "" {
-				vs.SetTargetUnschedulable(unschedulable)
+			if why.unschedulable != "" {
+				vs.SetTargetUnschedulable(why.unschedulable)
 				blocked = "TargetUnschedulable"
-			} else if why := m.Stalled(now, e.opts.MigrationStallTimeout); why != "" {
-				vs.SetStalled(why)
+			} else if why.stalled != "" {
+				vs.SetStalled(why.stalled)
 				blocked = "Stalled/" + m.Phase
 			}
 			if blocked != "" {
