@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/tools/record"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
+	"github.com/node-agent/node-agent/fleet"
 	"github.com/node-agent/node-agent/nodeinfo"
 	"github.com/node-agent/node-agent/systemd"
 )
@@ -31,6 +32,16 @@ type Config struct {
 	DrainTaintKey string
 	// Shutdown, when set, has the agent follow (and hold) the host's shutdowns.
 	Shutdown *ShutdownConfig
+	// Turns, when set, has a host shutdown's drain wait for its turn across the cluster.
+	Turns *TurnsConfig
+}
+
+// TurnsConfig is the cluster's queue of host-shutdown drains (fleet.Turns).
+type TurnsConfig struct {
+	// Namespace holds the queue's Leases (the agent's own).
+	Namespace string
+	// Slots is how many nodes drain for a host shutdown at once.
+	Slots int
 }
 
 // ShutdownConfig says who holds logind's inhibitor lock for the agent.
@@ -54,6 +65,7 @@ type Agent struct {
 	broadcaster record.EventBroadcaster
 	kube        kubernetes.Interface
 	shutdown    shutdownRunner
+	turns       *fleet.Turns
 	timeout     time.Duration
 	checks      []ReadinessCheck
 }
@@ -121,6 +133,11 @@ func NewAgent(cfg Config, opts Options) (*Agent, error) {
 			return err
 		}
 	}
+	var turns *fleet.Turns
+	if cfg.Turns != nil {
+		turns = fleet.New(kube, fleet.Options{Namespace: cfg.Turns.Namespace, Node: opts.NodeName, Slots: cfg.Turns.Slots, Clock: opts.Clock, Log: log})
+		opts.Turns, a.turns = turns, turns
+	}
 	a.Engine = New(a.view, Clients{Kube: kube, KubeVirt: kv, Subresources: subresources}, recorder, metrics, opts)
 
 	if sd := cfg.Shutdown; sd != nil {
@@ -164,5 +181,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		go a.Engine.RunShutdown(ctx, a.shutdown, a.timeout)
 	}
 	a.view.Run(ctx)
+	if a.turns != nil {
+		a.turns.Run(ctx)
+	}
 	return a.Engine.Run(ctx)
 }

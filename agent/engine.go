@@ -79,8 +79,14 @@ type Options struct {
 	// is under way the engine calls it every few seconds, and reports the node's state
 	// unknown while it fails (apihealth.go). Nil: no probe.
 	ProbeAPI APIProbe
-	Clock    clock.WithTicker
-	Log      logrus.FieldLogger
+	// Turns, when set, has a host shutdown's drain wait for its turn across the
+	// cluster (turn.go): at most MaxConcurrentDrains at once (for the status), and
+	// out of turn after MaxTurnWait (default DefaultMaxTurnWait).
+	Turns               Turns
+	MaxConcurrentDrains int
+	MaxTurnWait         time.Duration
+	Clock               clock.WithTicker
+	Log                 logrus.FieldLogger
 }
 
 // Engine drains its node when asked: on the drain taint, or on a host shutdown.
@@ -131,6 +137,8 @@ type Engine struct {
 	probeWake chan struct{}
 	// api is what the API server probes found (under mu).
 	api apiHealth
+	// turn is the host shutdown's turn to drain (under mu).
+	turn turnState
 }
 
 type sets map[string]struct{}
@@ -155,6 +163,9 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 	}
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
+	}
+	if opts.MaxTurnWait <= 0 {
+		opts.MaxTurnWait = DefaultMaxTurnWait
 	}
 	if opts.Log == nil {
 		opts.Log = logrus.StandardLogger()
@@ -191,6 +202,9 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 	}
 	e.migrations = &migrations{list: view.VMIMigrations, targets: view.MigrationTargetPods, clock: opts.Clock, stall: opts.MigrationStallTimeout, entries: map[string]migrationEntry{}}
 	view.AddChangeHandler(e.Enqueue)
+	if opts.Turns != nil {
+		opts.Turns.AddChangeHandler(e.Enqueue)
+	}
 	return e
 }
 
@@ -321,7 +335,8 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 		e.log.WithError(err).Warn("ignoring the unreadable drain record; a new drain starts if one is asked for")
 		e.metrics.ConfigErrors.WithLabelValues("drain-record").Inc()
 	}
-	shutdown := e.reconcileShutdown(ctx, node, cfg.DrainTaintKey).pending
+	intent := e.reconcileShutdown(ctx, node, cfg.DrainTaintKey)
+	shutdown := intent.pending
 	// The drain taint is a trigger when someone else put it there: the agent's own, added
 	// for a host shutdown, serves that shutdown only, and no VM is evicted for a
 	// shutdown that was cancelled (the taint is on its way off then).
@@ -361,6 +376,11 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 			e.Enqueue()
 			return false, nil
 		}
+		if intent.waiting {
+			// Its turn to drain has not come: held, nothing acted on (awaitTurn).
+			e.report(ctx, node, cfg, "", vmsOnNode(node.Name, e.view.VMIs(), e.view.LauncherPods()), nil)
+			return true, nil
+		}
 		if unconfirmed {
 			// Read from the Node by a restarted agent: the node stays out of service, but
 			// no VM is acted on before logind confirms the shutdown (ShutdownStarted): it
@@ -369,6 +389,10 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 			return true, nil
 		}
 		requeue, err := e.startOrDrain(ctx, node, cfg, rec, hasRecord)
+		if ctx.Err() == nil {
+			st, _ := e.Status()
+			e.keepTurn(ctx, intent, st.Safe && st.Ready)
+		}
 		if ctx.Err() != nil && parent.Err() == nil {
 			// Cancelled while it ran: look again, now to withdraw.
 			e.log.Info("host shutdown cancelled during the drain: stopping it")

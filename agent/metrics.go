@@ -29,6 +29,8 @@ type Metrics struct {
 	Withdrawals     *prometheus.CounterVec
 	ShutdownNotHeld prometheus.Gauge
 	ViewSynced      prometheus.Gauge
+	// TurnWaiting is 1 while a host shutdown's drain waits for its turn.
+	TurnWaiting prometheus.Gauge
 
 	reg prometheus.Registerer // registers with the node label
 }
@@ -101,9 +103,13 @@ func NewMetrics(node string) *Metrics {
 		Name: "node_agent_view_synced",
 		Help: "1 when the agent has read everything it watches (its Node, the virt-launcher pods and VMIs on it, the KubeVirt CR); 0 while something is refused or missing (RBAC, KubeVirt's CRD): /readyz says what.",
 	})
+	m.TurnWaiting = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "node_agent_drain_turn_waiting",
+		Help: "1 while a host shutdown is held and its drain waits for its turn across the cluster (--max-concurrent-drains), else 0.",
+	})
 	m.reg = prometheus.WrapRegistererWith(prometheus.Labels{"node": node}, m.Registry)
 	m.reg.MustRegister(m.ShutdownDelay, m.ShutdownReleases, m.ShutdownNotHeld, m.ViewSynced, m.VMs, m.Draining, m.SafeToShutdown, m.PodsLeft, m.Requests,
-		m.DrainsStarted, m.DrainDuration, m.ConfigErrors, m.NodeUpdateFailures, m.ReenableFailing, m.Withdrawals)
+		m.DrainsStarted, m.DrainDuration, m.ConfigErrors, m.NodeUpdateFailures, m.ReenableFailing, m.Withdrawals, m.TurnWaiting)
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -98,10 +98,10 @@ func (e *Engine) reenable(ctx context.Context, why string) error {
 		if !owned && !recorded {
 			return false
 		}
-		if ok && own.TaintKey != "" {
+		if ok && (own.TaintKey != "" || own.Waiting) {
 			var keep []corev1.Taint
 			for _, t := range node.Spec.Taints {
-				if t.Key == own.TaintKey && t.Effect == corev1.TaintEffectNoSchedule {
+				if (t.Key == own.TaintKey && t.Effect == corev1.TaintEffectNoSchedule) || (own.Waiting && t.Key == TaintWaiting && t.Effect == corev1.TaintEffectPreferNoSchedule) {
 					removed = append(removed, "taint "+t.Key)
 					continue
 				}
@@ -142,8 +142,11 @@ func setJSONAnnotation(node *corev1.Node, key string, v any) {
 type shutdownIntent struct {
 	pending   bool // a host shutdown is pending: take the node out of service, drain
 	cancelled bool // a shutdown was cancelled and the node is not given back yet
-	at        time.Time
-	deadline  time.Time
+	// waiting (set by reconcileShutdown on the intent it returns): the pending
+	// shutdown's drain waits for its turn (awaitTurn).
+	waiting  bool
+	at       time.Time
+	deadline time.Time
 }
 
 // reconcileShutdown brings the Node in line with the shutdown intent, first of all in a
@@ -203,6 +206,10 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 			e.nodeWriteOK("take-out-of-service")
 			break
 		}
+		if !TaintTriggersDrain(node, taintKey) && !e.awaitTurn(ctx, node, intent) {
+			intent.waiting = true
+			break
+		}
 		if !e.nodeWriteDue("take-out-of-service") {
 			break
 		}
@@ -225,6 +232,7 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 			break
 		}
 		e.nodeWriteOK("reenable")
+		e.releaseTurn(ctx)
 		e.cancelDone(gen)
 	case intent.cancelled:
 		if !e.nodeWriteDue("reenable") {
@@ -239,6 +247,7 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 			break
 		}
 		e.nodeWriteOK("reenable")
+		e.releaseTurn(ctx)
 		e.cancelDone(gen)
 	}
 	return intent

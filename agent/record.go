@@ -54,6 +54,9 @@ type Ownership struct {
 	TaintKey string `json:"taintKey,omitempty"`
 	// Cordoned is set when the agent set spec.unschedulable.
 	Cordoned bool `json:"cordoned,omitempty"`
+	// Waiting is set when the agent added its PreferNoSchedule TaintWaiting (the node
+	// waited for its turn to drain for a host shutdown).
+	Waiting bool `json:"waiting,omitempty"`
 	// BootID is the node's boot ID when the agent took it out of service.
 	BootID string `json:"bootID"`
 	// Reason says why (for example "shutdown").

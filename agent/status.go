@@ -53,6 +53,9 @@ type NodeStatus struct {
 	// SafeBlind says why the node is safe although the agent is not ready (it cannot read
 	// everything, such as the VMIs): it proved that no virt-launcher pod runs on the node.
 	SafeBlind string `json:"safeBlind,omitempty"`
+	// Turn is where the node stands in the cluster's queue of host-shutdown drains
+	// (with --max-concurrent-drains), while a host shutdown is pending.
+	Turn *TurnStatus `json:"turn,omitempty"`
 }
 
 // ReadyToPowerOff is what /safe-to-shutdown answers 200 for: the agent sees everything
@@ -70,6 +73,9 @@ func (s NodeStatus) Counts() map[VMState]int {
 
 // Summary is the state at a glance, as the node annotation shows it.
 func (s NodeStatus) Summary() string {
+	if s.Turn != nil && s.Turn.Waiting {
+		return fmt.Sprintf("host shutdown, %s: %s on the node", s.Turn, plural(len(s.VMs), "VM"))
+	}
 	if !s.Draining {
 		return fmt.Sprintf("idle: %s on the node", plural(len(s.VMs), "VM"))
 	}
@@ -97,7 +103,7 @@ func withPods(n int) reportOption { return func(s *NodeStatus) { s.PodsLeft = n 
 // node is not being drained.
 func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Config, trigger string, vms []*vm, outcomes map[string]outcome, opts ...reportOption) bool {
 	now := e.opts.Clock.Now().UTC()
-	st := NodeStatus{Node: node.Name, Ready: true, Draining: trigger != "", Trigger: trigger, TaintKey: cfg.DrainTaintKey, VMs: []VMStatus{}}
+	st := NodeStatus{Node: node.Name, Ready: true, Draining: trigger != "", Trigger: trigger, TaintKey: cfg.DrainTaintKey, VMs: []VMStatus{}, Turn: e.turnStatus()}
 	for _, o := range opts {
 		o(&st)
 	}

@@ -86,6 +86,9 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 			config.Shutdown.Guard = newLockGuard(a.NodeName, a.InhibitMode, a.ShutdownTimeout, a.LogindDropInDir, log)
 		}
 	}
+	if a.ShutdownInhibitor && a.MaxDrains > 0 {
+		config.Turns = &agent.TurnsConfig{Namespace: a.Namespace, Slots: a.MaxDrains}
+	}
 	ag, err := agent.NewAgent(config, agent.Options{
 		NodeName:              a.NodeName,
 		AllPods:               a.AllPods,
@@ -93,6 +96,8 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 		Resync:                a.Resync,
 		MigrationStallTimeout: a.MigrationStall,
 		PodEvictionRetry:      a.PodEvictionRetry,
+		MaxConcurrentDrains:   a.MaxDrains,
+		MaxTurnWait:           a.MaxTurnWait,
 		Log:                   logger,
 	})
 	if err != nil {

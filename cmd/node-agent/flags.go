@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/nodeinfo"
@@ -38,6 +39,9 @@ type runArgs struct {
 	InhibitMode       string
 	LogindDropInDir   string
 	LockHolder        string
+	Namespace         string
+	MaxDrains         int
+	MaxTurnWait       time.Duration
 }
 
 // envPrefix: every flag can also be set as NODE_AGENT_<FLAG> (dashes as underscores);
@@ -64,6 +68,9 @@ func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&a.InhibitMode, "inhibit-mode", "delay", "delay: hold a shutdown until the node is drained; block: also refuse a shutdown while VMs are on the node (a delay lock is kept too)")
 	fs.StringVar(&a.LogindDropInDir, "logind-dropin-dir", "/etc/systemd/logind.conf.d", "logind.conf.d folder of the host, where InhibitDelayMaxSec is raised; empty: never write it")
 	fs.StringVar(&a.LockHolder, "lock-holder", "", "URL of the shutdown lock holder (`node-agent inhibit`, a second container of the pod), e.g. http://127.0.0.1:8096: the engine follows it and holds no lock itself, so a crash of the engine does not drop the lock; empty: hold the lock in this process (a crash of it drops the lock; --inhibit-mode, --logind-dropin-dir and --shutdown-timeout apply here then)")
+	fs.StringVar(&a.Namespace, "namespace", "node-agent", "the agent's namespace, where the agents of the cluster keep the Leases of their turns to drain for host shutdowns (the DaemonSet sets NODE_AGENT_NAMESPACE from the downward API)")
+	fs.IntVar(&a.MaxDrains, "max-concurrent-drains", 1, "at most this many nodes of the cluster drain for a host shutdown at once (the others keep their shutdowns held and wait their turn, first come first served, with a PreferNoSchedule taint); every agent of the cluster must have the same value; 0: no coordination, each node drains at once")
+	fs.DurationVar(&a.MaxTurnWait, "max-turn-wait", agent.DefaultMaxTurnWait, "a node whose turn to drain for a host shutdown has not come this long after the shutdown began drains out of turn (a Warning event says so); keep --shutdown-timeout above it by the time a drain takes")
 	fs.StringVar(&a.LogFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&a.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return fs
@@ -193,6 +200,17 @@ func (a runArgs) validate() error {
 	}
 	if a.Resync <= 0 {
 		errs = append(errs, fmt.Errorf("--resync %s: must be positive", a.Resync))
+	}
+	if a.MaxDrains < 0 {
+		errs = append(errs, fmt.Errorf("--max-concurrent-drains %d: must be 0 (no coordination) or more", a.MaxDrains))
+	}
+	if a.MaxDrains > 0 {
+		if a.MaxTurnWait <= 0 {
+			errs = append(errs, fmt.Errorf("--max-turn-wait %s: must be positive", a.MaxTurnWait))
+		}
+		if msgs := validation.IsDNS1123Label(a.Namespace); len(msgs) > 0 {
+			errs = append(errs, fmt.Errorf("--namespace %q: not a namespace name: %s", a.Namespace, strings.Join(msgs, "; ")))
+		}
 	}
 	if a.MigrationStall <= 0 {
 		errs = append(errs, fmt.Errorf("--migration-stall-timeout %s: must be positive", a.MigrationStall))

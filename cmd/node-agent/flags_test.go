@@ -33,6 +33,9 @@ func defaultArgs(node string) runArgs {
 		ShutdownTimeout:   10 * time.Minute,
 		InhibitMode:       "delay",
 		LogindDropInDir:   "/etc/systemd/logind.conf.d",
+		Namespace:         "node-agent",
+		MaxDrains:         1,
+		MaxTurnWait:       5 * time.Minute,
 	}
 }
 
@@ -74,12 +77,14 @@ func TestParseRunArgs(t *testing.T) {
 				"--node-name=node-a", "--kubeconfig", kubeconfig, "--drain-taint-key=example.com/drain",
 				"--kubevirt-namespace=kv", "--all-pods", "--listen-address=127.0.0.1:9000", "--resync=1m",
 				"--migration-stall-timeout=90s", "--pod-eviction-retry=2s", "--kube-api-qps=5", "--kube-api-burst=10", "--log-format=json", "--log-level=debug",
+				"--namespace=agents", "--max-concurrent-drains=3", "--max-turn-wait=7m",
 			},
 			want: runArgs{
 				Kubeconfig: kubeconfig, NodeName: "node-a", DrainTaintKey: "example.com/drain", KubeVirtNamespace: "kv",
 				AllPods: true, ListenAddress: "127.0.0.1:9000", Resync: time.Minute, MigrationStall: 90 * time.Second, PodEvictionRetry: 2 * time.Second,
 				QPS: 5, Burst: 10, LogFormat: "json", LogLevel: "debug",
 				ShutdownInhibitor: true, ShutdownTimeout: 10 * time.Minute, InhibitMode: "delay", LogindDropInDir: "/etc/systemd/logind.conf.d",
+				Namespace: "agents", MaxDrains: 3, MaxTurnWait: 7 * time.Minute,
 			},
 		},
 		{
@@ -99,12 +104,14 @@ func TestParseRunArgs(t *testing.T) {
 				"NODE_AGENT_LOG_FORMAT":              "json",
 				"NODE_AGENT_LOG_LEVEL":               "debug",
 				"NODE_AGENT_UNRELATED_IS_IGNORED":    "x",
+				"NODE_AGENT_NAMESPACE":               "agents",
 			},
 			want: runArgs{
 				Kubeconfig: kubeconfig, NodeName: "node-a", DrainTaintKey: "example.com/drain", KubeVirtNamespace: "kv",
 				AllPods: true, ListenAddress: "127.0.0.1:9000", Resync: time.Minute, MigrationStall: 90 * time.Second, PodEvictionRetry: 2 * time.Second,
 				QPS: 5, Burst: 10, LogFormat: "json", LogLevel: "debug",
 				ShutdownInhibitor: true, ShutdownTimeout: 10 * time.Minute, InhibitMode: "delay", LogindDropInDir: "/etc/systemd/logind.conf.d",
+				Namespace: "agents", MaxDrains: 1, MaxTurnWait: 5 * time.Minute,
 			},
 		},
 		{
@@ -166,6 +173,9 @@ func TestParseRunArgsErrors(t *testing.T) {
 		{"zero QPS", args("--kube-api-qps=0"), nil, []string{"--kube-api-qps", "must be positive"}},
 		{"zero burst", args("--kube-api-burst=0"), nil, []string{"--kube-api-burst", "must be positive"}},
 		{"zero shutdown timeout", args("--shutdown-timeout=0s"), nil, []string{"--shutdown-timeout 0s", "must be positive"}},
+		{"negative max-concurrent-drains", args("--max-concurrent-drains=-1"), nil, []string{"--max-concurrent-drains -1", "0 (no coordination) or more"}},
+		{"zero max-turn-wait", args("--max-turn-wait=0s"), nil, []string{"--max-turn-wait 0s", "must be positive"}},
+		{"a namespace that is no name", args("--namespace=Node_Agent"), nil, []string{`--namespace "Node_Agent"`, "not a namespace name"}},
 		{"negative shutdown timeout from the environment", node, map[string]string{"NODE_AGENT_SHUTDOWN_TIMEOUT": "-5m"}, []string{"--shutdown-timeout -5m0s", "must be positive"}},
 		{"unknown inhibit mode", args("--inhibit-mode=refuse"), nil, []string{`--inhibit-mode "refuse"`, "want delay or block"}},
 		{"lock holder not a URL", args("--lock-holder=127.0.0.1:8096"), nil, []string{`--lock-holder "127.0.0.1:8096"`, "want a URL such as http://127.0.0.1:8096"}},

@@ -486,6 +486,8 @@ func (sc *scenario) startDeployed(bin string, d *deployedAgent, node string, bus
 			switch {
 			case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName":
 				out = append(out, e.Name+"="+node)
+			case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace":
+				out = append(out, e.Name+"="+d.ds.Namespace)
 			case e.Name == "DBUS_SYSTEM_BUS_ADDRESS" && e.Value == "unix:path=/run/dbus/system_bus_socket":
 				out = append(out, e.Name+"="+busAddr) // the bus socket in the holder's /run/dbus
 			case e.ValueFrom == nil:

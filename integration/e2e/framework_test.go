@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -428,6 +429,10 @@ func freeAddr(t testing.TB) string {
 // the test ends.
 func (sc *scenario) spawnAgent(bin, node, addr string, args, env []string) *agentProc {
 	sc.t.Helper()
+	if len(args) > 0 && args[0] == "run" && !hasFlag(args, "--namespace") && !slices.ContainsFunc(env, func(e string) bool { return strings.HasPrefix(e, "NODE_AGENT_NAMESPACE=") }) {
+		// The Leases of the turns to drain for host shutdowns: the scenario's own queue.
+		args = append(args[:1:1], append([]string{"--namespace=" + sc.ns}, args[1:]...)...)
+	}
 	logPath := filepath.Join(sc.t.TempDir(), "node-agent-"+node+".log")
 	logFile, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {

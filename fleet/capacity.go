@@ -1,0 +1,152 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"sort"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/kubernetes"
+	resourcehelper "k8s.io/component-helpers/resource"
+	schedulinghelper "k8s.io/component-helpers/scheduling/corev1"
+	"k8s.io/component-helpers/scheduling/corev1/nodeaffinity"
+	"k8s.io/klog/v2"
+)
+
+// launcherLabel is on KubeVirt's virt-launcher pods (kubevirt.io=virt-launcher).
+const launcherLabel = "kubevirt.io"
+
+// Fits says whether the VMs of node that need a place elsewhere (mine: the
+// virt-launcher pods of the VMs to be migrated or restarted), and those still on the
+// nodes draining, fit on the nodes that remain: the nodes that are not node, draining or waiting (about to go),
+// that are Ready and not cordoned. A VM is its virt-launcher pod: its requests (as the
+// scheduler counts them, resourcehelper.PodRequests) against a node's allocatable less
+// the requests of the pods already there, its tolerations against the node's
+// NoSchedule and NoExecute taints, its required node affinity and node selector
+// against the node's labels. The VMs are placed first-fit, largest memory first, each
+// on the node with the most free memory. Inter-pod affinity, topology spread and
+// PreferNoSchedule are not counted. It returns why they do not fit, empty when they
+// do. The nodes and pods are read from the API server's cache (resourceVersion 0).
+func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, waiting []string) (string, error) {
+	if len(mine) == 0 {
+		return "", nil
+	}
+	nodes, err := kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{ResourceVersion: "0"})
+	if err != nil {
+		return "", fmt.Errorf("listing the nodes for the capacity check: %w", err)
+	}
+	pods, err := kube.CoreV1().Pods("").List(ctx, metav1.ListOptions{
+		ResourceVersion: "0",
+		FieldSelector:   fields.AndSelectors(fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)), fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String(),
+	})
+	if err != nil {
+		return "", fmt.Errorf("listing the pods for the capacity check: %w", err)
+	}
+	return fit(node, mine, draining, waiting, nodes.Items, pods.Items), nil
+}
+
+// room is what a node has left.
+type room struct {
+	node       *corev1.Node
+	cpu, mem   int64 // milli-CPU, bytes
+	pods       int64
+	placedHere int
+}
+
+// fit is Fits on nodes and pods read.
+func fit(node string, mine []*corev1.Pod, draining, waiting []string, nodes []corev1.Node, pods []corev1.Pod) string {
+	away := map[string]bool{node: true}
+	moving := map[string]bool{}
+	for _, n := range draining {
+		away[n], moving[n] = true, true
+	}
+	for _, n := range waiting {
+		away[n] = true
+	}
+	rooms := map[string]*room{}
+	for i := range nodes {
+		n := &nodes[i]
+		if away[n.Name] || n.Spec.Unschedulable || !ready(n) {
+			continue
+		}
+		a := n.Status.Allocatable
+		rooms[n.Name] = &room{node: n, cpu: a.Cpu().MilliValue(), mem: a.Memory().Value(), pods: a.Pods().Value()}
+	}
+	place := append([]*corev1.Pod{}, mine...)
+	for i := range pods {
+		p := &pods[i]
+		if p.DeletionTimestamp != nil && moving[p.Spec.NodeName] {
+			continue
+		}
+		if moving[p.Spec.NodeName] && p.Labels[launcherLabel] == "virt-launcher" {
+			place = append(place, p)
+			continue
+		}
+		if r := rooms[p.Spec.NodeName]; r != nil {
+			req := resourcehelper.PodRequests(p, resourcehelper.PodResourcesOptions{})
+			r.cpu -= req.Cpu().MilliValue()
+			r.mem -= req.Memory().Value()
+			r.pods--
+		}
+	}
+	if len(place) == 0 {
+		return ""
+	}
+	type want struct {
+		pod      *corev1.Pod
+		cpu, mem int64
+	}
+	wants := make([]want, 0, len(place))
+	for _, p := range place {
+		req := resourcehelper.PodRequests(p, resourcehelper.PodResourcesOptions{})
+		wants = append(wants, want{p, req.Cpu().MilliValue(), req.Memory().Value()})
+	}
+	sort.SliceStable(wants, func(i, j int) bool { return wants[i].mem > wants[j].mem })
+	candidates := make([]*room, 0, len(rooms))
+	for _, r := range rooms {
+		candidates = append(candidates, r)
+	}
+	sort.Slice(candidates, func(i, j int) bool { return candidates[i].node.Name < candidates[j].node.Name })
+	for _, w := range wants {
+		var best *room
+		for _, r := range candidates {
+			if r.cpu < w.cpu || r.mem < w.mem || r.pods < 1 || !schedulable(w.pod, r.node) {
+				continue
+			}
+			if best == nil || r.mem > best.mem {
+				best = r
+			}
+		}
+		if best == nil {
+			return fmt.Sprintf("the VMs of %d virt-launcher pods must move, and %s/%s (requests cpu %s, memory %s) fits on none of the %d nodes that remain (Ready, schedulable, not waiting or draining)",
+				len(wants), w.pod.Namespace, w.pod.Name, resource.NewMilliQuantity(w.cpu, resource.DecimalSI), resource.NewQuantity(w.mem, resource.BinarySI), len(candidates))
+		}
+		best.cpu, best.mem, best.pods = best.cpu-w.cpu, best.mem-w.mem, best.pods-1
+	}
+	return ""
+}
+
+func ready(n *corev1.Node) bool {
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// schedulable: the pod tolerates the node's NoSchedule and NoExecute taints, and the
+// node matches its node selector and required node affinity.
+func schedulable(p *corev1.Pod, n *corev1.Node) bool {
+	_, untolerated := schedulinghelper.FindMatchingUntoleratedTaint(klog.Background(), n.Spec.Taints, p.Spec.Tolerations, func(t *corev1.Taint) bool {
+		return t.Effect == corev1.TaintEffectNoSchedule || t.Effect == corev1.TaintEffectNoExecute
+	}, false)
+	if untolerated {
+		return false
+	}
+	ok, _ := nodeaffinity.GetRequiredNodeAffinity(p).Match(n)
+	return ok
+}

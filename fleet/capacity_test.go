@@ -1,0 +1,94 @@
+package fleet
+
+import (
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+func testNode(name, cpu, mem string, edit ...func(*corev1.Node)) corev1.Node {
+	n := corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"pool": "a"}}}
+	n.Status.Allocatable = corev1.ResourceList{corev1.ResourceCPU: resource.MustParse(cpu), corev1.ResourceMemory: resource.MustParse(mem), corev1.ResourcePods: resource.MustParse("110")}
+	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	for _, e := range edit {
+		e(&n)
+	}
+	return n
+}
+
+func testPod(name, node, cpu, mem string, launcher bool) corev1.Pod {
+	p := corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name}}
+	if launcher {
+		p.Labels = map[string]string{launcherLabel: "virt-launcher"}
+	}
+	p.Spec.NodeName = node
+	p.Spec.Containers = []corev1.Container{{Name: "c", Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{
+		corev1.ResourceCPU: resource.MustParse(cpu), corev1.ResourceMemory: resource.MustParse(mem)}}}}
+	return p
+}
+
+// The capacity check counts requests against allocatable as the scheduler does, node by
+// node (not in sum), leaves out the nodes that are about to go and those that cannot
+// take the pod (cordoned, not Ready, an untolerated NoSchedule taint, a node selector
+// it does not match), and counts the VMs still on the nodes draining.
+func TestFit(t *testing.T) {
+	mine := func(mems ...string) []*corev1.Pod {
+		var out []*corev1.Pod
+		for i, m := range mems {
+			p := testPod("vm"+string(rune('a'+i)), "self", "1", m, true)
+			out = append(out, &p)
+		}
+		return out
+	}
+	self := testNode("self", "32", "128Gi")
+	tests := []struct {
+		name     string
+		mine     []*corev1.Pod
+		draining []string
+		waiting  []string
+		nodes    []corev1.Node
+		pods     []corev1.Pod
+		want     string // a part of the reason; "" fits
+	}{
+		{name: "room on one node", mine: mine("4Gi", "4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}},
+		{name: "the sum fits but no node takes the largest", mine: mine("6Gi", "6Gi"),
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi"), testNode("c", "8", "4Gi")}, want: "fits on none of the 2 nodes"},
+		{name: "pods already there count", mine: mine("4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")},
+			pods: []corev1.Pod{testPod("busy", "b", "1", "6Gi", false)}, want: "ns/vma"},
+		{name: "a finished pod does not count (left out by the list)", mine: mine("4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}},
+		{name: "the waiting nodes are about to go", mine: mine("4Gi"), waiting: []string{"b"},
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}, want: "none of the 0 nodes"},
+		{name: "the VMs of the draining nodes need room too", mine: mine("4Gi"), draining: []string{"d"},
+			nodes: []corev1.Node{self, testNode("d", "8", "8Gi"), testNode("b", "8", "6Gi")},
+			pods:  []corev1.Pod{testPod("theirs", "d", "1", "4Gi", true)}, want: "fits on none of the 1 nodes"},
+		{name: "a cordoned node takes nothing", mine: mine("1Gi"),
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) { n.Spec.Unschedulable = true })}, want: "none of the 0"},
+		{name: "a node not Ready takes nothing", mine: mine("1Gi"),
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) { n.Status.Conditions[0].Status = corev1.ConditionFalse })}, want: "none of the 0"},
+		{name: "an untolerated NoSchedule taint", mine: mine("1Gi"),
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) {
+				n.Spec.Taints = []corev1.Taint{{Key: "k", Effect: corev1.TaintEffectNoSchedule}}
+			})}, want: "none of the 1"},
+		{name: "PreferNoSchedule does not keep a VM out", mine: mine("1Gi"),
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) {
+				n.Spec.Taints = []corev1.Taint{{Key: "k", Effect: corev1.TaintEffectPreferNoSchedule}}
+			})}},
+		{name: "a node selector the node does not match", mine: func() []*corev1.Pod {
+			p := mine("1Gi")
+			p[0].Spec.NodeSelector = map[string]string{"pool": "b"}
+			return p
+		}(), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}, want: "none of the 1"},
+		{name: "nothing to place", nodes: []corev1.Node{self}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := fit("self", tt.mine, tt.draining, tt.waiting, tt.nodes, tt.pods)
+			if (tt.want == "") != (got == "") || !strings.Contains(got, tt.want) {
+				t.Errorf("fit: %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
