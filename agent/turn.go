@@ -9,6 +9,7 @@ import (
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/fleet"
 )
@@ -170,14 +171,20 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 	if err := e.markWaiting(ctx, node); err != nil {
 		e.log.WithError(err).Warn("cannot add the waiting taint " + TaintWaiting)
 	}
-	e.queue.AddAfter(e.opts.NodeName, e.opts.Resync)
+	after := e.opts.Resync
+	if turn.Settling > 0 && turn.Settling < after {
+		after = turn.Settling
+	}
+	e.queue.AddAfter(e.opts.NodeName, after)
 	return false
 }
 
-// toPlace are the virt-launcher pods of the node's VMs that need a place on another
-// node once it drains: those to be live-migrated, and those shut down that their
-// VirtualMachine starts again (an owner reference to one). A bare VMI shut down, or
-// one left to an external controller, needs none here.
+// toPlace are the pods the node's VMs need on other nodes once it drains: for those to
+// be live-migrated, and those shut down that their VirtualMachine starts again (an
+// owner reference to one); a bare VMI shut down, or one left to an external
+// controller, needs none. Each is its virt-launcher pod as KubeVirt renders the next
+// one, from the VMI's current spec: the VMI's node selector (with KubeVirt's own
+// kubevirt.io labels the pod asks for), affinity and tolerations, the pod's requests.
 func (e *Engine) toPlace(node *corev1.Node) []*corev1.Pod {
 	cfg, _ := e.view.Config()
 	var out []*corev1.Pod
@@ -188,10 +195,30 @@ func (e *Engine) toPlace(node *corev1.Node) []*corev1.Pod {
 		}
 		d := decide(v, cfg)
 		if d.Action == ActionMigrate || (d.Action == ActionShutdown && ownedByVM(v.vmi)) {
-			out = append(out, pod)
+			out = append(out, nextPod(v.vmi, pod))
 		}
 	}
 	return out
+}
+
+// nextPod is pod as KubeVirt would render it again for vmi (the target of a migration,
+// the pod of a restarted VM): the placement fields from the VMI's spec, which may have
+// changed since pod was made (a VM's node selector or affinity updated live).
+func nextPod(vmi *kubevirtv1.VirtualMachineInstance, pod *corev1.Pod) *corev1.Pod {
+	p := pod.DeepCopy()
+	sel := map[string]string{}
+	for k, v := range pod.Spec.NodeSelector {
+		if strings.Contains(k, "kubevirt.io/") {
+			sel[k] = v
+		}
+	}
+	for k, v := range vmi.Spec.NodeSelector {
+		sel[k] = v
+	}
+	p.Spec.NodeSelector = sel
+	p.Spec.Affinity = vmi.Spec.Affinity.DeepCopy()
+	p.Spec.Tolerations = append(append([]corev1.Toleration{}, pod.Spec.Tolerations...), vmi.Spec.Tolerations...)
+	return p
 }
 
 func ownedByVM(vmi interface{ GetOwnerReferences() []metav1.OwnerReference }) bool {

@@ -46,6 +46,8 @@ const (
 	// DefaultLeaseDuration is how long a ticket or slot lives unless renewed; the
 	// agent renews it every third of that while it waits or drains.
 	DefaultLeaseDuration = 30 * time.Second
+	// DefaultSettle is Options.Settle unless set.
+	DefaultSettle = 2 * time.Second
 )
 
 // Options configure Turns.
@@ -59,6 +61,11 @@ type Options struct {
 	Slots int
 	// LeaseDuration: default DefaultLeaseDuration.
 	LeaseDuration time.Duration
+	// Settle is how long after its shutdown began a node first takes a slot: hosts
+	// told to shut down together enter the queue within moments of each other, and the
+	// first in line must see the others queued (about to go, no room for its VMs)
+	// before it drains. Default DefaultSettle.
+	Settle time.Duration
 	Clock         clock.Clock
 	Log           logrus.FieldLogger
 }
@@ -88,6 +95,9 @@ type Turn struct {
 	Draining []string
 	// Slots is how many there are.
 	Slots int
+	// Settling is how long the node still lets the queue settle before it takes a
+	// slot that is its own (Options.Settle); zero otherwise.
+	Settling time.Duration
 }
 
 // FitsFunc says whether the VMs of this node fit on the nodes that remain, with the
@@ -98,6 +108,9 @@ type FitsFunc func(ctx context.Context, draining, waiting []string) (string, err
 func New(kube kubernetes.Interface, opts Options) *Turns {
 	if opts.LeaseDuration <= 0 {
 		opts.LeaseDuration = DefaultLeaseDuration
+	}
+	if opts.Settle <= 0 {
+		opts.Settle = DefaultSettle
 	}
 	if opts.Clock == nil {
 		opts.Clock = clock.RealClock{}
@@ -169,7 +182,8 @@ func holder(l *coordinationv1.Lease) string { return ptr.Deref(l.Spec.HolderIden
 // Take enters the node in the queue for a host shutdown that began at since (or keeps
 // it there, renewing its ticket and its slot when due) and takes a free slot when it is
 // the node's turn: the waiting nodes in the order their shutdowns began (then by
-// name), the first ones as many as slots are free. fits, asked only when it is the
+// name), the first ones as many as slots are free, once Settle has passed since its
+// shutdown began. fits, asked only when it is the
 // node's turn, says whether its VMs fit on the nodes that remain (why not, else
 // empty); nil: they do. It never waits; call it again on a change (AddChangeHandler)
 // or after a while.
@@ -191,7 +205,7 @@ func (t *Turns) Take(ctx context.Context, since time.Time, fits FitsFunc) (Turn,
 	if turn.Granted {
 		return turn, "", t.renew(ctx, slots, now)
 	}
-	waiting := t.waiting(now, turn.Draining)
+	waiting := t.waiting(now, since, turn.Draining)
 	for i, n := range waiting {
 		if n == t.opts.Node {
 			turn.Position = i + 1
@@ -199,6 +213,10 @@ func (t *Turns) Take(ctx context.Context, since time.Time, fits FitsFunc) (Turn,
 	}
 	turn.Waiting = len(waiting)
 	if turn.Position == 0 || turn.Position > len(free) {
+		return turn, "", nil
+	}
+	if settled := since.Add(t.opts.Settle); now.Before(settled) {
+		turn.Settling = settled.Sub(now)
 		return turn, "", nil
 	}
 	if fits != nil {
@@ -237,9 +255,10 @@ func (t *Turns) slots(now time.Time) ([]*coordinationv1.Lease, []int) {
 	return slots, free
 }
 
-// waiting is the queue: the nodes with a live ticket that hold no slot (draining), in
-// the order their shutdowns began, then by name.
-func (t *Turns) waiting(now time.Time, draining []string) []string {
+// waiting is the queue: this node (its shutdown began at since) and the nodes with a
+// live ticket that hold no slot (draining), in the order their shutdowns began, then
+// by name.
+func (t *Turns) waiting(now, since time.Time, draining []string) []string {
 	tickets, _ := t.leases.Leases(t.opts.Namespace).List(labels.SelectorFromSet(labels.Set{LabelTurn: "ticket"}))
 	skip := map[string]bool{}
 	for _, n := range draining {
@@ -249,10 +268,10 @@ func (t *Turns) waiting(now time.Time, draining []string) []string {
 		node string
 		at   time.Time
 	}
-	var q []entry
+	q := []entry{{t.opts.Node, since}}
 	for _, l := range tickets {
 		n := holder(l)
-		if n == "" || skip[n] || !live(l, now) || l.Spec.AcquireTime == nil {
+		if n == "" || n == t.opts.Node || skip[n] || !live(l, now) || l.Spec.AcquireTime == nil {
 			continue
 		}
 		q = append(q, entry{n, l.Spec.AcquireTime.Time})
@@ -358,6 +377,9 @@ func (t *Turns) renew(ctx context.Context, slots []*coordinationv1.Lease, now ti
 func (t *Turns) Release(ctx context.Context) error {
 	leases := t.kube.CoordinationV1().Leases(t.opts.Namespace)
 	all, _ := t.leases.Leases(t.opts.Namespace).List(labels.Everything())
+	// The ticket goes first: a node that gave back its slot but still had a ticket
+	// would look to the others as waiting ahead of them.
+	sort.Slice(all, func(i, j int) bool { return all[i].Labels[LabelTurn] == "ticket" && all[j].Labels[LabelTurn] != "ticket" })
 	for _, l := range all {
 		if holder(l) != t.opts.Node {
 			continue

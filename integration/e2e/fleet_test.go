@@ -1,0 +1,283 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubevirtv1 "kubevirt.io/api/core/v1"
+
+	"github.com/node-agent/node-agent/agent"
+	"github.com/node-agent/node-agent/fleet"
+	"github.com/node-agent/node-agent/integration/logind"
+	"github.com/node-agent/node-agent/integration/sim"
+	"github.com/node-agent/node-agent/nodeinfo"
+)
+
+// fleetHost is one host of a fleet test: its node, its own logind and its agent.
+type fleetHost struct {
+	node  string
+	env   *logind.Env
+	agent *agentProc
+	vms   *vmWatch
+	asked time.Time // when its power-off was asked for
+	boot  string    // its boot ID before the power-off
+	off   bool      // its power-off went ahead (and the test rebooted it)
+	flags []string  // its agent's
+}
+
+// fleetMonitor follows a fleet's nodes and VMs every 200 ms from the API server: the
+// most nodes drained at once (out of service with VMs still on them), the agent's state
+// annotation of each node as it changed, and whether the waiting taint was seen.
+type fleetMonitor struct {
+	mu          sync.Mutex
+	maxDraining int
+	atMax       string
+	states      map[string][]string
+	waitTaint   map[string]bool
+}
+
+func (sc *scenario) monitorFleet(ctx context.Context, nodes []string) *fleetMonitor {
+	m := &fleetMonitor{states: map[string][]string{}, waitTaint: map[string]bool{}}
+	go func() {
+		tick := time.NewTicker(200 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			vmis := &kubevirtv1.VirtualMachineInstanceList{}
+			if err := sc.env.cluster.KubeVirt.Get().Namespace(sc.ns).Resource(nodeinfo.ResourceVMIs).Do(ctx).Into(vmis); err != nil {
+				continue
+			}
+			on := map[string]int{}
+			for _, v := range vmis.Items {
+				if !v.IsFinal() {
+					on[v.Status.NodeName]++
+				}
+			}
+			var draining []string
+			for _, name := range nodes {
+				n, err := sc.kube().CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+				if err != nil {
+					continue
+				}
+				_, owned, _ := ownershipOf(n)
+				if n.Spec.Unschedulable && owned && on[name] > 0 {
+					draining = append(draining, fmt.Sprintf("%s (%d VMs)", name, on[name]))
+				}
+				m.mu.Lock()
+				if s := n.Annotations[agent.AnnotationState]; s != "" {
+					if h := m.states[name]; len(h) == 0 || h[len(h)-1] != s {
+						m.states[name] = append(h, s)
+					}
+				}
+				for _, t := range n.Spec.Taints {
+					if t.Key == agent.TaintWaiting && t.Effect == corev1.TaintEffectPreferNoSchedule {
+						m.waitTaint[name] = true
+					}
+				}
+				m.mu.Unlock()
+			}
+			m.mu.Lock()
+			if len(draining) > m.maxDraining {
+				m.maxDraining, m.atMax = len(draining), strings.Join(draining, ", ")
+			}
+			m.mu.Unlock()
+		}
+	}()
+	return m
+}
+
+// A fleet reboot with --max-concurrent-drains=1: four hosts, each with its own logind
+// and agent, three of them with two LiveMigrate VMs. The empty host is powered off
+// first (it drains nothing and goes at once); while it is down, the other three are
+// told to power off in the same moment. Their VMs fit nowhere (the empty host is out of
+// service, the others are about to go), so the first in line waits for room, saying
+// why; when the empty host is back (the test reboots each host once logind powers it
+// off: a new boot ID, a fresh logind and agent), one host drains at a time onto the
+// hosts already rebooted, while the others wait with their shutdowns held, the agent's
+// PreferNoSchedule taint on them and a DrainWaiting event. Checked: never more than one
+// host drained at once; every host powered off with no VM on it, after its last VM
+// left; every VM still running, the same VMI (live-migrated, never shut down); the
+// nodes given back; the queue's Leases left with no holder.
+func TestFleetRebootOneHostAtATime(t *testing.T) {
+	sc := newScenario(t, 4)
+	spare := sc.nodes[3]
+	flags := []string{"--max-concurrent-drains=1", "--shutdown-timeout=6m", "--max-turn-wait=5m"}
+	hosts := map[string]*fleetHost{}
+	var vms []*kubevirtv1.VirtualMachineInstance
+	for i, node := range sc.nodes {
+		h := &fleetHost{node: node, env: sc.startLogind()}
+		h.flags = append([]string{"--logind-dropin-dir=" + h.env.DropInDir}, flags...)
+		hosts[node] = h
+		if node != spare {
+			for j := range 2 {
+				vms = append(vms, sc.pinned(fmt.Sprintf("vm-%d-%d", i, j), node, liveMigrate, sim.WithMigrationDuration(2*time.Second)))
+			}
+		}
+		h.agent = sc.startShutdownAgent(node, h.env, h.flags...)
+		sc.waitInhibitDelayMax(h.env, 6*time.Minute)
+		h.vms = sc.watchVMs(node)
+		h.boot = sc.node(node).Status.NodeInfo.BootID
+	}
+	ctx, stop := context.WithCancel(sc.ctx)
+	defer stop()
+	mon := sc.monitorFleet(ctx, sc.nodes)
+
+	// reboot brings a host that powered off back: a new boot ID (its VMs' pods gone, as
+	// after a real reboot), a fresh logind and a fresh agent, which gives the node back.
+	reboot := func(h *fleetHost) {
+		t.Helper()
+		h.agent.kill()
+		if err := sc.env.sim.Reboot(sc.ctx, h.node); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.env.RestartLogind(sc.ctx, false); err != nil {
+			t.Fatal(err)
+		}
+		h.agent = sc.startShutdownAgent(h.node, h.env, h.flags...)
+		h.off = true
+	}
+	// poweredOff checks a host whose power-off went ahead: after its last VM left, and
+	// just after the agent released its lock.
+	poweredOff := func(h *fleetHost) {
+		t.Helper()
+		sc.waitReleasedWhenEmpty(h.env, h.agent, h.vms, h.asked, time.Minute)
+		t.Logf("%s powered off %s after it was asked to", h.node, time.Since(h.asked).Round(time.Second))
+		reboot(h)
+	}
+
+	s := hosts[spare]
+	s.asked = sc.powerOff(s.env)
+	sc.waitOutOfService(spare, s.boot)
+	var wg sync.WaitGroup
+	for _, node := range sc.nodes[:3] {
+		h := hosts[node]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.asked = time.Now()
+			if err := h.env.PowerOff(sc.ctx); err != nil {
+				t.Errorf("logind PowerOff on %s: %v", h.node, err)
+			}
+		}()
+	}
+	wg.Wait()
+	// The three wait: no room while the empty host is out of service.
+	for _, node := range sc.nodes[:3] {
+		st := hosts[node].agent.waitStatus(time.Minute, "waiting for its turn", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+			return st.Turn != nil && st.Turn.Waiting
+		})
+		if st.Draining || len(st.VMs) != 2 {
+			t.Errorf("%s waiting its turn: draining %v with %d VMs, want not draining, its 2 VMs on it", node, st.Draining, len(st.VMs))
+		}
+	}
+	sc.eventually(time.Minute, "the host first in line to say that its VMs fit nowhere", func() (bool, string) {
+		var seen []string
+		for _, node := range sc.nodes[:3] {
+			_, st := hosts[node].agent.safeToShutdown("")
+			if st.Turn != nil && st.Turn.Position == 1 && strings.Contains(st.Turn.Reason, "fits on none of the") {
+				return true, ""
+			}
+			seen = append(seen, fmt.Sprintf("%s: %s", node, st.Turn))
+		}
+		return false, strings.Join(seen, "; ")
+	})
+	poweredOff(s) // back: room for the others
+
+	for len(offHosts(hosts)) < len(hosts) {
+		var next *fleetHost
+		sc.eventually(5*time.Minute, "a host's power-off to go ahead", func() (bool, string) {
+			for _, node := range sc.nodes[:3] {
+				h := hosts[node]
+				if h.off {
+					continue
+				}
+				if _, ok, err := h.env.StartUnitAt(sc.ctx, powerOffUnit, h.asked); err == nil && ok {
+					next = h
+					return true, ""
+				}
+			}
+			return false, fmt.Sprintf("powered off: %v", offHosts(hosts))
+		})
+		poweredOff(next)
+	}
+	stop()
+
+	mon.mu.Lock()
+	defer mon.mu.Unlock()
+	t.Logf("most hosts drained at once: %d (%s)", mon.maxDraining, mon.atMax)
+	if mon.maxDraining > 1 {
+		t.Errorf("%d hosts drained at once (%s), want at most 1 (--max-concurrent-drains=1)", mon.maxDraining, mon.atMax)
+	}
+	waited := 0
+	for _, node := range sc.nodes[:3] {
+		t.Logf("%s states: %s", node, strings.Join(mon.states[node], " | "))
+		if sc.eventCount(metav1.NamespaceDefault, "Node", node, agent.ReasonDrainWaiting) > 0 && mon.waitTaint[node] {
+			waited++
+		}
+	}
+	if waited < 2 {
+		t.Errorf("%d hosts waited their turn with a %s event and the %s taint, want at least the two behind the first", waited, agent.ReasonDrainWaiting, agent.TaintWaiting)
+	}
+	migrations := 0
+	for _, before := range vms {
+		after := sc.vmi(before.Name)
+		if after == nil || after.UID != before.UID || after.Status.Phase != kubevirtv1.Running {
+			t.Errorf("VM %s: %s, want the same VMI running (live-migrated, never shut down)", before.Name, describeVMI(after))
+		}
+		migrations += len(sc.migrationsOf(before.Name))
+	}
+	t.Logf("%d migrations for %d VMs", migrations, len(vms))
+	for _, node := range sc.nodes {
+		sc.waitGivenBackAfterReboot(node)
+	}
+	leases, err := sc.kube().CoordinationV1().Leases(sc.ns).List(sc.ctx, metav1.ListOptions{LabelSelector: fleet.LabelTurn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range leases.Items {
+		if h := ptrString(l.Spec.HolderIdentity); l.Labels[fleet.LabelTurn] == "ticket" || h != "" {
+			t.Errorf("lease %s (%s) still held by %q after every host rebooted", l.Name, l.Labels[fleet.LabelTurn], h)
+		}
+	}
+}
+
+func offHosts(hosts map[string]*fleetHost) []string {
+	var out []string
+	for n, h := range hosts {
+		if h.off {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func ptrString(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+// waitGivenBackAfterReboot waits until the agent of a rebooted node removed what it
+// had added (its taints, its cordon, its records).
+func (sc *scenario) waitGivenBackAfterReboot(node string) {
+	sc.t.Helper()
+	sc.eventually(time.Minute, "node "+node+" given back after its reboot", func() (bool, string) {
+		n := sc.node(node)
+		_, owned := n.Annotations[agent.AnnotationOwned]
+		_, recorded := n.Annotations[agent.AnnotationShutdown]
+		return !n.Spec.Unschedulable && !owned && !recorded && !hasTaintKey(n, nodeinfo.DefaultDrainTaintKey) && !hasTaintKey(n, agent.TaintWaiting),
+			fmt.Sprintf("unschedulable %v, taints %v, annotations %v", n.Spec.Unschedulable, n.Spec.Taints, n.Annotations)
+	})
+}
