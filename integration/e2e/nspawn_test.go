@@ -264,7 +264,7 @@ Wants=kube-api-proxy.socket node-agent-lock.service
 After=kube-api-proxy.socket
 
 [Service]
-ExecStart=/opt/node-agent/node-agent run --kubeconfig=/opt/node-agent/kubeconfig --node-name=%s --listen-address=127.0.0.1:8095 --resync=1s --log-format=json --log-level=debug --lock-holder=http://127.0.0.1:8096
+ExecStart=/opt/node-agent/node-agent run --kubeconfig=/opt/node-agent/kubeconfig --node-name=%s --namespace=%s --listen-address=127.0.0.1:8095 --resync=1s --log-format=json --log-level=debug --lock-holder=http://127.0.0.1:8096
 # Records when systemd starts stopping the agent: when a shutdown proceeds.
 ExecStop=/bin/sh -c 'date +%%%%s.%%%%N > /out/agent-stop-requested; kill -TERM $MAINPID'
 Restart=always
@@ -365,7 +365,7 @@ func (sc *scenario) bootContainer(node string, layout cgroupLayout) (*container,
 	files := map[string]string{
 		"kube-api-proxy.socket":   fmt.Sprintf(apiSocketUnit, port),
 		"kube-api-proxy.service":  apiProxyUnit,
-		"node-agent.service":      fmt.Sprintf(agentUnit, node),
+		"node-agent.service":      fmt.Sprintf(agentUnit, node, sc.ns),
 		"node-agent-lock.service": fmt.Sprintf(lockUnit, node, containerTimeout),
 		"node-agent-test.target":  testTarget,
 	}
