@@ -221,7 +221,9 @@ func nextPod(vmi *kubevirtv1.VirtualMachineInstance, pod *corev1.Pod) *corev1.Po
 	return p
 }
 
-func ownedByVM(vmi interface{ GetOwnerReferences() []metav1.OwnerReference }) bool {
+func ownedByVM(vmi interface {
+	GetOwnerReferences() []metav1.OwnerReference
+}) bool {
 	for _, o := range vmi.GetOwnerReferences() {
 		if o.Kind == "VirtualMachine" {
 			return true

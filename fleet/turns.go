@@ -66,8 +66,8 @@ type Options struct {
 	// first in line must see the others queued (about to go, no room for its VMs)
 	// before it drains. Default DefaultSettle.
 	Settle time.Duration
-	Clock         clock.Clock
-	Log           logrus.FieldLogger
+	Clock  clock.Clock
+	Log    logrus.FieldLogger
 }
 
 // Turns is one agent's place in the cluster's queue of host-shutdown drains.
@@ -379,7 +379,9 @@ func (t *Turns) Release(ctx context.Context) error {
 	all, _ := t.leases.Leases(t.opts.Namespace).List(labels.Everything())
 	// The ticket goes first: a node that gave back its slot but still had a ticket
 	// would look to the others as waiting ahead of them.
-	sort.Slice(all, func(i, j int) bool { return all[i].Labels[LabelTurn] == "ticket" && all[j].Labels[LabelTurn] != "ticket" })
+	sort.Slice(all, func(i, j int) bool {
+		return all[i].Labels[LabelTurn] == "ticket" && all[j].Labels[LabelTurn] != "ticket"
+	})
 	for _, l := range all {
 		if holder(l) != t.opts.Node {
 			continue
