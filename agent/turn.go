@@ -8,7 +8,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/fleet"
@@ -221,10 +220,8 @@ func nextPod(vmi *kubevirtv1.VirtualMachineInstance, pod *corev1.Pod) *corev1.Po
 	return p
 }
 
-func ownedByVM(vmi interface {
-	GetOwnerReferences() []metav1.OwnerReference
-}) bool {
-	for _, o := range vmi.GetOwnerReferences() {
+func ownedByVM(vmi *kubevirtv1.VirtualMachineInstance) bool {
+	for _, o := range vmi.OwnerReferences {
 		if o.Kind == "VirtualMachine" {
 			return true
 		}
