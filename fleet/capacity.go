@@ -50,10 +50,9 @@ func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*c
 
 // room is what a node has left.
 type room struct {
-	node       *corev1.Node
-	cpu, mem   int64 // milli-CPU, bytes
-	pods       int64
-	placedHere int
+	node     *corev1.Node
+	cpu, mem int64 // milli-CPU, bytes
+	pods     int64
 }
 
 // fit is Fits on nodes and pods read.
