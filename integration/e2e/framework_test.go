@@ -429,7 +429,7 @@ func freeAddr(t testing.TB) string {
 // the test ends.
 func (sc *scenario) spawnAgent(bin, node, addr string, args, env []string) *agentProc {
 	sc.t.Helper()
-	if len(args) > 0 && args[0] == "run" && !hasFlag(args, "--namespace") && !slices.ContainsFunc(env, func(e string) bool { return strings.HasPrefix(e, "NODE_AGENT_NAMESPACE=") }) {
+	if len(args) > 0 && args[0] == "run" && sc.ns != "" && !hasFlag(args, "--namespace") && !slices.ContainsFunc(env, func(e string) bool { return strings.HasPrefix(e, "NODE_AGENT_NAMESPACE=") }) {
 		// The Leases of the turns to drain for host shutdowns: the scenario's own queue.
 		args = append(args[:1:1], append([]string{"--namespace=" + sc.ns}, args[1:]...)...)
 	}
