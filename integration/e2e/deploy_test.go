@@ -546,6 +546,8 @@ func (sc *scenario) applyManifests() []*unstructured.Unstructured {
 		_ = k.RbacV1().ClusterRoles().Delete(ctx, "node-agent", bg)
 		_ = k.RbacV1().RoleBindings(cluster.KubeVirtNamespace).Delete(ctx, "node-agent", bg)
 		_ = k.RbacV1().Roles(cluster.KubeVirtNamespace).Delete(ctx, "node-agent", bg)
+		_ = k.RbacV1().RoleBindings(deployNamespace).Delete(ctx, "node-agent", bg)
+		_ = k.RbacV1().Roles(deployNamespace).Delete(ctx, "node-agent", bg)
 		_ = k.AppsV1().DaemonSets(deployNamespace).Delete(ctx, "node-agent", bg)
 		_ = k.CoreV1().ServiceAccounts(deployNamespace).Delete(ctx, "node-agent", bg)
 	})
@@ -890,6 +892,17 @@ func (sc *scenario) checkRoles() {
 		sc.t.Errorf("Role %s/node-agent: %v", cluster.KubeVirtNamespace, err)
 	}
 	for p := range inNS {
+		granted[p] = true
+	}
+	own, err := sc.kube().RbacV1().Roles(deployNamespace).Get(sc.ctx, "node-agent", metav1.GetOptions{})
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	inOwn, err := grantedPermissions(deployNamespace, own.Rules)
+	if err != nil {
+		sc.t.Errorf("Role %s/node-agent: %v", deployNamespace, err)
+	}
+	for p := range inOwn {
 		granted[p] = true
 	}
 	needed := neededPermissions()
