@@ -124,12 +124,12 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 	if out {
 		return true
 	}
-	if waited := now.Sub(intent.at); waited >= e.opts.MaxTurnWait {
-		e.drainOutOfTurn(node, log, fmt.Sprintf("no turn to drain came within %s (--max-turn-wait)", e.opts.MaxTurnWait))
+	if limit, why := e.turnWaitLimit(intent); now.Sub(intent.at) >= limit {
+		e.drainOutOfTurn(node, log, fmt.Sprintf("no turn to drain came within %s (%s)", limit, why))
 		return true
 	}
 	fits := func(ctx context.Context, draining, waiting []string) (string, error) {
-		return fleet.Fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, waiting)
+		return fleet.Fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, waiting, ShutdownPendingOnNode)
 	}
 	turn, why, err := e.opts.Turns.Take(ctx, intent.at, fits)
 	st := &TurnStatus{Waiting: !turn.Granted, Position: turn.Position, Queue: turn.Waiting, Slots: turn.Slots, Draining: turn.Draining, Slot: turn.Slot, Reason: why}
@@ -227,6 +227,16 @@ func ownedByVM(vmi *kubevirtv1.VirtualMachineInstance) bool {
 		}
 	}
 	return false
+}
+
+// turnWaitLimit is how long after its shutdown began a node waits for its turn: at most
+// MaxTurnWait, and at most half the time the shutdown is held (to its deadline), so
+// that the other half is left for its own drain.
+func (e *Engine) turnWaitLimit(intent shutdownIntent) (time.Duration, string) {
+	if hold := intent.deadline.Sub(intent.at); !intent.deadline.IsZero() && hold/2 < e.opts.MaxTurnWait {
+		return hold / 2, "half the shutdown's hold of " + hold.String()
+	}
+	return e.opts.MaxTurnWait, "--max-turn-wait"
 }
 
 // queueFailureGrace is how long the queue may fail (its Leases cannot be read or

@@ -157,21 +157,24 @@ func TestShutdownWaitsForItsTurn(t *testing.T) {
 	}
 }
 
-// A node whose turn does not come within MaxTurnWait, or whose queue cannot be used for
-// queueFailureGrace, drains out of turn, with one Warning DrainOutOfTurn event.
+// A node whose turn does not come within MaxTurnWait or half its shutdown's hold, or
+// whose queue cannot be used for queueFailureGrace, drains out of turn, with one
+// Warning DrainOutOfTurn event.
 func TestShutdownDrainsOutOfTurn(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		err   error
+		hold  time.Duration // the shutdown's deadline, from its start
 		after time.Duration
 	}{
-		{"no turn within --max-turn-wait", nil, DefaultMaxTurnWait},
-		{"the queue cannot be used", errors.New(`leases is forbidden`), queueFailureGrace},
+		{"no turn within --max-turn-wait", nil, 30 * time.Minute, DefaultMaxTurnWait},
+		{"no turn within half the hold", nil, 2 * time.Minute, time.Minute},
+		{"the queue cannot be used", errors.New(`leases is forbidden`), 10 * time.Minute, queueFailureGrace},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f, turns := turnFixture(t)
 			turns.set(false, tc.err)
-			f.engine.ShutdownStarted(t0, t0.Add(10*time.Minute))
+			f.engine.ShutdownStarted(t0, t0.Add(tc.hold))
 			f.mustSync()
 			f.clock.Step(tc.after - time.Second)
 			f.mustSync()

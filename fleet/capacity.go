@@ -29,8 +29,13 @@ const launcherLabel = "kubevirt.io"
 // against the node's labels. The VMs are placed first-fit, largest memory first, each
 // on the node with the most free memory. Inter-pod affinity, topology spread and
 // PreferNoSchedule are not counted. It returns why they do not fit, empty when they
-// do. The nodes and pods are read from the API server's cache (resourceVersion 0).
-func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, waiting []string) (string, error) {
+// do, or when waiting would not make room: room comes back when a node that could take
+// them (its labels match their node selector and affinity) and is away returns (one
+// draining or waiting, or shutting down as shuttingDown says: a host that had no VM
+// to drain, rebooting); with none away, the drain may as well start (the VMs that
+// find no node are reported blocked, as always). The nodes and pods are read from the
+// API server's cache (resourceVersion 0).
+func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, waiting []string, shuttingDown func(*corev1.Node) bool) (string, error) {
 	if len(mine) == 0 {
 		return "", nil
 	}
@@ -45,7 +50,7 @@ func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*c
 	if err != nil {
 		return "", fmt.Errorf("listing the pods for the capacity check: %w", err)
 	}
-	return fit(node, mine, draining, waiting, nodes.Items, pods.Items), nil
+	return fit(node, mine, draining, waiting, shuttingDown, nodes.Items, pods.Items), nil
 }
 
 // room is what a node has left.
@@ -56,7 +61,7 @@ type room struct {
 }
 
 // fit is Fits on nodes and pods read.
-func fit(node string, mine []*corev1.Pod, draining, waiting []string, nodes []corev1.Node, pods []corev1.Pod) string {
+func fit(node string, mine []*corev1.Pod, draining, waiting []string, shuttingDown func(*corev1.Node) bool, nodes []corev1.Node, pods []corev1.Pod) string {
 	away := map[string]bool{node: true}
 	moving := map[string]bool{}
 	for _, n := range draining {
@@ -120,12 +125,33 @@ func fit(node string, mine []*corev1.Pod, draining, waiting []string, nodes []co
 			}
 		}
 		if best == nil {
+			if !roomMayComeBack(w.pod, node, away, shuttingDown, nodes) {
+				return ""
+			}
 			return fmt.Sprintf("the VMs of %d virt-launcher pods must move, and %s/%s (requests cpu %s, memory %s) fits on none of the %d nodes that remain (Ready, schedulable, not waiting or draining)",
 				len(wants), w.pod.Namespace, w.pod.Name, resource.NewMilliQuantity(w.cpu, resource.DecimalSI), resource.NewQuantity(w.mem, resource.BinarySI), len(candidates))
 		}
 		best.cpu, best.mem, best.pods = best.cpu-w.cpu, best.mem-w.mem, best.pods-1
 	}
 	return ""
+}
+
+// roomMayComeBack: a node other than self that could take the pod (by its labels) is
+// away for now: in the queue, or shutting down.
+func roomMayComeBack(p *corev1.Pod, self string, away map[string]bool, shuttingDown func(*corev1.Node) bool, nodes []corev1.Node) bool {
+	for i := range nodes {
+		n := &nodes[i]
+		if n.Name == self {
+			continue
+		}
+		if !away[n.Name] && (shuttingDown == nil || !shuttingDown(n)) {
+			continue
+		}
+		if ok, _ := nodeaffinity.GetRequiredNodeAffinity(p).Match(n); ok {
+			return true
+		}
+	}
+	return false
 }
 
 func ready(n *corev1.Node) bool {

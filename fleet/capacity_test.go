@@ -44,32 +44,41 @@ func TestFit(t *testing.T) {
 		return out
 	}
 	self := testNode("self", "32", "128Gi")
+	cordoned := func(n *corev1.Node) { n.Spec.Unschedulable = true }
 	tests := []struct {
 		name     string
 		mine     []*corev1.Pod
 		draining []string
 		waiting  []string
+		shutting []string // nodes shutting down (rebooting, out of the queue)
 		nodes    []corev1.Node
 		pods     []corev1.Pod
 		want     string // a part of the reason; "" fits
 	}{
 		{name: "room on one node", mine: mine("4Gi", "4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}},
-		{name: "the sum fits but no node takes the largest", mine: mine("6Gi", "6Gi"),
-			nodes: []corev1.Node{self, testNode("b", "8", "8Gi"), testNode("c", "8", "4Gi")}, want: "fits on none of the 2 nodes"},
-		{name: "pods already there count", mine: mine("4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")},
+		{name: "the sum fits but no node takes the largest", mine: mine("6Gi", "6Gi"), shutting: []string{"r"},
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi"), testNode("c", "8", "4Gi"), testNode("r", "8", "8Gi", cordoned)}, want: "fits on none of the 2 nodes"},
+		{name: "pods already there count", mine: mine("4Gi"), shutting: []string{"r"}, nodes: []corev1.Node{self, testNode("b", "8", "8Gi"), testNode("r", "8", "8Gi", cordoned)},
 			pods: []corev1.Pod{testPod("busy", "b", "1", "6Gi", false)}, want: "ns/vma"},
+		{name: "no room, and no node away whose return would make it: go", mine: mine("4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")},
+			pods: []corev1.Pod{testPod("busy", "b", "1", "6Gi", false)}},
+		{name: "a node away that the VM could not use makes no room", mine: func() []*corev1.Pod {
+			p := mine("4Gi")
+			p[0].Spec.NodeSelector = map[string]string{"pool": "a"}
+			return p
+		}(), shutting: []string{"r"}, nodes: []corev1.Node{self, testNode("r", "8", "8Gi", func(n *corev1.Node) { n.Labels["pool"] = "other" })}},
 		{name: "a finished pod does not count (left out by the list)", mine: mine("4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}},
 		{name: "the waiting nodes are about to go", mine: mine("4Gi"), waiting: []string{"b"},
 			nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}, want: "none of the 0 nodes"},
 		{name: "the VMs of the draining nodes need room too", mine: mine("4Gi"), draining: []string{"d"},
 			nodes: []corev1.Node{self, testNode("d", "8", "8Gi"), testNode("b", "8", "6Gi")},
 			pods:  []corev1.Pod{testPod("theirs", "d", "1", "4Gi", true)}, want: "fits on none of the 1 nodes"},
-		{name: "a cordoned node takes nothing", mine: mine("1Gi"),
+		{name: "a cordoned node takes nothing", mine: mine("1Gi"), shutting: []string{"b"},
 			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) { n.Spec.Unschedulable = true })}, want: "none of the 0"},
-		{name: "a node not Ready takes nothing", mine: mine("1Gi"),
+		{name: "a node not Ready takes nothing", mine: mine("1Gi"), shutting: []string{"b"},
 			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) { n.Status.Conditions[0].Status = corev1.ConditionFalse })}, want: "none of the 0"},
-		{name: "an untolerated NoSchedule taint", mine: mine("1Gi"),
-			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) {
+		{name: "an untolerated NoSchedule taint", mine: mine("1Gi"), waiting: []string{"w"},
+			nodes: []corev1.Node{self, testNode("w", "8", "8Gi"), testNode("b", "8", "8Gi", func(n *corev1.Node) {
 				n.Spec.Taints = []corev1.Taint{{Key: "k", Effect: corev1.TaintEffectNoSchedule}}
 			})}, want: "none of the 1"},
 		{name: "PreferNoSchedule does not keep a VM out", mine: mine("1Gi"),
@@ -80,12 +89,20 @@ func TestFit(t *testing.T) {
 			p := mine("1Gi")
 			p[0].Spec.NodeSelector = map[string]string{"pool": "b"}
 			return p
-		}(), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}, want: "none of the 1"},
+		}(), shutting: []string{"r"}, nodes: []corev1.Node{self, testNode("b", "8", "8Gi"), testNode("r", "8", "8Gi", cordoned, func(n *corev1.Node) { n.Labels["pool"] = "b" })}, want: "none of the 1"},
 		{name: "nothing to place", nodes: []corev1.Node{self}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := fit("self", tt.mine, tt.draining, tt.waiting, tt.nodes, tt.pods)
+			shutting := func(n *corev1.Node) bool {
+				for _, s := range tt.shutting {
+					if n.Name == s {
+						return true
+					}
+				}
+				return false
+			}
+			got := fit("self", tt.mine, tt.draining, tt.waiting, shutting, tt.nodes, tt.pods)
 			if (tt.want == "") != (got == "") || !strings.Contains(got, tt.want) {
 				t.Errorf("fit: %q, want %q", got, tt.want)
 			}
