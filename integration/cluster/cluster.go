@@ -48,6 +48,9 @@ type Options struct {
 	// evacuate/cancel included, as virt-api of a KubeVirt before v1.8 answers 404 to
 	// evacuate/cancel. virt-api still serves its webhook.
 	WithoutSubresourceAPI bool
+	// NodeMonitorGracePeriod, when set, replaces the controller-manager's short
+	// NodeMonitorGracePeriod (how long after its last heartbeat a node turns NotReady).
+	NodeMonitorGracePeriod time.Duration
 }
 
 // Cluster is a running control plane: etcd, kube-apiserver, kube-scheduler,

@@ -39,6 +39,14 @@ var controllers = []string{
 // client certificate of its own (the users RBAC's bootstrap policy binds), serving
 // HTTPS on loopback with a certificate of the cluster's CA, leader election off (one
 // of each), and waits until both report healthy.
+// nodeMonitorGracePeriod is Options.NodeMonitorGracePeriod, else NodeMonitorGracePeriod.
+func (c *Cluster) nodeMonitorGracePeriod() time.Duration {
+	if c.opts.NodeMonitorGracePeriod > 0 {
+		return c.opts.NodeMonitorGracePeriod
+	}
+	return NodeMonitorGracePeriod
+}
+
 func (c *Cluster) startControllers(ctx context.Context, pki, caFile, saKey string) error {
 	ports, err := freePorts(2)
 	if err != nil {
@@ -94,7 +102,7 @@ func (c *Cluster) startControllers(ctx context.Context, pki, caFile, saKey strin
 		"--service-account-private-key-file="+saKey,
 		"--root-ca-file="+caFile,
 		"--node-monitor-period="+nodeMonitorPeriod.String(),
-		"--node-monitor-grace-period="+NodeMonitorGracePeriod.String(),
+		"--node-monitor-grace-period="+c.nodeMonitorGracePeriod().String(),
 		"--node-startup-grace-period="+nodeStartupGracePeriod.String())
 	c.controllerMgr, err = startProcess(c.Dir, "kube-controller-manager", c.binaries.KubeControllerManager, kcmArgs...)
 	if err != nil {
