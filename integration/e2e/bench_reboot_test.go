@@ -19,11 +19,9 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/integration/sim"
@@ -38,7 +36,7 @@ type rebootResult struct {
 	restarted      int           // VMs that ended as a new VMI (shut down, restarted)
 	migrations     int
 	vms            int
-	maxUnavailable int // hosts cordoned or down at once
+	maxUnavailable int // hosts cordoned at once (draining, drained, or waiting to come back)
 }
 
 func benchEnvInt(b *testing.B, name string, def int) int {
@@ -83,83 +81,27 @@ func BenchmarkFleetReboot(b *testing.B) {
 
 func fleetReboot(b *testing.B, n, perHost, slots int) rebootResult {
 	sc := newScenario(b, n)
-	flags := []string{fmt.Sprintf("--max-concurrent-drains=%d", slots), "--shutdown-timeout=4m", "--max-turn-wait=3m"}
 	hosts := map[string]*fleetHost{}
+	var all []*fleetHost
 	var vms []*kubevirtv1.VirtualMachineInstance
 	for i, node := range sc.nodes {
-		h := &fleetHost{node: node, env: sc.startLogind()}
-		h.flags = append([]string{"--logind-dropin-dir=" + h.env.DropInDir}, flags...)
-		hosts[node] = h
 		for j := range perHost {
 			vms = append(vms, sc.pinned(fmt.Sprintf("vm-%d-%d", i, j), node, liveMigrate, sim.WithMigrationDuration(3*time.Second)))
 		}
-		h.agent = sc.startShutdownAgent(node, h.env, h.flags...)
-		sc.waitInhibitDelayMax(h.env, 4*time.Minute)
+		hosts[node] = sc.startFleetHost(node, 4*time.Minute, fmt.Sprintf("--max-concurrent-drains=%d", slots), "--max-turn-wait=3m")
+		all = append(all, hosts[node])
 	}
 	ctx, stop := context.WithCancel(sc.ctx)
 	defer stop()
-	var mu sync.Mutex
-	maxOut := 0
-	go func() {
-		tick := time.NewTicker(200 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-			out := 0
-			for _, node := range sc.nodes {
-				if n, err := sc.kube().CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{}); err == nil && n.Spec.Unschedulable {
-					out++
-				}
-			}
-			mu.Lock()
-			maxOut = max(maxOut, out)
-			mu.Unlock()
-		}
-	}()
+	mon := sc.monitorFleet(ctx, sc.nodes)
 
 	start := time.Now()
-	var wg sync.WaitGroup
-	for _, h := range hosts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			h.asked = time.Now()
-			if err := h.env.PowerOff(sc.ctx); err != nil {
-				b.Errorf("logind PowerOff on %s: %v", h.node, err)
-			}
-		}()
-	}
-	wg.Wait()
+	sc.powerOffAll(all)
 	res := rebootResult{slots: slots, vms: len(vms)}
 	for len(offHosts(hosts)) < len(hosts) {
-		var next *fleetHost
-		sc.eventually(6*time.Minute, "a host's power-off to go ahead", func() (bool, string) {
-			for _, node := range sc.nodes {
-				h := hosts[node]
-				if h.off {
-					continue
-				}
-				if _, ok, err := h.env.StartUnitAt(sc.ctx, powerOffUnit, h.asked); err == nil && ok {
-					next = h
-					return true, ""
-				}
-			}
-			return false, fmt.Sprintf("powered off: %v", offHosts(hosts))
-		})
+		next := sc.nextPoweredOff(hosts, 6*time.Minute)
 		res.vmsAtPowerOff += len(sc.vmisOn(next.node))
-		next.agent.kill()
-		if err := sc.env.sim.Reboot(sc.ctx, next.node); err != nil {
-			b.Fatal(err)
-		}
-		if err := next.env.RestartLogind(sc.ctx, false); err != nil {
-			b.Fatal(err)
-		}
-		next.agent = sc.startShutdownAgent(next.node, next.env, next.flags...)
-		next.off = true
+		sc.reboot(next)
 	}
 	for _, node := range sc.nodes {
 		sc.waitGivenBackAfterReboot(node)
@@ -186,9 +128,9 @@ func fleetReboot(b *testing.B, n, perHost, slots int) rebootResult {
 		}
 		res.migrations += len(sc.migrationsOf(before.Name))
 	}
-	mu.Lock()
-	res.maxUnavailable = maxOut
-	mu.Unlock()
+	mon.mu.Lock()
+	res.maxUnavailable = mon.maxCordoned
+	mon.mu.Unlock()
 	b.Logf("--max-concurrent-drains=%d: makespan %s, %d VMs on hosts at power-off, %d restarted, %d migrations for %d VMs, at most %d hosts out at once",
 		slots, res.makespan.Round(time.Second), res.vmsAtPowerOff, res.restarted, res.migrations, len(vms), res.maxUnavailable)
 	return res

@@ -41,6 +41,7 @@ type fleetMonitor struct {
 	atMax       string
 	states      map[string][]string
 	waitTaint   map[string]bool
+	maxCordoned int // the most nodes cordoned at once (out of service, or waiting their reboot)
 }
 
 func (sc *scenario) monitorFleet(ctx context.Context, nodes []string) *fleetMonitor {
@@ -65,12 +66,16 @@ func (sc *scenario) monitorFleet(ctx context.Context, nodes []string) *fleetMoni
 				}
 			}
 			var draining []string
+			cordoned := 0
 			for _, name := range nodes {
 				n, err := sc.kube().CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 				if err != nil {
 					continue
 				}
 				_, owned, _ := ownershipOf(n)
+				if n.Spec.Unschedulable {
+					cordoned++
+				}
 				if n.Spec.Unschedulable && owned && on[name] > 0 {
 					draining = append(draining, fmt.Sprintf("%s (%d VMs)", name, on[name]))
 				}
@@ -88,6 +93,7 @@ func (sc *scenario) monitorFleet(ctx context.Context, nodes []string) *fleetMoni
 				m.mu.Unlock()
 			}
 			m.mu.Lock()
+			m.maxCordoned = max(m.maxCordoned, cordoned)
 			if len(draining) > m.maxDraining {
 				m.maxDraining, m.atMax = len(draining), strings.Join(draining, ", ")
 			}
@@ -112,66 +118,33 @@ func (sc *scenario) monitorFleet(ctx context.Context, nodes []string) *fleetMoni
 func TestFleetRebootOneHostAtATime(t *testing.T) {
 	sc := newScenario(t, 4)
 	spare := sc.nodes[3]
-	flags := []string{"--max-concurrent-drains=1", "--shutdown-timeout=6m", "--max-turn-wait=5m"}
 	hosts := map[string]*fleetHost{}
 	var vms []*kubevirtv1.VirtualMachineInstance
 	for i, node := range sc.nodes {
-		h := &fleetHost{node: node, env: sc.startLogind()}
-		h.flags = append([]string{"--logind-dropin-dir=" + h.env.DropInDir}, flags...)
-		hosts[node] = h
 		if node != spare {
 			for j := range 2 {
 				vms = append(vms, sc.pinned(fmt.Sprintf("vm-%d-%d", i, j), node, liveMigrate, sim.WithMigrationDuration(2*time.Second)))
 			}
 		}
-		h.agent = sc.startShutdownAgent(node, h.env, h.flags...)
-		sc.waitInhibitDelayMax(h.env, 6*time.Minute)
-		h.vms = sc.watchVMs(node)
-		h.boot = sc.node(node).Status.NodeInfo.BootID
+		hosts[node] = sc.startFleetHost(node, 6*time.Minute, "--max-concurrent-drains=1", "--max-turn-wait=3m")
 	}
 	ctx, stop := context.WithCancel(sc.ctx)
 	defer stop()
 	mon := sc.monitorFleet(ctx, sc.nodes)
 
-	// reboot brings a host that powered off back: a new boot ID (its VMs' pods gone, as
-	// after a real reboot), a fresh logind and a fresh agent, which gives the node back.
-	reboot := func(h *fleetHost) {
-		t.Helper()
-		h.agent.kill()
-		if err := sc.env.sim.Reboot(sc.ctx, h.node); err != nil {
-			t.Fatal(err)
-		}
-		if err := h.env.RestartLogind(sc.ctx, false); err != nil {
-			t.Fatal(err)
-		}
-		h.agent = sc.startShutdownAgent(h.node, h.env, h.flags...)
-		h.off = true
-	}
 	// poweredOff checks a host whose power-off went ahead: after its last VM left, and
-	// just after the agent released its lock.
+	// just after the agent released its lock; then reboots it.
 	poweredOff := func(h *fleetHost) {
 		t.Helper()
 		sc.waitReleasedWhenEmpty(h.env, h.agent, h.vms, h.asked, time.Minute)
 		t.Logf("%s powered off %s after it was asked to", h.node, time.Since(h.asked).Round(time.Second))
-		reboot(h)
+		sc.reboot(h)
 	}
 
 	s := hosts[spare]
 	s.asked = sc.powerOff(s.env)
 	sc.waitOutOfService(spare, s.boot)
-	var wg sync.WaitGroup
-	for _, node := range sc.nodes[:3] {
-		h := hosts[node]
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			h.asked = time.Now()
-			if err := h.env.PowerOff(sc.ctx); err != nil {
-				t.Errorf("logind PowerOff on %s: %v", h.node, err)
-			}
-		}()
-	}
-	wg.Wait()
+	sc.powerOffAll([]*fleetHost{hosts[sc.nodes[0]], hosts[sc.nodes[1]], hosts[sc.nodes[2]]})
 	// The three wait: no room while the empty host is out of service.
 	for _, node := range sc.nodes[:3] {
 		st := hosts[node].agent.waitStatus(time.Minute, "waiting for its turn", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
@@ -195,21 +168,7 @@ func TestFleetRebootOneHostAtATime(t *testing.T) {
 	poweredOff(s) // back: room for the others
 
 	for len(offHosts(hosts)) < len(hosts) {
-		var next *fleetHost
-		sc.eventually(5*time.Minute, "a host's power-off to go ahead", func() (bool, string) {
-			for _, node := range sc.nodes[:3] {
-				h := hosts[node]
-				if h.off {
-					continue
-				}
-				if _, ok, err := h.env.StartUnitAt(sc.ctx, powerOffUnit, h.asked); err == nil && ok {
-					next = h
-					return true, ""
-				}
-			}
-			return false, fmt.Sprintf("powered off: %v", offHosts(hosts))
-		})
-		poweredOff(next)
+		poweredOff(sc.nextPoweredOff(hosts, 5*time.Minute))
 	}
 	stop()
 
@@ -250,6 +209,71 @@ func TestFleetRebootOneHostAtATime(t *testing.T) {
 			t.Errorf("lease %s (%s) still held by %q after every host rebooted", l.Name, l.Labels[fleet.LabelTurn], h)
 		}
 	}
+}
+
+// startFleetHost starts a host of a fleet test: its own logind, its agent with flags
+// (and its logind drop-in folder, so that InhibitDelayMaxSec is raised to hold), and
+// the VMs watch. The VMs are put on it before.
+func (sc *scenario) startFleetHost(node string, hold time.Duration, flags ...string) *fleetHost {
+	sc.t.Helper()
+	h := &fleetHost{node: node, env: sc.startLogind()}
+	h.flags = append([]string{"--logind-dropin-dir=" + h.env.DropInDir, "--shutdown-timeout=" + hold.String()}, flags...)
+	h.agent = sc.startShutdownAgent(node, h.env, h.flags...)
+	sc.waitInhibitDelayMax(h.env, hold)
+	h.vms = sc.watchVMs(node)
+	h.boot = sc.node(node).Status.NodeInfo.BootID
+	return h
+}
+
+// powerOffAll asks the logind of every host for a power-off, all at once.
+func (sc *scenario) powerOffAll(hosts []*fleetHost) {
+	var wg sync.WaitGroup
+	for _, h := range hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.asked = time.Now()
+			if err := h.env.PowerOff(sc.ctx); err != nil {
+				sc.t.Errorf("logind PowerOff on %s: %v", h.node, err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// nextPoweredOff waits until logind powers off one of the hosts not rebooted yet.
+func (sc *scenario) nextPoweredOff(hosts map[string]*fleetHost, timeout time.Duration) *fleetHost {
+	sc.t.Helper()
+	var next *fleetHost
+	sc.eventually(timeout, "a host's power-off to go ahead", func() (bool, string) {
+		for _, node := range sc.nodes {
+			h := hosts[node]
+			if h == nil || h.off {
+				continue
+			}
+			if _, ok, err := h.env.StartUnitAt(sc.ctx, powerOffUnit, h.asked); err == nil && ok {
+				next = h
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("powered off: %v", offHosts(hosts))
+	})
+	return next
+}
+
+// reboot brings a host that powered off back: a new boot ID (its VMs' pods gone, as
+// after a real reboot), a fresh logind and a fresh agent, which gives the node back.
+func (sc *scenario) reboot(h *fleetHost) {
+	sc.t.Helper()
+	h.agent.kill()
+	if err := sc.env.sim.Reboot(sc.ctx, h.node); err != nil {
+		sc.t.Fatal(err)
+	}
+	if err := h.env.RestartLogind(sc.ctx, false); err != nil {
+		sc.t.Fatal(err)
+	}
+	h.agent = sc.startShutdownAgent(h.node, h.env, h.flags...)
+	h.off = true
 }
 
 func offHosts(hosts map[string]*fleetHost) []string {
