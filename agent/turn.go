@@ -128,8 +128,8 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 		e.drainOutOfTurn(node, log, fmt.Sprintf("no turn to drain came within %s (%s)", limit, why))
 		return true
 	}
-	fits := func(ctx context.Context, draining, waiting []string) (string, error) {
-		return fleet.Fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, waiting, ShutdownPendingOnNode)
+	fits := func(ctx context.Context, draining, ahead, behind []string) (string, error) {
+		return fleet.Fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, ahead, behind, ShutdownPendingOnNode)
 	}
 	turn, why, err := e.opts.Turns.Take(ctx, intent.at, fits)
 	st := &TurnStatus{Waiting: !turn.Granted, Position: turn.Position, Queue: turn.Waiting, Slots: turn.Slots, Draining: turn.Draining, Slot: turn.Slot, Reason: why}

@@ -6,7 +6,6 @@ import (
 	"sort"
 
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/kubernetes"
@@ -35,7 +34,7 @@ const launcherLabel = "kubevirt.io"
 // to drain, rebooting); with none away, the drain may as well start (the VMs that
 // find no node are reported blocked, as always). The nodes and pods are read from the
 // API server's cache (resourceVersion 0).
-func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, waiting []string, shuttingDown func(*corev1.Node) bool) (string, error) {
+func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, ahead, behind []string, shuttingDown func(*corev1.Node) bool) (string, error) {
 	if len(mine) == 0 {
 		return "", nil
 	}
@@ -50,7 +49,7 @@ func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*c
 	if err != nil {
 		return "", fmt.Errorf("listing the pods for the capacity check: %w", err)
 	}
-	return fit(node, mine, draining, waiting, shuttingDown, nodes.Items, pods.Items), nil
+	return fit(node, mine, draining, ahead, behind, shuttingDown, nodes.Items, pods.Items), nil
 }
 
 // room is what a node has left.
@@ -60,44 +59,68 @@ type room struct {
 	pods     int64
 }
 
-// fit is Fits on nodes and pods read.
-func fit(node string, mine []*corev1.Pod, draining, waiting []string, shuttingDown func(*corev1.Node) bool, nodes []corev1.Node, pods []corev1.Pod) string {
+// fit is Fits on nodes and pods read: first on the nodes that are not in the queue at
+// all; when the VMs do not fit there, it waits (says why) while a node they could use
+// is away and returns first (draining, waiting ahead, shutting down); when none is,
+// the nodes waiting behind count too, and whatever does not fit then goes ahead
+// anyway (waiting would gain nothing).
+func fit(node string, mine []*corev1.Pod, draining, ahead, behind []string, shuttingDown func(*corev1.Node) bool, nodes []corev1.Node, pods []corev1.Pod) string {
 	away := map[string]bool{node: true}
 	moving := map[string]bool{}
 	for _, n := range draining {
 		away[n], moving[n] = true, true
 	}
-	for _, n := range waiting {
+	for _, n := range ahead {
 		away[n] = true
 	}
+	queued := map[string]bool{}
+	for _, n := range behind {
+		queued[n] = true
+	}
+	place := append([]*corev1.Pod{}, mine...)
+	for i := range pods {
+		p := &pods[i]
+		if moving[p.Spec.NodeName] && p.DeletionTimestamp == nil && p.Labels[launcherLabel] == "virt-launcher" {
+			place = append(place, p)
+		}
+	}
+	if len(place) == 0 {
+		return ""
+	}
+	left, rooms := placeFirstFit(place, nodes, pods, func(n string) bool { return away[n] || queued[n] })
+	if left == nil {
+		return ""
+	}
+	if roomMayComeBack(left, node, away, shuttingDown, nodes) {
+		req := resourcehelper.PodRequests(left, resourcehelper.PodResourcesOptions{})
+		return fmt.Sprintf("the VMs of %d virt-launcher pods must move, and %s/%s (requests cpu %s, memory %s) fits on none of the %d nodes that remain (Ready, schedulable, not in the queue); waiting for a node away to come back",
+			len(place), left.Namespace, left.Name, req.Cpu(), req.Memory(), rooms)
+	}
+	return ""
+}
+
+// placeFirstFit places pods (largest memory first) on the Ready, schedulable nodes not
+// excluded, each on the one with the most free memory after the requests of the pods
+// already there: the first pod that fits nowhere (nil when all fit), and how many nodes
+// there were.
+func placeFirstFit(place []*corev1.Pod, nodes []corev1.Node, pods []corev1.Pod, excluded func(string) bool) (*corev1.Pod, int) {
 	rooms := map[string]*room{}
 	for i := range nodes {
 		n := &nodes[i]
-		if away[n.Name] || n.Spec.Unschedulable || !ready(n) {
+		if excluded(n.Name) || n.Spec.Unschedulable || !ready(n) {
 			continue
 		}
 		a := n.Status.Allocatable
 		rooms[n.Name] = &room{node: n, cpu: a.Cpu().MilliValue(), mem: a.Memory().Value(), pods: a.Pods().Value()}
 	}
-	place := append([]*corev1.Pod{}, mine...)
 	for i := range pods {
 		p := &pods[i]
-		if p.DeletionTimestamp != nil && moving[p.Spec.NodeName] {
-			continue
-		}
-		if moving[p.Spec.NodeName] && p.Labels[launcherLabel] == "virt-launcher" {
-			place = append(place, p)
-			continue
-		}
 		if r := rooms[p.Spec.NodeName]; r != nil {
 			req := resourcehelper.PodRequests(p, resourcehelper.PodResourcesOptions{})
 			r.cpu -= req.Cpu().MilliValue()
 			r.mem -= req.Memory().Value()
 			r.pods--
 		}
-	}
-	if len(place) == 0 {
-		return ""
 	}
 	type want struct {
 		pod      *corev1.Pod
@@ -125,15 +148,11 @@ func fit(node string, mine []*corev1.Pod, draining, waiting []string, shuttingDo
 			}
 		}
 		if best == nil {
-			if !roomMayComeBack(w.pod, node, away, shuttingDown, nodes) {
-				return ""
-			}
-			return fmt.Sprintf("the VMs of %d virt-launcher pods must move, and %s/%s (requests cpu %s, memory %s) fits on none of the %d nodes that remain (Ready, schedulable, not waiting or draining)",
-				len(wants), w.pod.Namespace, w.pod.Name, resource.NewMilliQuantity(w.cpu, resource.DecimalSI), resource.NewQuantity(w.mem, resource.BinarySI), len(candidates))
+			return w.pod, len(candidates)
 		}
 		best.cpu, best.mem, best.pods = best.cpu-w.cpu, best.mem-w.mem, best.pods-1
 	}
-	return ""
+	return nil, len(candidates)
 }
 
 // roomMayComeBack: a node other than self that could take the pod (by its labels) is

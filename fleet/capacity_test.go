@@ -49,7 +49,8 @@ func TestFit(t *testing.T) {
 		name     string
 		mine     []*corev1.Pod
 		draining []string
-		waiting  []string
+		ahead    []string // waiting ahead of it
+		behind   []string // waiting behind it
 		shutting []string // nodes shutting down (rebooting, out of the queue)
 		nodes    []corev1.Node
 		pods     []corev1.Pod
@@ -68,7 +69,11 @@ func TestFit(t *testing.T) {
 			return p
 		}(), shutting: []string{"r"}, nodes: []corev1.Node{self, testNode("r", "8", "8Gi", func(n *corev1.Node) { n.Labels["pool"] = "other" })}},
 		{name: "a finished pod does not count (left out by the list)", mine: mine("4Gi"), nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}},
-		{name: "the waiting nodes are about to go", mine: mine("4Gi"), waiting: []string{"b"},
+		{name: "no room but on the nodes waiting behind it, and none away: go", mine: mine("4Gi"), behind: []string{"b"},
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}},
+		{name: "no room but on the nodes waiting behind it, and a node away: wait for it", mine: mine("4Gi"), behind: []string{"b"}, shutting: []string{"r"},
+			nodes: []corev1.Node{self, testNode("b", "8", "8Gi"), testNode("r", "8", "8Gi", cordoned)}, want: "fits on none of the 0 nodes"},
+		{name: "the nodes waiting ahead of it are about to go", mine: mine("4Gi"), ahead: []string{"b"},
 			nodes: []corev1.Node{self, testNode("b", "8", "8Gi")}, want: "none of the 0 nodes"},
 		{name: "the VMs of the draining nodes need room too", mine: mine("4Gi"), draining: []string{"d"},
 			nodes: []corev1.Node{self, testNode("d", "8", "8Gi"), testNode("b", "8", "6Gi")},
@@ -77,7 +82,7 @@ func TestFit(t *testing.T) {
 			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) { n.Spec.Unschedulable = true })}, want: "none of the 0"},
 		{name: "a node not Ready takes nothing", mine: mine("1Gi"), shutting: []string{"b"},
 			nodes: []corev1.Node{self, testNode("b", "8", "8Gi", func(n *corev1.Node) { n.Status.Conditions[0].Status = corev1.ConditionFalse })}, want: "none of the 0"},
-		{name: "an untolerated NoSchedule taint", mine: mine("1Gi"), waiting: []string{"w"},
+		{name: "an untolerated NoSchedule taint", mine: mine("1Gi"), ahead: []string{"w"},
 			nodes: []corev1.Node{self, testNode("w", "8", "8Gi"), testNode("b", "8", "8Gi", func(n *corev1.Node) {
 				n.Spec.Taints = []corev1.Taint{{Key: "k", Effect: corev1.TaintEffectNoSchedule}}
 			})}, want: "none of the 1"},
@@ -102,7 +107,7 @@ func TestFit(t *testing.T) {
 				}
 				return false
 			}
-			got := fit("self", tt.mine, tt.draining, tt.waiting, shutting, tt.nodes, tt.pods)
+			got := fit("self", tt.mine, tt.draining, tt.ahead, tt.behind, shutting, tt.nodes, tt.pods)
 			if (tt.want == "") != (got == "") || !strings.Contains(got, tt.want) {
 				t.Errorf("fit: %q, want %q", got, tt.want)
 			}

@@ -101,8 +101,9 @@ type Turn struct {
 }
 
 // FitsFunc says whether the VMs of this node fit on the nodes that remain, with the
-// nodes draining and waiting (Fits): why not, empty when they do.
-type FitsFunc func(ctx context.Context, draining, waiting []string) (string, error)
+// nodes draining and those waiting ahead of it and behind it (Fits): why not, empty
+// when they do.
+type FitsFunc func(ctx context.Context, draining, ahead, behind []string) (string, error)
 
 // New creates Turns; Run starts its watch of the Leases.
 func New(kube kubernetes.Interface, opts Options) *Turns {
@@ -220,7 +221,7 @@ func (t *Turns) Take(ctx context.Context, since time.Time, fits FitsFunc) (Turn,
 		return turn, "", nil
 	}
 	if fits != nil {
-		why, err := fits(ctx, turn.Draining, waiting)
+		why, err := fits(ctx, turn.Draining, waiting[:turn.Position-1], waiting[turn.Position:])
 		if err != nil || why != "" {
 			return turn, why, err
 		}

@@ -10,7 +10,8 @@ package e2e
 //
 // NODE_AGENT_BENCH_HOSTS (default 6) and NODE_AGENT_BENCH_VMS (per host, default 8) set
 // its size; NODE_AGENT_BENCH_ROUNDS (default 1) repeats each setting. Every VM is
-// LiveMigrate with a simulated migration of 3 s; --shutdown-timeout is 4m.
+// LiveMigrate with a simulated migration of 3 s; --shutdown-timeout is the default 10m
+// with coordination and 3m without (there every host holds to its deadline).
 
 import (
 	"context"
@@ -81,6 +82,12 @@ func BenchmarkFleetReboot(b *testing.B) {
 
 func fleetReboot(b *testing.B, n, perHost, slots int) rebootResult {
 	sc := newScenario(b, n)
+	// The defaults (held up to 10 min, a turn awaited up to 5); without coordination
+	// every host holds until its deadline, so 3 min there (only the wait is shorter).
+	hold := 10 * time.Minute
+	if slots == 0 {
+		hold = 3 * time.Minute
+	}
 	hosts := map[string]*fleetHost{}
 	var all []*fleetHost
 	var vms []*kubevirtv1.VirtualMachineInstance
@@ -88,7 +95,7 @@ func fleetReboot(b *testing.B, n, perHost, slots int) rebootResult {
 		for j := range perHost {
 			vms = append(vms, sc.pinned(fmt.Sprintf("vm-%d-%d", i, j), node, liveMigrate, sim.WithMigrationDuration(3*time.Second)))
 		}
-		hosts[node] = sc.startFleetHost(node, 4*time.Minute, fmt.Sprintf("--max-concurrent-drains=%d", slots), "--max-turn-wait=3m")
+		hosts[node] = sc.startFleetHost(node, hold, fmt.Sprintf("--max-concurrent-drains=%d", slots))
 		all = append(all, hosts[node])
 	}
 	ctx, stop := context.WithCancel(sc.ctx)
@@ -99,7 +106,7 @@ func fleetReboot(b *testing.B, n, perHost, slots int) rebootResult {
 	sc.powerOffAll(all)
 	res := rebootResult{slots: slots, vms: len(vms)}
 	for len(offHosts(hosts)) < len(hosts) {
-		next := sc.nextPoweredOff(hosts, 6*time.Minute)
+		next := sc.nextPoweredOff(hosts, 11*time.Minute)
 		res.vmsAtPowerOff += len(sc.vmisOn(next.node))
 		sc.reboot(next)
 	}
