@@ -194,7 +194,19 @@ func TestFleetRebootOneHostAtATime(t *testing.T) {
 		if after == nil || after.UID != before.UID || after.Status.Phase != kubevirtv1.Running {
 			t.Errorf("VM %s: %s, want the same VMI running (live-migrated, never shut down)", before.Name, describeVMI(after))
 		}
-		migrations += len(sc.migrationsOf(before.Name))
+		ms := sc.migrationsOf(before.Name)
+		migrations += len(ms)
+		if len(ms) > 1 {
+			var hops []string
+			for _, m := range ms {
+				target := ""
+				if m.Status.MigrationState != nil {
+					target = m.Status.MigrationState.SourceNode + " -> " + m.Status.MigrationState.TargetNode
+				}
+				hops = append(hops, fmt.Sprintf("%s %s %s", m.Name, m.Status.Phase, target))
+			}
+			t.Logf("VM %s migrated %d times: %s", before.Name, len(ms), strings.Join(hops, "; "))
+		}
 	}
 	t.Logf("%d migrations for %d VMs", migrations, len(vms))
 	for _, node := range sc.nodes {
