@@ -77,7 +77,7 @@ func BenchmarkFleetReboot(b *testing.B) {
 		fmt.Fprintf(&sb, "%-22s %10s %14d %10d %12d %14.2f %16d\n", name, r.makespan.Round(time.Second), r.vmsAtPowerOff, r.restarted, r.migrations,
 			float64(r.migrations)/float64(max(r.vms, 1)), r.maxUnavailable)
 	}
-	b.Log(sb.String())
+	fmt.Print(sb.String())
 }
 
 func fleetReboot(b *testing.B, n, perHost, slots int) rebootResult {
