@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -316,4 +317,59 @@ func (sc *scenario) waitGivenBackAfterReboot(node string) {
 		return !n.Spec.Unschedulable && !owned && !recorded && !hasTaintKey(n, nodeinfo.DefaultDrainTaintKey) && !hasTaintKey(n, agent.TaintWaiting),
 			fmt.Sprintf("unschedulable %v, taints %v, annotations %v", n.Spec.Unschedulable, n.Spec.Taints, n.Annotations)
 	})
+}
+
+// The slot of a host whose agent is gone (the host crashed, lost power) is free once
+// its Lease expires, never before: two hosts told to power off one after the other,
+// the first holding the slot and draining a VM whose migration takes a minute, the
+// second waiting; the first's agent is killed mid-drain (its lock goes with it, as the
+// host's would) and never comes back. The second takes the slot no sooner than the
+// first's last renewal plus the Lease's 30 s, then drains, and powers off after its
+// last VM left.
+func TestFleetSlotOfAGoneAgentExpires(t *testing.T) {
+	sc := newScenario(t, 3)
+	first, second := sc.nodes[0], sc.nodes[1] // the third, with no agent, has room
+	sc.pinned("slow", first, liveMigrate, sim.WithMigrationDuration(time.Minute))
+	sc.pinned("vm", second, liveMigrate, sim.WithMigrationDuration(2*time.Second))
+	hosts := map[string]*fleetHost{}
+	for _, node := range []string{first, second} {
+		hosts[node] = sc.startFleetHost(node, 6*time.Minute, "--max-concurrent-drains=1", "--max-turn-wait=3m")
+	}
+	a, b := hosts[first], hosts[second]
+	a.asked = sc.powerOff(a.env)
+	a.agent.waitStatus(time.Minute, "its turn, the slow VM migrating", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		v := vmStatus(st, sc.ns, "slow")
+		return st.Turn != nil && !st.Turn.Waiting && v != nil && v.State == agent.StateMigrating
+	})
+	b.asked = sc.powerOff(b.env)
+	b.agent.waitStatus(time.Minute, "waiting for its turn behind "+first, http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.Turn != nil && st.Turn.Waiting && slices.Contains(st.Turn.Draining, first)
+	})
+
+	slot := fleet.SlotName(0)
+	before, err := sc.kube().CoordinationV1().Leases(sc.ns).Get(sc.ctx, slot, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.agent.kill()
+	after := b.agent.waitStatus(2*time.Minute, "its turn once the gone agent's slot expired", http.StatusServiceUnavailable, func(st agent.NodeStatus) bool {
+		return st.Turn != nil && !st.Turn.Waiting
+	})
+	l, err := sc.kube().CoordinationV1().Leases(sc.ns).Get(sc.ctx, slot, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first's last renewal as the Lease showed it just before the kill, or a later
+	// one (it renews every 10 s): the second's take must come after it plus 30 s in any case.
+	lastRenew := before.Spec.RenewTime.Time
+	expiry := lastRenew.Add(fleet.DefaultLeaseDuration)
+	t.Logf("slot %s: %s's last renewal seen %s, taken by %s at %s (%s later)", slot, first, lastRenew.Format(time.StampMilli),
+		ptrString(l.Spec.HolderIdentity), l.Spec.AcquireTime.Format(time.StampMilli), l.Spec.AcquireTime.Sub(lastRenew).Round(time.Millisecond))
+	if ptrString(l.Spec.HolderIdentity) != second || after.Turn.Slot != slot {
+		t.Errorf("slot %s held by %q (turn %+v), want %s", slot, ptrString(l.Spec.HolderIdentity), after.Turn, second)
+	}
+	if l.Spec.AcquireTime.Time.Before(expiry) {
+		t.Errorf("%s took the slot at %s, before %s's Lease expired at %s", second, l.Spec.AcquireTime.Format(time.StampMilli), first, expiry.Format(time.StampMilli))
+	}
+	sc.waitReleasedWhenEmpty(b.env, b.agent, b.vms, b.asked, 2*time.Minute)
 }
