@@ -276,15 +276,16 @@ func (g *Guard) applyBlock(ctx context.Context, b bus) error {
 	}
 	g.mu.Lock()
 	old := g.block
+	if old != nil {
+		// Closed before the status says so: whoever reads "not held" finds it let go.
+		_ = old.Close()
+	}
 	g.block, g.blockHeldWhy = f, why
 	if f == nil {
 		g.blockHeldWhy = ""
 	}
 	g.status.BlockHeld, g.status.BlockWhy = f != nil, g.blockHeldWhy
 	g.mu.Unlock()
-	if old != nil {
-		_ = old.Close()
-	}
 	if f != nil {
 		g.opts.Log.WithField("why", why).Info("holding the logind block lock: shutdown requests are refused")
 	} else if old != nil {
