@@ -560,6 +560,9 @@ func (c *container) destroy() {
 		select {
 		case <-c.exited:
 		default:
+			if c.sc.t.Failed() && c.leader > 0 {
+				c.sc.t.Logf("container %s before it is stopped:\n%s", c.dir, c.diagnose())
+			}
 			if c.leader > 0 {
 				_ = syscall.Kill(c.leader, syscall.SIGKILL) // ends the container's PID namespace
 			}
@@ -582,12 +585,25 @@ func (c *container) destroy() {
 	_ = os.RemoveAll(c.dir)
 }
 
+// diagnose says what the container's units and processes are doing, and the host's load.
+func (c *container) diagnose() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := c.exec(ctx, "sh", "-c", "systemctl status --no-pager --lines=5 node-agent.service node-agent-lock.service; "+
+		"ps -eo pid,ppid,stat,wchan:32,etime,time,args; for p in $(pgrep -f /opt/node-agent/node-agent); do echo \"== $p\"; cat /proc/$p/status | grep -E '^(State|Threads|VmRSS)'; done")
+	load, _ := os.ReadFile("/proc/loadavg")
+	return fmt.Sprintf("%s(%v)\nhost load: %s", out, err, load)
+}
+
 // waitAgent waits until the agent in the container holds its delay lock and logind's
 // InhibitDelayMaxSec is raised to its --shutdown-timeout.
 func (c *container) waitAgent() {
 	sc := c.sc
 	sc.t.Helper()
-	sc.eventually(2*time.Minute, "the agent in the container to hold its delay lock", func() (bool, string) {
+	// 4 minutes: once in a full CI run on a 2-core machine, both units were started but
+	// neither program wrote its first line for 2 minutes (cause not found; destroy then
+	// logs the units' and processes' state).
+	sc.eventually(4*time.Minute, "the agent in the container to hold its delay lock", func() (bool, string) {
 		out, _ := c.exec(sc.ctx, "systemd-inhibit", "--list", "--no-legend", "--no-pager")
 		for _, line := range strings.Split(out, "\n") {
 			if f := strings.Fields(line); len(f) > 0 && f[0] == "node-agent" && f[len(f)-1] == "delay" {
