@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -104,7 +106,7 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 		return err
 	}
 	err = serve(ctx, stop, stopping, service{
-		name: "node-agent", address: a.ListenAddress, handler: ag.Handler(), log: log, grace: 5 * time.Second,
+		name: "node-agent", address: a.ListenAddress, handler: withProfiling(ag.Handler(), a.Profiling), log: log, grace: 5 * time.Second,
 		run: ag.Run,
 		holdOnSIGTERM: func() {
 			if ag.Engine.ShuttingDown() {
@@ -118,4 +120,19 @@ func runAgent(parent context.Context, stopping <-chan struct{}, a runArgs, logOu
 	}
 	log.Info("node-agent stopped")
 	return nil
+}
+
+// withProfiling adds Go's profiles (net/http/pprof) at /debug/pprof/ to h when on.
+func withProfiling(h http.Handler, on bool) http.Handler {
+	if !on {
+		return h
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/", h)
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }

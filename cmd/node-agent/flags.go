@@ -42,6 +42,7 @@ type runArgs struct {
 	Namespace         string
 	MaxDrains         int
 	MaxTurnWait       time.Duration
+	Profiling         bool
 }
 
 // envPrefix: every flag can also be set as NODE_AGENT_<FLAG> (dashes as underscores);
@@ -72,6 +73,7 @@ func newRunFlags(a *runArgs, out io.Writer) *flag.FlagSet {
 	fs.IntVar(&a.MaxDrains, "max-concurrent-drains", 1, "at most this many nodes of the cluster drain for a host shutdown at once (the others keep their shutdowns held and wait their turn, first come first served, with a PreferNoSchedule taint); every agent of the cluster must have the same value; 0: no coordination, each node drains at once")
 	fs.DurationVar(&a.MaxTurnWait, "max-turn-wait", agent.DefaultMaxTurnWait, "a node whose turn to drain for a host shutdown has not come this long after the shutdown began drains out of turn (a Warning event says so); keep --shutdown-timeout above it by the time a drain takes")
 	fs.StringVar(&a.LogFormat, "log-format", "text", "log format: text or json")
+	fs.BoolVar(&a.Profiling, "profiling", false, "also serve Go's profiles (net/http/pprof) at /debug/pprof/ on --listen-address")
 	fs.StringVar(&a.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return fs
 }

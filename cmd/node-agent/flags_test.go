@@ -5,6 +5,9 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -77,14 +80,14 @@ func TestParseRunArgs(t *testing.T) {
 				"--node-name=node-a", "--kubeconfig", kubeconfig, "--drain-taint-key=example.com/drain",
 				"--kubevirt-namespace=kv", "--all-pods", "--listen-address=127.0.0.1:9000", "--resync=1m",
 				"--migration-stall-timeout=90s", "--pod-eviction-retry=2s", "--kube-api-qps=5", "--kube-api-burst=10", "--log-format=json", "--log-level=debug",
-				"--namespace=agents", "--max-concurrent-drains=3", "--max-turn-wait=7m",
+				"--namespace=agents", "--max-concurrent-drains=3", "--max-turn-wait=7m", "--profiling",
 			},
 			want: runArgs{
 				Kubeconfig: kubeconfig, NodeName: "node-a", DrainTaintKey: "example.com/drain", KubeVirtNamespace: "kv",
 				AllPods: true, ListenAddress: "127.0.0.1:9000", Resync: time.Minute, MigrationStall: 90 * time.Second, PodEvictionRetry: 2 * time.Second,
 				QPS: 5, Burst: 10, LogFormat: "json", LogLevel: "debug",
 				ShutdownInhibitor: true, ShutdownTimeout: 10 * time.Minute, InhibitMode: "delay", LogindDropInDir: "/etc/systemd/logind.conf.d",
-				Namespace: "agents", MaxDrains: 3, MaxTurnWait: 7 * time.Minute,
+				Namespace: "agents", MaxDrains: 3, MaxTurnWait: 7 * time.Minute, Profiling: true,
 			},
 		},
 		{
@@ -305,5 +308,33 @@ func TestRun(t *testing.T) {
 				t.Errorf("unexpected stderr: %s", stderr.String())
 			}
 		})
+	}
+}
+
+// --profiling adds Go's profiles beside the agent's endpoints; without it they are not served.
+func TestWithProfiling(t *testing.T) {
+	agentMux := http.NewServeMux()
+	agentMux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "ok") })
+	for _, on := range []bool{false, true} {
+		srv := httptest.NewServer(withProfiling(agentMux, on))
+		get := func(path string) int {
+			resp, err := http.Get(srv.URL + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			return resp.StatusCode
+		}
+		if code := get("/healthz"); code != http.StatusOK {
+			t.Errorf("profiling %v: /healthz answered %d, want 200", on, code)
+		}
+		want := http.StatusNotFound
+		if on {
+			want = http.StatusOK
+		}
+		if code := get("/debug/pprof/heap"); code != want {
+			t.Errorf("profiling %v: /debug/pprof/heap answered %d, want %d", on, code, want)
+		}
+		srv.Close()
 	}
 }
