@@ -38,6 +38,11 @@ type Options struct {
 	// kube-controller-manager): no KubeVirt CRDs, CR,
 	// virt-api or virt-controller, until InstallKubeVirt.
 	WithoutKubeVirt bool
+	// WithoutKubeVirtControllers installs KubeVirt's namespace, RBAC, CRDs and CR but
+	// runs neither virt-api nor virt-controller: KubeVirt's objects stay as they are
+	// written, with no webhook and no controller acting on them (for a benchmark that
+	// fills the API server with VMIs of other nodes).
+	WithoutKubeVirtControllers bool
 	// WithoutEvictionWebhook leaves virt-api's pods/eviction webhook unregistered: an
 	// eviction of a virt-launcher pod goes through (the pod is deleted) instead of
 	// being turned into an evacuation, as on a cluster where the webhook is missing or

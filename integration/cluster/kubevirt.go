@@ -109,6 +109,9 @@ func (c *Cluster) installKubeVirt(ctx context.Context, cfg kubevirtv1.KubeVirtCo
 	}, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("creating the kubevirt-ca ConfigMap: %w", err)
 	}
+	if c.opts.WithoutKubeVirtControllers {
+		return nil
+	}
 	apiPort, err := c.startVirtAPI(ctx)
 	if err != nil {
 		return err

@@ -28,13 +28,7 @@ import (
 )
 
 func BenchmarkFleetOfAgents(b *testing.B) {
-	n := 200
-	if v := os.Getenv("NODE_AGENT_BENCH_AGENTS"); v != "" {
-		var err error
-		if n, err = strconv.Atoi(v); err != nil || n < 1 {
-			b.Fatalf("NODE_AGENT_BENCH_AGENTS=%q: want a positive number", v)
-		}
-	}
+	n := benchEnvInt(b, "NODE_AGENT_BENCH_AGENTS", 200)
 	idle := 10 * time.Minute
 	if v := os.Getenv("NODE_AGENT_BENCH_IDLE"); v != "" {
 		var err error
