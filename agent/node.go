@@ -249,6 +249,8 @@ func (e *Engine) reconcileShutdown(ctx context.Context, node *corev1.Node, taint
 		e.nodeWriteOK("reenable")
 		e.releaseTurn(ctx)
 		e.cancelDone(gen)
+	default:
+		e.reconcileRolloutMark(ctx, node, own)
 	}
 	return intent
 }

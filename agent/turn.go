@@ -167,7 +167,7 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 		log.WithFields(logrus.Fields{"position": st.Position, "queue": st.Queue, "draining": st.Draining, "reason": why}).Info("host shutdown: waiting for a turn to drain")
 		e.recorder.Eventf(node, corev1.EventTypeNormal, ReasonDrainWaiting, "Host shutdown held while the node waits for its turn to drain (%d at a time across the cluster): %s", e.opts.MaxConcurrentDrains, st)
 	}
-	if err := e.markWaiting(ctx, node); err != nil {
+	if err := e.markWaiting(ctx, node, TriggerShutdown); err != nil {
 		e.log.WithError(err).Warn("cannot add the waiting taint " + TaintWaiting)
 	}
 	after := e.opts.Resync
@@ -255,8 +255,8 @@ func (e *Engine) drainOutOfTurn(node *corev1.Node, log logrus.FieldLogger, why s
 }
 
 // markWaiting adds the agent's PreferNoSchedule TaintWaiting to the Node, recorded as
-// the agent's own.
-func (e *Engine) markWaiting(ctx context.Context, node *corev1.Node) error {
+// the agent's own (for reason, when the agent owned nothing yet).
+func (e *Engine) markWaiting(ctx context.Context, node *corev1.Node, reason string) error {
 	if hasTaint(node, TaintWaiting, corev1.TaintEffectPreferNoSchedule) {
 		return nil
 	}
@@ -271,7 +271,7 @@ func (e *Engine) markWaiting(ctx context.Context, node *corev1.Node) error {
 		node.Spec.Taints = append(node.Spec.Taints, corev1.Taint{Key: TaintWaiting, Value: "shutdown", Effect: corev1.TaintEffectPreferNoSchedule})
 		own.Waiting = true
 		if own.BootID == "" {
-			own.BootID, own.Reason, own.Since = node.Status.NodeInfo.BootID, TriggerShutdown, e.opts.Clock.Now().UTC()
+			own.BootID, own.Reason, own.Since = node.Status.NodeInfo.BootID, reason, e.opts.Clock.Now().UTC()
 		}
 		setJSONAnnotation(node, AnnotationOwned, &own)
 		return true

@@ -373,3 +373,60 @@ func TestFleetSlotOfAGoneAgentExpires(t *testing.T) {
 	}
 	sc.waitReleasedWhenEmpty(b.env, b.agent, b.vms, b.asked, 2*time.Minute)
 }
+
+// A rollout's mark on the real cluster, placement by the real scheduler: node B, marked
+// as not yet reached by a rollout (the annotation names its boot ID), gets its agent's
+// PreferNoSchedule waiting taint and a RolloutPending event; node A's drain then moves
+// every VM to C (already done), none to B. B's reboot (a new boot ID) takes the taint
+// away with the rest of what its agent added.
+func TestRolloutMarkSteersMigrationsToNodesDone(t *testing.T) {
+	sc := newScenario(t, 3)
+	a, b, c := sc.nodes[0], sc.nodes[1], sc.nodes[2]
+	var vms []*kubevirtv1.VirtualMachineInstance
+	for i := range 3 {
+		vms = append(vms, sc.pinned(fmt.Sprintf("vm%d", i), a, liveMigrate, sim.WithMigrationDuration(2*time.Second)))
+	}
+	agentA := sc.startAgent(a)
+	sc.startAgent(b)
+	sc.startAgent(c)
+
+	boot := sc.node(b).Status.NodeInfo.BootID
+	sc.patchNode(b, func(n *corev1.Node) {
+		if n.Annotations == nil {
+			n.Annotations = map[string]string{}
+		}
+		n.Annotations[agent.AnnotationRolloutPending] = boot
+	})
+	sc.eventually(time.Minute, "node B to carry the agent's waiting taint, recorded as its own", func() (bool, string) {
+		n := sc.node(b)
+		own, owned, _ := ownershipOf(n)
+		return hasTaintKey(n, agent.TaintWaiting) && owned && own.Waiting && !n.Spec.Unschedulable, fmt.Sprintf("taints %v, annotations %v", n.Spec.Taints, n.Annotations)
+	})
+	sc.waitEvent(metav1.NamespaceDefault, "Node", b, agent.ReasonRolloutPending, time.Minute)
+	for _, n := range []string{a, c} {
+		if hasTaintKey(sc.node(n), agent.TaintWaiting) {
+			t.Errorf("node %s, not marked, carries the waiting taint", n)
+		}
+	}
+
+	sc.taint(a, nodeinfo.DefaultDrainTaintKey)
+	for _, vm := range vms {
+		sc.waitMigrated(vm, c)
+	}
+	agentA.waitSafe(2 * time.Minute)
+	for _, vm := range vms {
+		for _, m := range sc.migrationsOf(vm.Name) {
+			if m.Status.MigrationState != nil && m.Status.MigrationState.TargetNode == b {
+				t.Errorf("VM %s was migrated to the marked node B (migration %s)", vm.Name, m.Name)
+			}
+		}
+	}
+
+	if err := sc.env.sim.Reboot(sc.ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	sc.waitGivenBackAfterReboot(b)
+	if n := sc.node(b); n.Annotations[agent.AnnotationRolloutPending] != boot {
+		t.Errorf("the rollout's mark on B: %q, want it left as the operator wrote it (%q)", n.Annotations[agent.AnnotationRolloutPending], boot)
+	}
+}
