@@ -65,18 +65,12 @@ func BenchmarkAgentFootprint(b *testing.B) {
 			sizes = append(sizes, n)
 		}
 	}
-	profiles := os.Getenv("NODE_AGENT_BENCH_PROFILES")
-	if profiles == "" {
-		profiles = b.TempDir()
-	} else if err := os.MkdirAll(profiles, 0o755); err != nil {
-		b.Fatal(err)
-	}
 	for i := 0; i < b.N; i++ {
-		benchFootprint(b, sizes, profiles)
+		benchFootprint(b, sizes)
 	}
 }
 
-func benchFootprint(b *testing.B, sizes []int, profiles string) {
+func benchFootprint(b *testing.B, sizes []int) {
 	out := os.Stdout
 	// The templates: one real VMI and its virt-launcher pod.
 	tsc := newScenario(b, 1)
@@ -150,14 +144,7 @@ func benchFootprint(b *testing.B, sizes []int, profiles string) {
 		if v, ok := a.metric("go_memstats_heap_inuse_bytes"); ok {
 			s.heapInuse = v / (1 << 20)
 		}
-		code, body := a.get("/debug/pprof/heap?gc=1")
-		if code != 200 {
-			b.Fatalf("the heap profile: %d %s", code, body)
-		}
-		s.profile = filepath.Join(profiles, name+".pb.gz")
-		if err := os.WriteFile(s.profile, []byte(body), 0o644); err != nil {
-			b.Fatal(err)
-		}
+		s.profile = a.heapProfile(name)
 		return s
 	}
 	// settle waits until the agent reports its node's VMs, then lets it rest, so that
@@ -238,7 +225,7 @@ func benchFootprint(b *testing.B, sizes []int, profiles string) {
 	fmt.Fprintf(out, "\n(each agent: resident / its own memory (RssAnon) / peak resident (VmHWM) / Go heap in use, MiB)\n")
 	last := rows[len(rows)-1]
 	fmt.Fprintf(out, "\nbench: heap profiles in %s; the release build's at %d other VMIs (go tool pprof -top -sample_index=inuse_space):\n%s\n",
-		profiles, last.others, pprofTop(release, last.release.profile))
+		filepath.Dir(last.release.profile), last.others, pprofTop(release, last.release.profile))
 	b.ReportMetric(mib(last.release.anon), "MiB-own-at-largest")
 	b.ReportMetric(mib(last.release.hwm), "MiB-peak-at-largest")
 }

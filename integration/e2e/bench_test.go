@@ -5,10 +5,14 @@ package e2e
 //	go test -run '^$' -bench 'BenchmarkDrain$' -benchtime 1x ./integration/e2e/
 //
 // Each reports how long the agent took to act on every VM (all evictions answered),
-// how long until the node was safe, and the agent's peak memory.
+// how long until the node was safe, and the agent's peak memory: resident (VmHWM) and
+// its own (RssAnon, sampled every 100 ms).
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,11 +44,32 @@ func benchmarkDrain(b *testing.B, n int) {
 			b.Fatal(err)
 		}
 	}
-	a := sc.startAgent(node)
+	a := sc.startAgent(node, "--profiling")
+	// The agent's own memory (RssAnon: its heap, stacks and runtime, not the binary's
+	// pages), sampled through the drain: the kernel keeps no peak of it.
+	var ownPeak atomic.Int64
+	sampled := make(chan struct{})
+	stopSampling := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if kib := int64(procStatusKiB(a.cmd.Process.Pid, "RssAnon:")); kib > ownPeak.Load() {
+				ownPeak.Store(kib)
+			}
+			select {
+			case <-stopSampling:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
 	b.StartTimer()
 	start := time.Now()
 	sc.taint(node, nodeinfo.DefaultDrainTaintKey)
 	var requested time.Duration
+	var heapProfile string
 	sc.eventually(10*time.Minute, "every VM acted on", func() (bool, string) {
 		_, st := a.safeToShutdown("")
 		pending := 0
@@ -55,6 +80,7 @@ func benchmarkDrain(b *testing.B, n int) {
 		}
 		if pending == 0 && st.Draining {
 			requested = time.Since(start)
+			heapProfile = a.heapProfile(fmt.Sprintf("drain-%d-acted", n))
 			return true, ""
 		}
 		return false, fmt.Sprintf("%d pending", pending)
@@ -62,10 +88,37 @@ func benchmarkDrain(b *testing.B, n int) {
 	a.waitSafe(10 * time.Minute)
 	safe := time.Since(start)
 	b.StopTimer()
+	close(stopSampling)
+	<-sampled
 	b.ReportMetric(requested.Seconds(), "s-to-act-on-all")
 	b.ReportMetric(safe.Seconds(), "s-to-safe")
 	b.ReportMetric(float64(peakRSS(a.cmd.Process.Pid))/1024, "MiB-agent-peak-rss")
+	b.ReportMetric(float64(ownPeak.Load())/1024, "MiB-agent-own-peak")
+	fmt.Printf("bench: %d VMs: the agent's heap once every VM was acted on (%s; go tool pprof -top -sample_index=inuse_space):\n%s\n",
+		n, heapProfile, pprofTop(sc.env.agentBin, heapProfile))
 }
 
 // peakRSS reads a process's peak resident set (VmHWM) in KiB.
 func peakRSS(pid int) int { return procStatusKiB(pid, "VmHWM:") }
+
+// heapProfile saves the agent's heap profile (it runs with --profiling), after a
+// garbage collection, as name in
+// NODE_AGENT_BENCH_PROFILES (default: the test's temporary folder) and returns its path.
+func (a *agentProc) heapProfile(name string) string {
+	a.sc.t.Helper()
+	dir := os.Getenv("NODE_AGENT_BENCH_PROFILES")
+	if dir == "" {
+		dir = a.sc.t.TempDir()
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		a.sc.t.Fatal(err)
+	}
+	code, body := a.get("/debug/pprof/heap?gc=1")
+	if code != 200 {
+		a.sc.t.Fatalf("the heap profile: %d %s", code, body)
+	}
+	path := filepath.Join(dir, name+".pb.gz")
+	if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+		a.sc.t.Fatal(err)
+	}
+	return path
+}
