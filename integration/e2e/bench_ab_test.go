@@ -28,7 +28,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net/http"
 	"os"
 	"os/exec"
 	"sort"
@@ -297,24 +296,9 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 		a = sc.startAgent(node, "--resync=5s", "--log-level=info", "--kubeconfig="+kubeconfig)
 		cpuBefore = processCPU(a.cmd.Process.Pid)
 	}
-	// /safe-to-shutdown?wait holds the answer until the node is safe.
-	safeAt := make(chan time.Time, 1)
+	var safeAt <-chan time.Time
 	if a != nil && len(blocked) == 0 {
-		go func() {
-			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.addr+"/safe-to-shutdown?wait=1h", nil)
-			if err != nil {
-				return
-			}
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				return
-			}
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				safeAt <- time.Now()
-			}
-		}()
+		safeAt = a.safeAt(ctx)
 	}
 
 	runCtx, stopRun := context.WithCancel(ctx)

@@ -47,22 +47,7 @@ func benchRelease(b *testing.B, n, rounds int) {
 		}
 		h.vms = sc.watchVMs(node)
 		ctx, cancel := context.WithTimeout(sc.ctx, 10*time.Minute)
-		safeAt := make(chan time.Time, 1)
-		go func() {
-			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+h.agent.addr+"/safe-to-shutdown?wait=1h", nil)
-			if err != nil {
-				return
-			}
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				return
-			}
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				safeAt <- time.Now()
-			}
-		}()
+		safeAt := h.agent.safeAt(ctx)
 		asked := sc.powerOff(h.env)
 		gone := h.vms.waitEmpty(sc, 5*time.Minute)
 		var safe time.Time
@@ -95,4 +80,26 @@ func benchRelease(b *testing.B, n, rounds int) {
 	fmt.Fprintf(out, "| %d | %d | %s | %s |\n", n, rounds, cell(toSafe), cell(toPowerOff))
 	slices.Sort(toPowerOff)
 	b.ReportMetric(ms(toPowerOff[len(toPowerOff)/2]), "ms-gone-to-poweroff-median")
+}
+
+// safeAt asks /safe-to-shutdown?wait=1h, which holds its answer until the node is safe,
+// and sends when it answered 200 (nothing if it answered otherwise or ctx ended).
+func (a *agentProc) safeAt(ctx context.Context) <-chan time.Time {
+	at := make(chan time.Time, 1)
+	go func() {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+a.addr+"/safe-to-shutdown?wait=1h", nil)
+		if err != nil {
+			return
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			at <- time.Now()
+		}
+	}()
+	return at
 }
