@@ -213,6 +213,9 @@ func TestHolderClientFollowsAndReportsAGoneHolder(t *testing.T) {
 	f := newFakeEnv(t, &fakeLogind{delay: 30 * time.Second})
 	h := runHolder(t, f, Options{}, &fakeEngine{})
 	b := f.nextDial()
+	// The holder takes the Guard's status in on its refresh tick (the fake clock here, not
+	// stepped) or when asked: asked, before the client's first look.
+	eventually(t, "the holder holds the lock", func() bool { return holderState(h).LockHeld })
 	srv := httptest.NewServer(h.Handler())
 	c := NewHolderClient(srv.URL, nil, nil)
 	ctx, cancel := context.WithCancel(context.Background())
