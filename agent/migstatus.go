@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/clock"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
@@ -234,15 +235,15 @@ type blocked struct {
 // such a VM cannot leave until the cluster changes. A migration is said to have stalled
 // only from a list read once the stall timeout had passed: the one before may be a
 // phase behind.
-func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger) (*MigrationStatus, blocked) {
-	if v.vmi == nil {
+func (c *migrations) describe(ctx context.Context, key string, vmi *kubevirtv1.VirtualMachineInstance, log logrus.FieldLogger) (*MigrationStatus, blocked) {
+	if vmi == nil {
 		return nil, blocked{}
 	}
-	mark, now := migrationMark(v.vmi), c.clock.Now()
+	mark, now := migrationMark(vmi), c.clock.Now()
 	c.mu.Lock()
-	entry, ok := c.entries[v.key]
+	entry, ok := c.entries[key]
 	c.mu.Unlock()
-	current := DescribeMigration(v.vmi, entry.items)
+	current := DescribeMigration(vmi, entry.items)
 	// Read again every migrationRelist also while it is in a phase that only the target's
 	// virt-handler moves on: the migration controller writes those phases just after the
 	// VMI change the list was read for, so the list can be one phase behind. And read
@@ -252,16 +253,16 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	if ok && entry.mark == mark && !due && (!waiting || now.Sub(entry.listed) < migrationRelist) {
 		return current, c.blocked(current, entry)
 	}
-	items, err := c.list(ctx, v.vmi.Namespace, v.vmi.Name)
+	items, err := c.list(ctx, vmi.Namespace, vmi.Name)
 	if err != nil {
 		// Shown as the VMI tells it; read again after migrationRelist.
 		log.WithError(err).Debug("cannot list the VM's migrations")
 		items = entry.items
 	}
-	current = DescribeMigration(v.vmi, items)
+	current = DescribeMigration(vmi, items)
 	unschedulable := ""
 	if m := UnfinishedMigration(items); m != nil && current != nil && current.WaitingForTarget() && c.targets != nil {
-		pods, err := c.targets(ctx, v.vmi.Namespace, m.UID)
+		pods, err := c.targets(ctx, vmi.Namespace, m.UID)
 		if err != nil {
 			log.WithError(err).Debug("cannot list the migration's target pods")
 			unschedulable = entry.unschedulable
@@ -272,7 +273,7 @@ func (c *migrations) describe(ctx context.Context, v *vm, log logrus.FieldLogger
 	}
 	entry = migrationEntry{mark: mark, listed: now, items: items, unschedulable: unschedulable}
 	c.mu.Lock()
-	c.entries[v.key] = entry
+	c.entries[key] = entry
 	c.mu.Unlock()
 	return current, c.blocked(current, entry)
 }
@@ -327,6 +328,47 @@ func (s *VMStatus) SetTargetUnschedulable(why string) {
 	if why != "" {
 		s.blockMigrating("its target pod cannot be scheduled: " + why)
 	}
+}
+
+// MigrationTracker follows the migrations of a node's migrating VMs by the agent's
+// rules, for a program that shows them as the agent does (`node-agent drain` while it
+// follows a node): a VM's migrations are listed when its VMI shows a change, and every
+// 10 s while it shows nothing of the migration, not on every look; a VM is reported
+// blocked when its migration's target pod cannot be scheduled or the migration stalled.
+// Safe for one goroutine at a time.
+type MigrationTracker struct {
+	m   *migrations
+	log logrus.FieldLogger
+}
+
+// NewMigrationTracker returns a tracker that lists a VMI's migrations with list and a
+// migration's target pods with targets, reports a migration stalled after stall, and
+// logs a list that failed (the VM is then shown as its VMI tells it) to log.
+func NewMigrationTracker(
+	list func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error),
+	targets func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error),
+	clk clock.PassiveClock, stall time.Duration, log logrus.FieldLogger) *MigrationTracker {
+	return &MigrationTracker{m: &migrations{list: list, targets: targets, clock: clk, stall: stall, entries: map[string]migrationEntry{}}, log: log}
+}
+
+// Complete puts on each migrating VM of vms its migration (vmis: the node's VMIs by
+// namespace/name), reported blocked as the agent reports it, and forgets the VMs that
+// are not migrating any more.
+func (t *MigrationTracker) Complete(ctx context.Context, vms []VMStatus, vmis map[string]*kubevirtv1.VirtualMachineInstance) {
+	migrating := map[string]bool{}
+	for i := range vms {
+		vs := &vms[i]
+		if vs.State != StateMigrating {
+			continue
+		}
+		key := vs.Namespace + "/" + vs.Name
+		migrating[key] = true
+		m, why := t.m.describe(ctx, key, vmis[key], t.log.WithField("vmi", key))
+		vs.SetMigration(m)
+		vs.SetTargetUnschedulable(why.unschedulable)
+		vs.SetStalled(why.stalled)
+	}
+	t.m.keep(migrating)
 }
 
 // keep forgets the VMs not in present (not migrating any more, or gone).

@@ -118,7 +118,7 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		vs := VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail}
 		if state == StateMigrating {
 			migrating[v.key] = true
-			m, why := e.migrations.describe(ctx, v, e.vmLog(v))
+			m, why := e.migrations.describe(ctx, v.key, v.vmi, e.vmLog(v))
 			vs.SetMigration(m)
 			blocked := ""
 			if why.unschedulable != "" {

@@ -61,8 +61,7 @@ func (p *OtherPods) evict(ctx context.Context, launchers []*corev1.Pod) int {
 	return left
 }
 
-// followRate bounds how often Follow looks again (each look lists the migrations of
-// the migrating VMs) when the node changes faster.
+// followRate bounds how often Follow looks again when the node changes faster.
 const followRate = 250 * time.Millisecond
 
 // Follow watches the node through informers scoped to it, as the agent on the node
@@ -101,6 +100,7 @@ func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, p
 	if err := view.WaitForSync(ctx); err != nil {
 		return last, fmt.Errorf("watching node %s: %w", node, err)
 	}
+	migrations := c.migrationTracker()
 	var next time.Time
 	for {
 		if wait := time.Until(next); wait > 0 {
@@ -116,7 +116,7 @@ func (c *Client) Follow(ctx context.Context, node string, cfg nodeinfo.Config, p
 		var retry <-chan time.Time
 		if n, err := view.Node(); err == nil {
 			vmis := view.VMIs()
-			v := c.complete(ctx, newView(n, cfg, vmis, view.LauncherPods()), cfg, vmis, false)
+			v := c.complete(ctx, migrations, newView(n, cfg, vmis, view.LauncherPods()), cfg, vmis, false)
 			if pods != nil {
 				v.PodsLeft = pods.evict(ctx, view.LauncherPods())
 				if v.PodsLeft != 0 {

@@ -3,12 +3,15 @@ package drainctl
 import (
 	"context"
 	"fmt"
-	"time"
+	"io"
 
+	"github.com/sirupsen/logrus"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/clock"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
 	"github.com/node-agent/node-agent/agent"
@@ -59,35 +62,34 @@ func (c *Client) Look(ctx context.Context, node string, cfg nodeinfo.Config, pre
 	if err != nil {
 		return NodeView{}, err
 	}
-	return c.complete(ctx, newView(n, cfg, vmis, pods), cfg, vmis, predict), nil
+	return c.complete(ctx, c.migrationTracker(), newView(n, cfg, vmis, pods), cfg, vmis, predict), nil
 }
 
-// complete adds what takes more reading: the migrations of migrating VMs, and the
-// predicted ends (each VM's owner).
-func (c *Client) complete(ctx context.Context, v NodeView, cfg nodeinfo.Config, vmis []*kubevirtv1.VirtualMachineInstance, predict bool) NodeView {
+// migrationTracker follows the migrations of migrating VMs as the agent does: one
+// tracker for the looks of one command, so that a VM's migrations are listed when its
+// VMI shows a change, not on every look.
+func (c *Client) migrationTracker() *agent.MigrationTracker {
+	list := func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+		return nodeinfo.MigrationsOf(ctx, c.KubeVirt, namespace, vmi)
+	}
+	targets := func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error) {
+		return nodeinfo.MigrationTargetPodsOf(ctx, c.Kube, namespace, migration)
+	}
+	// A list that fails is tried again at the next change; the command shows the VM as
+	// its VMI tells it meanwhile, and says nothing of it.
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	return agent.NewMigrationTracker(list, targets, clock.RealClock{}, c.opts.MigrationStallTimeout, log)
+}
+
+// complete adds what takes more reading: the migrations of migrating VMs (through
+// migrations), and the predicted ends (each VM's owner).
+func (c *Client) complete(ctx context.Context, migrations *agent.MigrationTracker, v NodeView, cfg nodeinfo.Config, vmis []*kubevirtv1.VirtualMachineInstance, predict bool) NodeView {
 	byKey := map[string]*kubevirtv1.VirtualMachineInstance{}
 	for _, vmi := range vmis {
 		byKey[vmi.Namespace+"/"+vmi.Name] = vmi
 	}
-	for i := range v.VMs {
-		vm := &v.VMs[i]
-		if vm.State != agent.StateMigrating {
-			continue
-		}
-		ms, err := nodeinfo.MigrationsOf(ctx, c.KubeVirt, vm.Namespace, vm.Name)
-		if err != nil {
-			continue
-		}
-		m := agent.DescribeMigration(byKey[vm.Namespace+"/"+vm.Name], ms)
-		vm.SetMigration(m)
-		// As the agent reports it: blocked while the target pod cannot be scheduled.
-		if u := agent.UnfinishedMigration(ms); u != nil && m != nil && m.WaitingForTarget() {
-			if pods, err := nodeinfo.MigrationTargetPodsOf(ctx, c.Kube, vm.Namespace, u.UID); err == nil {
-				vm.SetTargetUnschedulable(agent.TargetUnschedulable(pods))
-			}
-		}
-		vm.SetStalled(m.Stalled(time.Now(), c.opts.MigrationStallTimeout))
-	}
+	migrations.Complete(ctx, v.VMs, byKey)
 	if predict {
 		v.Predicted = map[string]string{}
 		for _, vm := range v.VMs {
