@@ -41,8 +41,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/kubectl/pkg/drain"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -113,6 +113,10 @@ type benchRun struct {
 	evicted  int           // VMs acted on (an eviction request or a migration)
 	release  time.Duration // node-agent: last VM gone to /safe-to-shutdown 200 (negative: the agent saw it first); or notMeasured
 	timeline string
+	// requests: the API requests of each program of the side until the drain was over,
+	// by verb and resource, from the audit log: "kubectl" for the peer, "agent" and
+	// "drain command" for node-agent.
+	requests map[string]map[string]int
 }
 
 func envList(name, def string) []string {
@@ -169,7 +173,9 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
 		defer cancel()
 		sc.ctx = ctx
-		sc.adminServiceAccount(benchAgentAccount)
+		for _, account := range []string{benchAgentAccount, benchCLIAccount, benchPeerAccount} {
+			sc.adminServiceAccount(account)
+		}
 		runs := 0
 		for _, r := range rows {
 			for round := 0; round < rounds; round++ {
@@ -210,6 +216,55 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 			bound.Seconds(), over(peer, bound), over(ours, bound),
 			spread(measured(r.peer, reactionOf), false), spread(measured(r.ours, reactionOf), false), spread(measured(r.ours, releaseOf), true))
 	}
+	fmt.Fprintf(out, "\nAPI requests per drain (the audit log, until the drain was over): median (min–max), and by verb and resource in the first round\n")
+	fmt.Fprintf(out, "| row | VMs | kubectl | node-agent (agent + drain command) | kubectl, first round | node-agent, first round |\n|---|---|---|---|---|---|\n")
+	for _, r := range rows {
+		if len(r.peer) == 0 || len(r.ours) == 0 {
+			continue
+		}
+		fmt.Fprintf(out, "| %s | %d | %s | %s | %s | %s |\n", r.kind.name, r.n,
+			requestSpread(r.peer), requestSpread(r.ours), requestsByKind(r.peer[0]), requestsByKind(r.ours[0]))
+	}
+}
+
+// requestTotal is a drain's API requests, every program of its side together.
+func requestTotal(r benchRun) int {
+	total := 0
+	for _, counts := range r.requests {
+		for _, n := range counts {
+			total += n
+		}
+	}
+	return total
+}
+
+// requestSpread is the median, min and max of the drains' request totals.
+func requestSpread(runs []benchRun) string {
+	var ns []int
+	for _, r := range runs {
+		ns = append(ns, requestTotal(r))
+	}
+	sort.Ints(ns)
+	med := ns[len(ns)/2]
+	if len(ns)%2 == 0 {
+		med = (ns[len(ns)/2-1] + ns[len(ns)/2]) / 2
+	}
+	return fmt.Sprintf("%d (%d–%d)", med, ns[0], ns[len(ns)-1])
+}
+
+// requestsByKind is one drain's requests by program, verb and resource.
+func requestsByKind(r benchRun) string {
+	var programs []string
+	for program := range r.requests {
+		programs = append(programs, program)
+	}
+	sort.Strings(programs)
+	var parts []string
+	for _, program := range programs {
+		total, summary := countsSummary(r.requests[program])
+		parts = append(parts, fmt.Sprintf("%s %d: %s", program, total, summary))
+	}
+	return strings.Join(parts, "; ")
 }
 
 func fmtReaction(r benchRun) string {
@@ -301,15 +356,28 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 		safeAt = a.safeAt(ctx)
 	}
 
+	// The drain command and the peer run as service accounts of their own too, so that
+	// the audit log has every request of both sides.
+	users := map[string]string{}
+	if agentUser != "" {
+		users["agent"] = agentUser
+	}
+	commandAccount, command := benchPeerAccount, "kubectl"
+	if side == "node-agent" {
+		commandAccount, command = benchCLIAccount, "drain command"
+	}
+	commandKubeconfig, commandUser := sc.serviceAccountKubeconfig(commandAccount)
+	users[command] = commandUser
+
 	runCtx, stopRun := context.WithCancel(ctx)
 	defer stopRun()
 	start := time.Now()
 	returned := make(chan error, 1)
 	if side == "kubectl" {
-		go func() { returned <- peerDrain(runCtx, sc, node) }()
+		go func() { returned <- peerDrain(runCtx, sc, node, commandKubeconfig) }()
 	} else {
 		go func() {
-			cmd := exec.CommandContext(runCtx, sc.env.agentBin, "drain", node, "--kubeconfig="+sc.env.cluster.Kubeconfig, "--timeout=1h")
+			cmd := exec.CommandContext(runCtx, sc.env.agentBin, "drain", node, "--kubeconfig="+commandKubeconfig, "--timeout=1h")
 			var buf bytes.Buffer
 			cmd.Stdout, cmd.Stderr = &buf, &buf
 			err := cmd.Run()
@@ -361,12 +429,16 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 	run.timeline = obs.timeline(start, end) + "; " + evictions
 	if a != nil {
 		run.timeline += fmt.Sprintf("; the agent used %.2f s of CPU", (processCPU(a.cmd.Process.Pid) - cpuBefore).Seconds())
-		counts, err := agentRequestCounts(sc.env.cluster.AuditLog, agentUser, start, time.Now().Add(time.Second))
+	}
+	run.requests = map[string]map[string]int{}
+	for program, user := range users {
+		counts, err := agentRequestCounts(sc.env.cluster.AuditLog, user, start, time.Now().Add(time.Second))
 		if err != nil {
 			sc.t.Fatal(err)
 		}
+		run.requests[program] = counts
 		total, summary := countsSummary(counts)
-		run.timeline += fmt.Sprintf("; the agent's requests until the node was safe: %d (%s)", total, summary)
+		run.timeline += fmt.Sprintf("; the %s's requests until the drain was over: %d (%s)", program, total, summary)
 	}
 
 	// Re-enable the node and clear the namespace for the next drain.
@@ -381,8 +453,13 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 	return run
 }
 
-// benchAgentAccount is the service account the benchmark's agents run as.
-const benchAgentAccount = "bench-agent"
+// The service accounts the benchmark's agents, node-agent's drain command and the peer
+// run as: the audit log records their requests.
+const (
+	benchAgentAccount = "bench-agent"
+	benchCLIAccount   = "bench-drain-command"
+	benchPeerAccount  = "bench-kubectl"
+)
 
 // processCPU is the user and system CPU time a process has used so far.
 func processCPU(pid int) time.Duration {
@@ -459,8 +536,11 @@ func benchClear(sc *scenario) {
 // peerDrain is the seed's flow: the drain taint, then kubectl drain NODE
 // --delete-emptydir-data --ignore-daemonsets --force --pod-selector=kubevirt.io=virt-launcher,
 // with kubectl's Helper settings and kubectl's client (client-go's default rate limit).
-func peerDrain(ctx context.Context, sc *scenario, node string) error {
-	cfg := rest.CopyConfig(sc.env.cluster.RESTConfig)
+func peerDrain(ctx context.Context, sc *scenario, node, kubeconfig string) error {
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return err
+	}
 	cfg.QPS, cfg.Burst, cfg.RateLimiter = 0, 0, nil // kubectl sets neither: 5 a second, burst 10
 	cfg.UserAgent = "kubectl-drain-peer"
 	kube, err := kubernetes.NewForConfig(cfg)
