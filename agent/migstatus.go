@@ -261,7 +261,10 @@ func (c *migrations) describe(ctx context.Context, key string, vmi *kubevirtv1.V
 	}
 	current = DescribeMigration(vmi, items)
 	unschedulable := ""
-	if m := UnfinishedMigration(items); m != nil && current != nil && current.WaitingForTarget() && c.targets != nil {
+	// The target pod exists from Scheduling on: a migration still Pending (KubeVirt
+	// holds it back while the node has parallelOutboundMigrationsPerNode running) has
+	// none to read.
+	if m := UnfinishedMigration(items); m != nil && current != nil && current.Phase == string(kubevirtv1.MigrationScheduling) && c.targets != nil {
 		pods, err := c.targets(ctx, vmi.Namespace, m.UID)
 		if err != nil {
 			log.WithError(err).Debug("cannot list the migration's target pods")

@@ -183,6 +183,31 @@ func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
 	}
 }
 
+// A migration KubeVirt holds back (Pending: the node has its two outbound migrations
+// running) has no target pod: its VM's migrations are read again every migrationRelist,
+// its target pods are not; they are once the migration is Scheduling.
+func TestSyncStatusReadsTargetPodsFromScheduling(t *testing.T) {
+	f, _ := evacuatingVM(t)
+	f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/vm": {testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationPending, t0)}}
+	targetLists := func() int { f.mu.Lock(); defer f.mu.Unlock(); return f.targetPodLists }
+	for i := range 3 {
+		if got := f.lookAtTheOneVM(); got.Migration == nil || got.Migration.Phase != "Pending" {
+			t.Fatalf("look %d: %+v, want the Pending migration named", i, got)
+		}
+		f.clock.Step(migrationRelist)
+	}
+	if n := targetLists(); n != 0 {
+		t.Errorf("%d lists of the target pods of a Pending migration, want none", n)
+	}
+	f.mu.Lock()
+	f.migrations["ns/vm"] = []kubevirtv1.VirtualMachineInstanceMigration{testMigration("kubevirt-evacuation-x", kubevirtv1.MigrationScheduling, t0)}
+	f.mu.Unlock()
+	f.lookAtTheOneVM()
+	if n := targetLists(); n != 1 {
+		t.Errorf("%d lists of the target pods of a Scheduling migration, want 1", n)
+	}
+}
+
 // A migration whose target pod the scheduler finds no node for (PodScheduled False,
 // Unschedulable) cannot finish until the cluster changes: the VM is reported blocked,
 // with the migration and the scheduler's message, and a Warning says so once; once

@@ -65,6 +65,8 @@ type fixture struct {
 	// migrationLists counts those lists.
 	migrations     map[string][]kubevirtv1.VirtualMachineInstanceMigration
 	migrationLists int
+	// targetPodLists counts the lists of a migration's target pods.
+	targetPodLists int
 }
 
 // listMigrations answers VMIMigrations.
@@ -227,6 +229,9 @@ func (fixtureView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.Vi
 	return nil, nil
 }
 func (v fixtureView) MigrationTargetPods(ctx context.Context, ns string, migration types.UID) ([]corev1.Pod, error) {
+	v.f.mu.Lock()
+	v.f.targetPodLists++
+	v.f.mu.Unlock()
 	list, err := v.f.kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: kubevirtv1.MigrationJobLabel + "=" + string(migration)})
 	if err != nil {
 		return nil, err
