@@ -530,9 +530,15 @@ func (e *Engine) otherPods(ctx context.Context, evict bool) int {
 	return left
 }
 
-// actConcurrency bounds the evictions in flight at once: a node's hundred VMs are acted
-// on together, not one round trip (through KubeVirt's webhook) after another.
-const actConcurrency = 16
+// actConcurrency bounds the VMs acted on at once. It is above what a node runs (the
+// kubelet's default is 110 pods, large nodes run 250), so that every VM of the node is
+// asked in the same moment, as kubectl's drain library evicts every pod at once: the
+// pace is the client's rate limit (--kube-api-qps, --kube-api-burst) and the API
+// server's own fairness, not a queue in the agent. At 16 the hundredth VM of a node
+// waited for six rounds of answers through KubeVirt's webhook before it was asked
+// (docs/BENCHMARKS.md, "Reaction"); the bound only keeps a node with thousands of
+// launcher pods (bad input) from starting a goroutine for each.
+const actConcurrency = 256
 
 // actAll acts on the VMs, actConcurrency at a time. A VM whose request was refused
 // backs off; the refusal is reported (event, log, metric, status), not returned as an

@@ -982,3 +982,80 @@ func TestSyncPanicActingOnOneVMIsContained(t *testing.T) {
 		t.Errorf("the VM that panicked is not in the status: %+v", st.VMs)
 	}
 }
+
+// gatedEvictor holds every eviction until want of them are in flight at once, then
+// answers them as the fixture's evictor does; after its deadline it holds none.
+type gatedEvictor struct {
+	fixtureEvictor
+	want     int
+	deadline context.Context
+	mu       *sync.Mutex
+	inFlight *int
+	all      chan struct{} // closed when want were in flight at once
+}
+
+func (x gatedEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) answer {
+	x.mu.Lock()
+	*x.inFlight++
+	if *x.inFlight == x.want {
+		close(x.all)
+	}
+	x.mu.Unlock()
+	select {
+	case <-x.all:
+	case <-x.deadline.Done():
+	}
+	x.mu.Lock()
+	*x.inFlight--
+	x.mu.Unlock()
+	return x.fixtureEvictor.evict(ctx, pod, dryRun)
+}
+
+// Every VM of a full node is asked in the same moment: none waits for another's
+// answer (through KubeVirt's webhook, under load, each takes up to seconds). 110 VMs,
+// the kubelet's default pod limit; with the old bound of 16 in flight, at most 16 were
+// ever asked at once and this test failed at its deadline.
+func TestSyncAsksEveryVMOfAFullNodeAtOnce(t *testing.T) {
+	const vms = 110
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	var objs []runtime.Object
+	for i := range vms {
+		vmi, pod := noneVM(fmt.Sprintf("vm-%03d", i))
+		objs = append(objs, vmi, pod)
+	}
+	f := newFixture(t, n, objs...)
+	deadline, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The fixture's recorder holds 100 events; a full one blocks its sender.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-f.recorder.Events:
+			case <-stop:
+				return
+			}
+		}
+	}()
+	var mu sync.Mutex
+	inFlight := 0
+	all := make(chan struct{})
+	f.engine.evictor = gatedEvictor{fixtureEvictor: fixtureEvictor{f}, want: vms, deadline: deadline,
+		mu: &mu, inFlight: &inFlight, all: all}
+	f.engine.ShutdownCancelled()
+	if _, err := f.sync(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-all:
+	default:
+		t.Fatalf("fewer than %d evictions were ever in flight at once, want every VM asked together", vms)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.evictions) != vms {
+		t.Errorf("%d evictions, want %d", len(f.evictions), vms)
+	}
+}
