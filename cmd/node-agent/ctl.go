@@ -13,7 +13,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
-	"k8s.io/kubectl/pkg/util/templates"
 
 	"github.com/node-agent/node-agent/agent"
 	"github.com/node-agent/node-agent/drainctl"
@@ -106,8 +105,9 @@ func newCtlCommand(ctx context.Context, stdout, stderr io.Writer) *cobra.Command
 	flags.StringVar(&o.kubeVirtNamespace, "kubevirt-namespace", "kubevirt", "The namespace of the KubeVirt CR and the legacy kubevirt-config ConfigMap.")
 	flags.StringVar(&o.drainTaintKey, "drain-taint-key", "", "The drain taint key. If empty, it is resolved as the agents resolve it: the KubeVirt CR, the legacy ConfigMap, kubevirt.io/drain.")
 	flags.DurationVar(&o.migrationStall, "migration-stall-timeout", agent.DefaultMigrationStallTimeout, "A VM whose migration has stayed this long in Scheduled, PreparingTarget or TargetReady is shown blocked, as the agents' flag of that name.")
-	root.AddCommand(newDrainCommand(o), newUndrainCommand(o), newStatusCommand(o), newOptionsCommand(stdout))
-	templates.ActsAsRootCommand(root, []string{"options"})
+	options := newOptionsCommand(stdout)
+	root.AddCommand(newDrainCommand(o), newUndrainCommand(o), newStatusCommand(o), options)
+	useKubectlHelp(root, options)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	return root
 }
@@ -121,7 +121,6 @@ func newOptionsCommand(out io.Writer) *cobra.Command {
 	}
 	c.SetOut(out)
 	c.SetErr(out)
-	templates.UseOptionsTemplates(c)
 	return c
 }
 
