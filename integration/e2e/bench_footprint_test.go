@@ -160,11 +160,7 @@ func benchFootprint(b *testing.B, sizes []int) {
 			b.Fatal(ctx.Err())
 		}
 	}
-	// The release build, as the image ships it (hack/build.sh: static, stripped).
-	release := filepath.Join(b.TempDir(), "node-agent")
-	if out, err := exec.CommandContext(ctx, "bash", "../../hack/build.sh", release).CombinedOutput(); err != nil {
-		b.Fatalf("hack/build.sh: %v: %s", err, out)
-	}
+	release := releaseBuild(ctx, b)
 	start := func(bin string) *agentProc {
 		addr := freeAddr(b)
 		a := sc.spawnAgent(bin, own, addr, []string{"run", "--kubeconfig=" + c.Kubeconfig, "--node-name=" + own,
@@ -297,4 +293,15 @@ func copyVM(ctx context.Context, kube kubernetes.Interface, kv rest.Interface, v
 		return fmt.Errorf("the status of pod %s: %w", p.Name, err)
 	}
 	return nil
+}
+
+// releaseBuild builds the agent as the image ships it (hack/build.sh: static,
+// stripped) and returns its path.
+func releaseBuild(ctx context.Context, tb testing.TB) string {
+	tb.Helper()
+	release := filepath.Join(tb.TempDir(), "node-agent")
+	if out, err := exec.CommandContext(ctx, "bash", "../../hack/build.sh", release).CombinedOutput(); err != nil {
+		tb.Fatalf("hack/build.sh: %v: %s", err, out)
+	}
+	return release
 }

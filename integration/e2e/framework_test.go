@@ -401,6 +401,12 @@ func (sc *scenario) startAgent(node string, flags ...string) *agentProc {
 // as DBUS_SYSTEM_BUS_ADDRESS for a private system bus.
 func (sc *scenario) startAgentEnv(node string, env []string, flags ...string) *agentProc {
 	sc.t.Helper()
+	return sc.startAgentBin(sc.env.agentBin, node, env, flags...)
+}
+
+// startAgentBin is startAgentEnv with another build of the agent (releaseBuild).
+func (sc *scenario) startAgentBin(bin, node string, env []string, flags ...string) *agentProc {
+	sc.t.Helper()
 	addr := freeAddr(sc.t)
 	args := []string{"run", "--kubeconfig=" + sc.env.cluster.Kubeconfig, "--node-name=" + node,
 		"--listen-address=" + addr, "--resync=1s", "--log-level=debug"}
@@ -408,7 +414,7 @@ func (sc *scenario) startAgentEnv(node string, env []string, flags ...string) *a
 		// No system bus here: the drain tests run without the logind part.
 		args = append(args, "--shutdown-inhibitor=false")
 	}
-	a := sc.spawnAgent(sc.env.agentBin, node, addr, append(args, flags...), env)
+	a := sc.spawnAgent(bin, node, addr, append(args, flags...), env)
 	a.waitServing("/readyz", 60*time.Second)
 	return a
 }
