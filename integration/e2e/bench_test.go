@@ -7,12 +7,14 @@ package e2e
 // Each reports how long the agent took to act on every VM (all evictions answered),
 // how long until the node was safe, and the agent's peak memory: resident (VmHWM) and
 // its own (RssAnon, sampled every 100 ms). The agent is the test build, or with
-// NODE_AGENT_BENCH_BUILD=release the build the image ships (hack/build.sh).
+// NODE_AGENT_BENCH_BUILD=release the build the image ships (hack/build.sh), with
+// NODE_AGENT_BENCH_AGENT_ENV added to its environment.
 
 import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -49,7 +51,10 @@ func benchmarkDrain(b *testing.B, n int) {
 	if os.Getenv("NODE_AGENT_BENCH_BUILD") == "release" {
 		bin, build = releaseBuild(sc.ctx, b), "release"
 	}
-	a := sc.startAgentBin(bin, node, nil, "--profiling")
+	// NODE_AGENT_BENCH_AGENT_ENV: the agent's extra environment (NAME=value ...), such
+	// as GOMEMLIMIT or GOGC.
+	env := strings.Fields(os.Getenv("NODE_AGENT_BENCH_AGENT_ENV"))
+	a := sc.startAgentBin(bin, node, env, "--profiling")
 	// The agent's own memory (RssAnon: its heap, stacks and runtime, not the binary's
 	// pages), sampled through the drain: the kernel keeps no peak of it.
 	var ownPeak atomic.Int64
@@ -99,8 +104,8 @@ func benchmarkDrain(b *testing.B, n int) {
 	b.ReportMetric(safe.Seconds(), "s-to-safe")
 	b.ReportMetric(float64(peakRSS(a.cmd.Process.Pid))/1024, "MiB-agent-peak-rss")
 	b.ReportMetric(float64(ownPeak.Load())/1024, "MiB-agent-own-peak")
-	fmt.Printf("bench: %d VMs, the %s build: acted on every VM after %.2f s, safe after %.2f s, resident at most %.1f MiB, its own at most %.1f MiB\n",
-		n, build, requested.Seconds(), safe.Seconds(), float64(peakRSS(a.cmd.Process.Pid))/1024, float64(ownPeak.Load())/1024)
+	fmt.Printf("bench: %d VMs, the %s build %v: acted on every VM after %.2f s, safe after %.2f s, resident at most %.1f MiB, its own at most %.1f MiB\n",
+		n, build, env, requested.Seconds(), safe.Seconds(), float64(peakRSS(a.cmd.Process.Pid))/1024, float64(ownPeak.Load())/1024)
 	fmt.Printf("bench: %d VMs: the agent's heap once every VM was acted on (%s; go tool pprof -top -sample_index=inuse_space):\n%s\n",
 		n, heapProfile, pprofTop(sc.env.agentBin, heapProfile))
 }
