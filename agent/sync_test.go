@@ -983,40 +983,48 @@ func TestSyncPanicActingOnOneVMIsContained(t *testing.T) {
 	}
 }
 
-// gatedEvictor holds every eviction until want of them are in flight at once, then
-// answers them as the fixture's evictor does; after its deadline it holds none.
-type gatedEvictor struct {
+// wavesEvictor holds each eviction until as many are in flight as the bound allows
+// (actConcurrency, or the VMs not yet answered, whichever is fewer), or its deadline
+// passed, then answers as the fixture's evictor does; it counts the most in flight.
+// Too low a bound (or none in parallel) waits out the deadline; too high a bound
+// shows as more in flight.
+type wavesEvictor struct {
 	fixtureEvictor
-	want     int
+	total    int
 	deadline context.Context
-	mu       *sync.Mutex
-	inFlight *int
-	all      chan struct{} // closed when want were in flight at once
+	cond     *sync.Cond
+	state    *waves
 }
 
-func (x gatedEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) answer {
-	x.mu.Lock()
-	*x.inFlight++
-	if *x.inFlight == x.want {
-		close(x.all)
-	}
-	x.mu.Unlock()
-	select {
-	case <-x.all:
-	case <-x.deadline.Done():
-	}
-	x.mu.Lock()
-	*x.inFlight--
-	x.mu.Unlock()
-	return x.fixtureEvictor.evict(ctx, pod, dryRun)
+type waves struct {
+	inFlight, answered, most int
+	timedOut                 bool // a request was let go by the deadline
 }
 
-// Every VM of a full node is asked in the same moment: none waits for another's
-// answer (through KubeVirt's webhook, under load, each takes up to seconds). 110 VMs,
-// the kubelet's default pod limit; with the old bound of 16 in flight, at most 16 were
-// ever asked at once and this test failed at its deadline.
-func TestSyncAsksEveryVMOfAFullNodeAtOnce(t *testing.T) {
-	const vms = 110
+func (x wavesEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) answer {
+	x.cond.L.Lock()
+	st := x.state
+	st.inFlight++
+	st.most = max(st.most, st.inFlight)
+	x.cond.Broadcast()
+	for st.inFlight < min(actConcurrency, x.total-st.answered) && x.deadline.Err() == nil {
+		x.cond.Wait()
+	}
+	st.timedOut = st.timedOut || st.inFlight < min(actConcurrency, x.total-st.answered)
+	x.cond.L.Unlock()
+	a := x.fixtureEvictor.evict(ctx, pod, dryRun)
+	x.cond.L.Lock()
+	st.inFlight--
+	st.answered++
+	x.cond.L.Unlock()
+	return a
+}
+
+// A full node's VMs are asked actConcurrency at a time: never more evictions in flight
+// (all at once starves KubeVirt's webhook of the API server's seats, see
+// actConcurrency), and every VM is asked in the one sync.
+func TestSyncBoundsTheEvictionsInFlight(t *testing.T) {
+	const vms = 110 // the kubelet's default pod limit
 	n := testNode()
 	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
 	var objs []runtime.Object
@@ -1025,8 +1033,6 @@ func TestSyncAsksEveryVMOfAFullNodeAtOnce(t *testing.T) {
 		objs = append(objs, vmi, pod)
 	}
 	f := newFixture(t, n, objs...)
-	deadline, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	// The fixture's recorder holds 100 events; a full one blocks its sender.
 	stop := make(chan struct{})
 	defer close(stop)
@@ -1039,23 +1045,33 @@ func TestSyncAsksEveryVMOfAFullNodeAtOnce(t *testing.T) {
 			}
 		}
 	}()
-	var mu sync.Mutex
-	inFlight := 0
-	all := make(chan struct{})
-	f.engine.evictor = gatedEvictor{fixtureEvictor: fixtureEvictor{f}, want: vms, deadline: deadline,
-		mu: &mu, inFlight: &inFlight, all: all}
+	deadline, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cond := sync.NewCond(&sync.Mutex{})
+	state := &waves{}
+	go func() { // wake the waiters at the deadline
+		<-deadline.Done()
+		cond.L.Lock()
+		cond.Broadcast()
+		cond.L.Unlock()
+	}()
+	f.engine.evictor = wavesEvictor{fixtureEvictor: fixtureEvictor{f}, total: vms, deadline: deadline, cond: cond, state: state}
 	f.engine.ShutdownCancelled()
 	if _, err := f.sync(); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-all:
-	default:
-		t.Fatalf("fewer than %d evictions were ever in flight at once, want every VM asked together", vms)
+	cond.L.Lock()
+	most, timedOut := state.most, state.timedOut
+	cond.L.Unlock()
+	if most != actConcurrency {
+		t.Errorf("at most %d evictions were in flight at once, want %d", most, actConcurrency)
+	}
+	if timedOut {
+		t.Errorf("the evictions were not sent %d at a time: the evictor waited out its deadline", actConcurrency)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if len(f.evictions) != vms {
-		t.Errorf("%d evictions, want %d", len(f.evictions), vms)
+		t.Errorf("%d evictions, want every VM's %d", len(f.evictions), vms)
 	}
 }
