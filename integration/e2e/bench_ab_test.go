@@ -27,6 +27,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	flowcontrolv1 "k8s.io/api/flowcontrol/v1"
 	"math"
 	"os"
 	"os/exec"
@@ -175,6 +176,32 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 		sc.ctx = ctx
 		for _, account := range []string{benchAgentAccount, benchCLIAccount, benchPeerAccount} {
 			sc.adminServiceAccount(account)
+		}
+		// NODE_AGENT_BENCH_FLOWSCHEMA: the agent's requests go to an API Priority and
+		// Fairness level of their own, apart from virt-api's webhook reads (workload-low;
+		// docs/BENCHMARKS.md, "Reaction"). The manifests ship no such level yet.
+		if os.Getenv("NODE_AGENT_BENCH_FLOWSCHEMA") != "" {
+			shares, lend := int32(10), int32(0)
+			plc := &flowcontrolv1.PriorityLevelConfiguration{ObjectMeta: metav1.ObjectMeta{Name: "node-agent"},
+				Spec: flowcontrolv1.PriorityLevelConfigurationSpec{Type: flowcontrolv1.PriorityLevelEnablementLimited,
+					Limited: &flowcontrolv1.LimitedPriorityLevelConfiguration{NominalConcurrencyShares: &shares, LendablePercent: &lend,
+						LimitResponse: flowcontrolv1.LimitResponse{Type: flowcontrolv1.LimitResponseTypeQueue,
+							Queuing: &flowcontrolv1.QueuingConfiguration{Queues: 16, HandSize: 4, QueueLengthLimit: 200}}}}}
+			if _, err := sc.kube().FlowcontrolV1().PriorityLevelConfigurations().Create(ctx, plc, metav1.CreateOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			fs := &flowcontrolv1.FlowSchema{ObjectMeta: metav1.ObjectMeta{Name: "node-agent"},
+				Spec: flowcontrolv1.FlowSchemaSpec{PriorityLevelConfiguration: flowcontrolv1.PriorityLevelConfigurationReference{Name: "node-agent"},
+					MatchingPrecedence: 500, DistinguisherMethod: &flowcontrolv1.FlowDistinguisherMethod{Type: flowcontrolv1.FlowDistinguisherMethodByUserType},
+					Rules: []flowcontrolv1.PolicyRulesWithSubjects{{
+						Subjects: []flowcontrolv1.Subject{{Kind: flowcontrolv1.SubjectKindServiceAccount,
+							ServiceAccount: &flowcontrolv1.ServiceAccountSubject{Namespace: sc.ns, Name: benchAgentAccount}}},
+						ResourceRules: []flowcontrolv1.ResourcePolicyRule{{Verbs: []string{"*"}, APIGroups: []string{"*"}, Resources: []string{"*"}, ClusterScope: true, Namespaces: []string{"*"}}},
+					}}}}
+			if _, err := sc.kube().FlowcontrolV1().FlowSchemas().Create(ctx, fs, metav1.CreateOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			fmt.Fprintf(out, "bench: the agent's requests in a priority level of their own (10 shares, none lent)\n")
 		}
 		runs := 0
 		for _, r := range rows {
