@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"strings"
 	"unicode"
 
@@ -110,7 +109,7 @@ func flagUsages(f *flag.FlagSet) string {
 	if err != nil {
 		limit = 0
 	}
-	printer := templates.NewHelpFlagPrinter(io.Writer(&buf), limit)
+	printer := templates.NewHelpFlagPrinter(&buf, limit)
 	f.VisitAll(func(fl *flag.Flag) {
 		if !fl.Hidden {
 			printer.PrintHelpFlag(fl)

@@ -27,7 +27,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	flowcontrolv1 "k8s.io/api/flowcontrol/v1"
 	"math"
 	"os"
 	"os/exec"
@@ -39,6 +38,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	flowcontrolv1 "k8s.io/api/flowcontrol/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/kubernetes"

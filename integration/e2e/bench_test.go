@@ -102,12 +102,13 @@ func benchmarkDrain(b *testing.B, n int) {
 	<-sampled
 	b.ReportMetric(requested.Seconds(), "s-to-act-on-all")
 	b.ReportMetric(safe.Seconds(), "s-to-safe")
-	b.ReportMetric(float64(peakRSS(a.cmd.Process.Pid))/1024, "MiB-agent-peak-rss")
-	b.ReportMetric(float64(ownPeak.Load())/1024, "MiB-agent-own-peak")
+	peakMiB, ownMiB := float64(peakRSS(a.cmd.Process.Pid))/1024, float64(ownPeak.Load())/1024
+	b.ReportMetric(peakMiB, "MiB-agent-peak-rss")
+	b.ReportMetric(ownMiB, "MiB-agent-own-peak")
 	fmt.Printf("bench: %d VMs, the %s build %v: acted on every VM after %.2f s, safe after %.2f s, resident at most %.1f MiB, its own at most %.1f MiB\n",
-		n, build, env, requested.Seconds(), safe.Seconds(), float64(peakRSS(a.cmd.Process.Pid))/1024, float64(ownPeak.Load())/1024)
+		n, build, env, requested.Seconds(), safe.Seconds(), peakMiB, ownMiB)
 	fmt.Printf("bench: %d VMs: the agent's heap once every VM was acted on (%s; go tool pprof -top -sample_index=inuse_space):\n%s\n",
-		n, heapProfile, pprofTop(sc.env.agentBin, heapProfile))
+		n, heapProfile, pprofTop(bin, heapProfile))
 }
 
 // peakRSS reads a process's peak resident set (VmHWM) in KiB.
