@@ -92,15 +92,30 @@ func (h inProcessHolder) Run(ctx context.Context) {
 
 // NewAgent connects to the API server and builds the agent; nothing runs before Run.
 func NewAgent(cfg Config, opts Options) (*Agent, error) {
-	kube, err := kubernetes.NewForConfig(cfg.REST)
+	// Every response names the API priority level of the request: the agent's clients
+	// record it (Options.PriorityLevel).
+	level := nodeinfo.NewPriorityLevel()
+	rc := rest.CopyConfig(cfg.REST)
+	rc.Wrap(level.Wrap)
+	// The Kubernetes client speaks protobuf, as the kubelet and the controllers do: its
+	// answers and watch events decode with a fraction of JSON's allocations. KubeVirt's
+	// resources (CRDs) are served as JSON only: their clients keep rc.
+	kubeCfg := rest.CopyConfig(rc)
+	kubeCfg.ContentType = runtime.ContentTypeProtobuf
+	kubeCfg.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	kube, err := kubernetes.NewForConfig(kubeCfg)
 	if err != nil {
 		return nil, fmt.Errorf("creating the Kubernetes client: %w", err)
 	}
-	kv, err := nodeinfo.NewKubeVirtClient(cfg.REST)
+	level.SetClient(kube.FlowcontrolV1().PriorityLevelConfigurations())
+	if opts.PriorityLevel == nil {
+		opts.PriorityLevel = level
+	}
+	kv, err := nodeinfo.NewKubeVirtClient(rc)
 	if err != nil {
 		return nil, err
 	}
-	subresources, err := nodeinfo.NewKubeVirtSubresourceClient(cfg.REST)
+	subresources, err := nodeinfo.NewKubeVirtSubresourceClient(rc)
 	if err != nil {
 		return nil, err
 	}

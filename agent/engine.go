@@ -85,8 +85,13 @@ type Options struct {
 	Turns               Turns
 	MaxConcurrentDrains int
 	MaxTurnWait         time.Duration
-	Clock               clock.WithTicker
-	Log                 logrus.FieldLogger
+	// PriorityLevel names the API Priority and Fairness level the API server puts the
+	// agent's requests in (nodeinfo.PriorityLevel). In a level of its own the agent acts
+	// on up to actConcurrencyOwnLevel VMs at once, else actConcurrency (see there).
+	// Nil: not known, actConcurrency.
+	PriorityLevel PriorityLevel
+	Clock         clock.WithTicker
+	Log           logrus.FieldLogger
 }
 
 // Engine drains its node when asked: on the drain taint, or on a host shutdown.
@@ -119,6 +124,10 @@ type Engine struct {
 	// since when the view is not synced (zero while it is).
 	blindReported string
 	blindSince    time.Time
+	// stateAt and statePhase: when the state annotation was last written, and the
+	// phase it said (writeState).
+	stateAt    time.Time
+	statePhase string
 	// expectations are the actions taken that the cache does not show yet.
 	expectations expectations
 	// retries backs off the VMs whose requests were refused.
@@ -328,6 +337,7 @@ func (e *Engine) sync(ctx context.Context) (bool, error) {
 	}
 	cfg, cfgErr := e.view.Config()
 	e.reportConfig(node, cfg, cfgErr)
+	e.refreshPriorityLevel(ctx)
 
 	var rec DrainRecord
 	hasRecord, err := readAnnotation(node, AnnotationDrain, &rec)
@@ -530,24 +540,69 @@ func (e *Engine) otherPods(ctx context.Context, evict bool) int {
 	return left
 }
 
-// actConcurrency bounds the evictions in flight at once: a node's hundred VMs are acted
-// on together, 16 round trips (through KubeVirt's webhook) at a time, not one after
-// another, and not all at once. All at once (tried: kubectl's drain library evicts every
-// pod at once) starves the webhook: each eviction holds its API Priority and Fairness
-// seats while virt-api's webhook reads the pod and the VMI back through the same API
-// server, and those reads, in the same priority level as the agent's evictions
-// (workload-low, both service accounts), queued for 9.3 s behind 100 evictions; the
-// answers took 10.8 s (the webhook's timeout is 10 s, failurePolicy Fail) and the
-// 100-VM drain 21.8 s instead of 13.2 (docs/BENCHMARKS.md, "Reaction").
+// actConcurrency bounds the actions (evictions, migrations) in flight at once when the
+// agent's requests share an API Priority and Fairness level with KubeVirt's: a node's
+// hundred VMs are acted on 16 round trips at a time, not one after another and not all
+// at once. Each eviction of a virt-launcher pod goes through virt-api's webhook, which
+// reads the pod and the VMI back through the same API server, and an eviction holds its
+// seat in the level while its webhook runs. In workload-low (where both service accounts
+// go by default; it lends most of its seats away while idle) all at once holds every
+// seat the level has and the webhook's reads queue behind them: measured, they waited
+// 9.3 s, the answers took 10.8 s (the webhook's timeout is 10 s, failurePolicy Fail),
+// and the 100-VM drain 21.8 s instead of 13.2 (docs/BENCHMARKS.md, "Reaction").
 const actConcurrency = 16
 
-// actAll acts on the VMs, actConcurrency at a time. A VM whose request was refused
+// actConcurrencyOwnLevel bounds them when the API server puts the agent's requests in
+// a level of their own (nodeinfo.OwnPriorityLevel, which manifests/base ships): the
+// level's seats and queues then pace the agent's requests without holding back
+// virt-api's reads, and every VM of a full node (the kubelet's default is 110 pods) is
+// asked at once. The bound only caps the goroutines.
+const actConcurrencyOwnLevel = 128
+
+// PriorityLevel names the API Priority and Fairness level of the agent's last request:
+// "" when not known.
+type PriorityLevel interface {
+	Name(ctx context.Context) (string, error)
+}
+
+// refreshPriorityLevel puts the agent's API Priority and Fairness level in the status,
+// logging a change: it decides how many VMs are acted on at once (actLimit).
+func (e *Engine) refreshPriorityLevel(ctx context.Context) {
+	if e.opts.PriorityLevel == nil {
+		return
+	}
+	name, err := e.opts.PriorityLevel.Name(ctx)
+	if err != nil {
+		e.log.WithError(err).WithField("inFlight", actConcurrency).Warn("cannot tell the API priority level of the agent's requests")
+	}
+	e.mu.Lock()
+	changed := e.status.PriorityLevel != name
+	e.mu.Unlock()
+	if !changed {
+		return
+	}
+	e.setStatus(func(s *NodeStatus) { s.PriorityLevel = name })
+	e.log.WithField("priorityLevel", name).WithField("inFlight", e.actLimit()).Info("the API server's priority level of the agent's requests")
+}
+
+// actLimit is how many VMs are acted on at once: actConcurrencyOwnLevel in the agent's
+// own API priority level, else actConcurrency.
+func (e *Engine) actLimit() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.status.PriorityLevel == nodeinfo.OwnPriorityLevel {
+		return actConcurrencyOwnLevel
+	}
+	return actConcurrency
+}
+
+// actAll acts on the VMs, actLimit at a time. A VM whose request was refused
 // backs off; the refusal is reported (event, log, metric, status), not returned as an
 // error: it does not make the node's sync retry.
 func (e *Engine) actAll(ctx context.Context, node *corev1.Node, vms []*vm, decisions map[string]Decision, migrations map[string][]kubevirtv1.VirtualMachineInstanceMigration) map[string]outcome {
 	var mu sync.Mutex
 	outcomes := map[string]outcome{}
-	sem := make(chan struct{}, actConcurrency)
+	sem := make(chan struct{}, e.actLimit())
 	var wg sync.WaitGroup
 	for _, v := range vms {
 		sem <- struct{}{}

@@ -53,6 +53,10 @@ type NodeStatus struct {
 	// SafeBlind says why the node is safe although the agent is not ready (it cannot read
 	// everything, such as the VMIs): it proved that no virt-launcher pod runs on the node.
 	SafeBlind string `json:"safeBlind,omitempty"`
+	// PriorityLevel is the API Priority and Fairness level the API server puts the
+	// agent's requests in, when known: in nodeinfo.OwnPriorityLevel the agent acts on
+	// every VM at once, elsewhere on 16 at a time.
+	PriorityLevel string `json:"apiPriorityLevel,omitempty"`
 	// Turn is where the node stands in the cluster's queue of host-shutdown drains
 	// (with --max-concurrent-drains), while a host shutdown is pending.
 	Turn *TurnStatus `json:"turn,omitempty"`
@@ -92,6 +96,19 @@ func (s NodeStatus) Summary() string {
 		parts = append(parts, fmt.Sprintf("%d other pods", s.PodsLeft))
 	}
 	return fmt.Sprintf("draining (%s): %s left (%s)", s.Trigger, plural(len(s.VMs), "VM"), strings.Join(parts, ", "))
+}
+
+// phase is the summary's kind, without its counts.
+func (s NodeStatus) phase() string {
+	switch {
+	case s.Turn != nil && s.Turn.Waiting:
+		return "turn"
+	case !s.Draining:
+		return "idle"
+	case s.Safe:
+		return "drained"
+	}
+	return "draining (" + s.Trigger + ")"
 }
 
 type reportOption func(*NodeStatus)
@@ -139,7 +156,7 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	}
 	e.migrations.keep(migrating)
 	e.mu.Lock()
-	st.ConfigError, st.NodeError = e.status.ConfigError, e.status.NodeError
+	st.ConfigError, st.NodeError, st.PriorityLevel = e.status.ConfigError, e.status.NodeError, e.status.PriorityLevel
 	// The API server stopped answering during this look (which may have waited on it:
 	// the clock is read again, not the look's start): what it read is no proof.
 	unknown := e.apiUnknownLocked(e.opts.Clock.Now())
@@ -162,12 +179,39 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	}
 	e.setStatus(func(s *NodeStatus) { *s = st })
 	e.metrics.observe(st)
-	if summary := st.Summary(); node.Annotations[AnnotationState] != summary {
-		if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationState: summary}); err != nil {
-			e.log.WithError(err).Warn("cannot update the state annotation")
-		}
-	}
+	e.writeState(ctx, node, st)
 	return st.Safe
+}
+
+// stateEvery bounds the writes of the state annotation while only its counts change: a
+// 100-VM drain changed them about 100 times in 13 s, each an update of the Node that
+// every watcher of Nodes receives. A change of phase (idle, draining, drained, waiting
+// for a turn) is written at once; a count is written at most stateEvery after the last
+// write, by the look that the engine asks for then.
+const stateEvery = 2 * time.Second
+
+// writeState keeps the node's state annotation in step with st, within stateEvery.
+func (e *Engine) writeState(ctx context.Context, node *corev1.Node, st NodeStatus) {
+	summary := st.Summary()
+	if node.Annotations[AnnotationState] == summary {
+		return
+	}
+	now, phase := e.opts.Clock.Now(), st.phase()
+	e.mu.Lock()
+	wait := e.stateAt.Add(stateEvery).Sub(now)
+	due := phase != e.statePhase || wait <= 0
+	e.mu.Unlock()
+	if !due {
+		e.queue.AddAfter(e.opts.NodeName, wait)
+		return
+	}
+	if err := patchAnnotations(ctx, e.clients.Kube, node.Name, map[string]any{AnnotationState: summary}); err != nil {
+		e.log.WithError(err).Warn("cannot update the state annotation")
+		return
+	}
+	e.mu.Lock()
+	e.stateAt, e.statePhase = now, phase
+	e.mu.Unlock()
 }
 
 // setStatus changes the status and wakes whoever waits on it.

@@ -9,6 +9,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -984,16 +985,15 @@ func TestSyncPanicActingOnOneVMIsContained(t *testing.T) {
 }
 
 // wavesEvictor holds each eviction until as many are in flight as the bound allows
-// (actConcurrency, or the VMs not yet answered, whichever is fewer), or its deadline
-// passed, then answers as the fixture's evictor does; it counts the most in flight.
-// Too low a bound (or none in parallel) waits out the deadline; too high a bound
-// shows as more in flight.
+// (bound, or the VMs not yet answered, whichever is fewer), or its deadline passed, then
+// answers as the fixture's evictor does; it counts the most in flight. Too low a bound
+// (or none in parallel) waits out the deadline; too high a bound shows as more in flight.
 type wavesEvictor struct {
 	fixtureEvictor
-	total    int
-	deadline context.Context
-	cond     *sync.Cond
-	state    *waves
+	total, bound int
+	deadline     context.Context
+	cond         *sync.Cond
+	state        *waves
 }
 
 type waves struct {
@@ -1007,10 +1007,10 @@ func (x wavesEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) a
 	st.inFlight++
 	st.most = max(st.most, st.inFlight)
 	x.cond.Broadcast()
-	for st.inFlight < min(actConcurrency, x.total-st.answered) && x.deadline.Err() == nil {
+	for st.inFlight < min(x.bound, x.total-st.answered) && x.deadline.Err() == nil {
 		x.cond.Wait()
 	}
-	st.timedOut = st.timedOut || st.inFlight < min(actConcurrency, x.total-st.answered)
+	st.timedOut = st.timedOut || st.inFlight < min(x.bound, x.total-st.answered)
 	x.cond.L.Unlock()
 	a := x.fixtureEvictor.evict(ctx, pod, dryRun)
 	x.cond.L.Lock()
@@ -1020,58 +1020,131 @@ func (x wavesEvictor) evict(ctx context.Context, pod *corev1.Pod, dryRun bool) a
 	return a
 }
 
-// A full node's VMs are asked actConcurrency at a time: never more evictions in flight
-// (all at once starves KubeVirt's webhook of the API server's seats, see
-// actConcurrency), and every VM is asked in the one sync.
+// fixedLevel is an API priority level that the agent's requests are always in.
+type fixedLevel struct {
+	name string
+	err  error
+}
+
+func (l fixedLevel) Name(context.Context) (string, error) { return l.name, l.err }
+
+// A full node's VMs are asked actConcurrency at a time where the agent's requests share
+// an API priority level with KubeVirt's webhook (all at once starves the webhook of the
+// level's seats, see actConcurrency), and all at once in the agent's own level
+// (nodeinfo.OwnPriorityLevel, which paces them apart from the webhook's reads); every
+// VM is asked in the one sync either way. The status names the level.
 func TestSyncBoundsTheEvictionsInFlight(t *testing.T) {
 	const vms = 110 // the kubelet's default pod limit
+	for _, tc := range []struct {
+		what  string
+		level PriorityLevel
+		want  int
+		// status is the level the status names.
+		status string
+	}{
+		{what: "level not known", level: nil, want: actConcurrency},
+		{what: "workload-low, shared with virt-api", level: fixedLevel{name: "workload-low"}, want: actConcurrency, status: "workload-low"},
+		{what: "the level cannot be told", level: fixedLevel{err: errors.New("forbidden")}, want: actConcurrency},
+		{what: "a level of its own", level: fixedLevel{name: nodeinfo.OwnPriorityLevel}, want: vms, status: nodeinfo.OwnPriorityLevel},
+	} {
+		t.Run(tc.what, func(t *testing.T) {
+			n := testNode()
+			n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+			var objs []runtime.Object
+			for i := range vms {
+				vmi, pod := noneVM(fmt.Sprintf("vm-%03d", i))
+				objs = append(objs, vmi, pod)
+			}
+			f := newFixture(t, n, objs...)
+			f.engine.opts.PriorityLevel = tc.level
+			// The fixture's recorder holds 100 events; a full one blocks its sender.
+			stop := make(chan struct{})
+			defer close(stop)
+			go func() {
+				for {
+					select {
+					case <-f.recorder.Events:
+					case <-stop:
+						return
+					}
+				}
+			}()
+			deadline, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			cond := sync.NewCond(&sync.Mutex{})
+			state := &waves{}
+			go func() { // wake the waiters at the deadline
+				<-deadline.Done()
+				cond.L.Lock()
+				cond.Broadcast()
+				cond.L.Unlock()
+			}()
+			f.engine.evictor = wavesEvictor{fixtureEvictor: fixtureEvictor{f}, total: vms, bound: tc.want, deadline: deadline, cond: cond, state: state}
+			f.engine.ShutdownCancelled()
+			if _, err := f.sync(); err != nil {
+				t.Fatal(err)
+			}
+			cond.L.Lock()
+			most, timedOut := state.most, state.timedOut
+			cond.L.Unlock()
+			if most != tc.want {
+				t.Errorf("at most %d evictions were in flight at once, want %d", most, tc.want)
+			}
+			if timedOut {
+				t.Errorf("the evictions were not sent %d at a time: the evictor waited out its deadline", tc.want)
+			}
+			if st, _ := f.engine.Status(); st.PriorityLevel != tc.status {
+				t.Errorf("the status names API priority level %q, want %q", st.PriorityLevel, tc.status)
+			}
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			if len(f.evictions) != vms {
+				t.Errorf("%d evictions, want every VM's %d", len(f.evictions), vms)
+			}
+		})
+	}
+}
+
+// The state annotation follows a drain: a change of phase at once, a change of the
+// counts at most every stateEvery (each write is an update of the Node, which every
+// watcher of Nodes receives), with a look asked for when it is due.
+func TestSyncStateAnnotationWritesCountsAtMostEveryStateEvery(t *testing.T) {
 	n := testNode()
 	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
 	var objs []runtime.Object
-	for i := range vms {
-		vmi, pod := noneVM(fmt.Sprintf("vm-%03d", i))
+	for i := range 3 {
+		vmi, pod := noneVM(fmt.Sprintf("vm-%d", i))
 		objs = append(objs, vmi, pod)
 	}
 	f := newFixture(t, n, objs...)
-	// The fixture's recorder holds 100 events; a full one blocks its sender.
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		for {
-			select {
-			case <-f.recorder.Events:
-			case <-stop:
-				return
-			}
+	gone := func(i int) {
+		t.Helper()
+		if err := f.vmis.Delete(objs[2*i]); err != nil {
+			t.Fatal(err)
 		}
-	}()
-	deadline, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cond := sync.NewCond(&sync.Mutex{})
-	state := &waves{}
-	go func() { // wake the waiters at the deadline
-		<-deadline.Done()
-		cond.L.Lock()
-		cond.Broadcast()
-		cond.L.Unlock()
-	}()
-	f.engine.evictor = wavesEvictor{fixtureEvictor: fixtureEvictor{f}, total: vms, deadline: deadline, cond: cond, state: state}
-	f.engine.ShutdownCancelled()
-	if _, err := f.sync(); err != nil {
-		t.Fatal(err)
+		if err := f.pods.Delete(objs[2*i+1]); err != nil {
+			t.Fatal(err)
+		}
 	}
-	cond.L.Lock()
-	most, timedOut := state.most, state.timedOut
-	cond.L.Unlock()
-	if most != actConcurrency {
-		t.Errorf("at most %d evictions were in flight at once, want %d", most, actConcurrency)
+	step := func(what, want string) {
+		t.Helper()
+		if _, err := f.sync(); err != nil {
+			t.Fatal(err)
+		}
+		if got := f.node().Annotations[AnnotationState]; !strings.HasPrefix(got, want) {
+			t.Errorf("%s: state annotation %q, want %q...", what, got, want)
+		}
 	}
-	if timedOut {
-		t.Errorf("the evictions were not sent %d at a time: the evictor waited out its deadline", actConcurrency)
+	step("the drain starts", "draining (taint): 3 VMs left")
+	gone(0)
+	step("a VM gone within stateEvery", "draining (taint): 3 VMs left")
+	if n := f.engine.queue.Len(); n != 0 {
+		t.Errorf("%d looks queued at once, want the next one after stateEvery", n)
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if len(f.evictions) != vms {
-		t.Errorf("%d evictions, want every VM's %d", len(f.evictions), vms)
-	}
+	f.clock.Step(stateEvery)
+	step("the next look after stateEvery", "draining (taint): 2 VMs left")
+	gone(1)
+	step("another VM gone within stateEvery", "draining (taint): 2 VMs left")
+	gone(2)
+	step("the last VM gone", "drained: no VM left, safe to power off")
 }

@@ -10,6 +10,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
@@ -92,6 +93,7 @@ func NewView(kube kubernetes.Interface, kubevirt rest.Interface, opts ViewOption
 func (v *View) add(name string, client cache.Getter, resource, namespace string, obj runtime.Object, tweak func(*metav1.ListOptions)) {
 	lw := cache.NewFilteredListWatchFromClient(client, resource, namespace, tweak)
 	inf := cache.NewSharedIndexInformer(lw, obj, 0, cache.Indexers{})
+	_ = inf.SetTransform(stripManagedFields) // before Run: cannot fail
 	_ = inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
 		v.mu.Lock()
 		v.listErrs[name] = err
@@ -110,6 +112,16 @@ func (v *View) add(name string, client cache.Getter, resource, namespace string,
 		DeleteFunc: func(any) { changed() },
 	})
 	v.informers[name] = inf
+}
+
+// stripManagedFields drops an object's managedFields before the cache keeps it: the
+// agent reads none of them, and on a VMI they are a large part of the object (every
+// KubeVirt component that writes it owns some of its fields).
+func stripManagedFields(obj any) (any, error) {
+	if m, err := meta.Accessor(obj); err == nil {
+		m.SetManagedFields(nil)
+	}
+	return obj, nil
 }
 
 // AddChangeHandler has f called after every change to anything the View watches (as

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"testing"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/cache"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
 
@@ -44,5 +46,23 @@ func TestKeepLastGood(t *testing.T) {
 				t.Errorf("last good %q, want %q", gotLast, tc.wantLast)
 			}
 		})
+	}
+}
+
+// The cache keeps no managedFields (the agent reads none); what is not an object (a
+// deletion's tombstone) passes unchanged.
+func TestStripManagedFields(t *testing.T) {
+	vmi := &kubevirtv1.VirtualMachineInstance{ObjectMeta: metav1.ObjectMeta{Name: "vm", Namespace: "ns",
+		ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "virt-controller", Operation: metav1.ManagedFieldsOperationUpdate}}}}
+	got, err := stripManagedFields(vmi)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kept := got.(*kubevirtv1.VirtualMachineInstance); kept.ManagedFields != nil || kept.Name != "vm" || kept.Namespace != "ns" {
+		t.Errorf("after the transform: %+v, want the VMI without managedFields", kept.ObjectMeta)
+	}
+	tomb := cache.DeletedFinalStateUnknown{Key: "ns/vm", Obj: vmi}
+	if got, err := stripManagedFields(tomb); err != nil || got != tomb {
+		t.Errorf("a tombstone became %v (error %v), want it unchanged", got, err)
 	}
 }

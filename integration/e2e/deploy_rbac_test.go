@@ -79,6 +79,8 @@ var agentNeeds = []neededRule{
 			"delete": "only migrations the agent created, in a cluster without KubeVirt's eviction webhook"}},
 	{group: "subresources.kubevirt.io", resource: "virtualmachineinstances/evacuate", verbs: []string{"update"},
 		why: "agent/actions.go cancelEvacuation: PUT .../evacuate/cancel when a drain is withdrawn"},
+	{group: "flowcontrol.apiserver.k8s.io", resource: "prioritylevelconfigurations", verbs: []string{"list"},
+		why: "nodeinfo/apf.go PriorityLevel: the name of the API priority level of the agent's requests, which decides how many VMs are asked at once"},
 	{ns: "node-agent", group: "coordination.k8s.io", resource: "leases", verbs: []string{"get", "list", "watch", "create", "update", "delete"},
 		why: "fleet/turns.go: the queue of host-shutdown drains (--max-concurrent-drains), the informer of its Leases (labelSelector node-agent.kubevirt.io/turn), a node's ticket and the drain slots",
 		notInDrain: map[string]string{"list": watchListFallback,

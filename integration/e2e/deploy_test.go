@@ -550,6 +550,8 @@ func (sc *scenario) applyManifests() []*unstructured.Unstructured {
 		_ = k.RbacV1().Roles(deployNamespace).Delete(ctx, "node-agent", bg)
 		_ = k.AppsV1().DaemonSets(deployNamespace).Delete(ctx, "node-agent", bg)
 		_ = k.CoreV1().ServiceAccounts(deployNamespace).Delete(ctx, "node-agent", bg)
+		_ = k.FlowcontrolV1().FlowSchemas().Delete(ctx, nodeinfo.OwnPriorityLevel, bg)
+		_ = k.FlowcontrolV1().PriorityLevelConfigurations().Delete(ctx, nodeinfo.OwnPriorityLevel, bg)
 	})
 	return objs
 }
@@ -680,6 +682,11 @@ func TestDeployAgentWithItsServiceAccount(t *testing.T) {
 	st := a.waitSafe(2 * time.Minute)
 	if !st.Draining || len(st.VMs) != 0 || st.PodsLeft != 0 {
 		t.Errorf("after the drain: %s", statusJSON(http.StatusOK, st))
+	}
+	// manifests/base/flowcontrol.yaml: the API server put the agent's requests in the
+	// level of their own, and the agent knows it (it asks every VM at once there).
+	if st.PriorityLevel != nodeinfo.OwnPriorityLevel {
+		t.Errorf("the agent's requests are in API priority level %q, want %q (manifests/base/flowcontrol.yaml)", st.PriorityLevel, nodeinfo.OwnPriorityLevel)
 	}
 	sc.waitMigrated(live, nodeB)
 	sc.waitRestarted(none, nodeB)
