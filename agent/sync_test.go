@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -1147,4 +1148,28 @@ func TestSyncStateAnnotationWritesCountsAtMostEveryStateEvery(t *testing.T) {
 	step("another VM gone within stateEvery", "draining (taint): 2 VMs left")
 	gone(2)
 	step("the last VM gone", "drained: no VM left, safe to power off")
+}
+
+// The live migrations are asked first, then the rest, each in the order given: KubeVirt's
+// first migrations should not start behind the shutdowns asked in the same moment.
+func TestMigrationsFirst(t *testing.T) {
+	actions := []Action{ActionShutdown, ActionMigrate, ActionShutdown, ActionMigrate, ActionExternal, ActionMigrate}
+	var vms []*vm
+	decisions := map[string]Decision{}
+	for i, a := range actions {
+		v := &vm{key: fmt.Sprintf("ns/vm-%d", i)}
+		vms = append(vms, v)
+		decisions[v.key] = Decision{Action: a}
+	}
+	var got []string
+	for _, v := range migrationsFirst(vms, decisions) {
+		got = append(got, v.key)
+	}
+	want := []string{"ns/vm-1", "ns/vm-3", "ns/vm-5", "ns/vm-0", "ns/vm-2", "ns/vm-4"}
+	if !slices.Equal(got, want) {
+		t.Errorf("acted on in the order %v, want %v", got, want)
+	}
+	if vms[0].key != "ns/vm-0" {
+		t.Errorf("the caller's slice was reordered")
+	}
 }
