@@ -182,8 +182,7 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 		// manifests/base/flowcontrol.yaml deploys it (its FlowSchema names the bench's
 		// service account here); NODE_AGENT_BENCH_FLOWSCHEMA=0 leaves them in
 		// workload-low with virt-api's webhook reads (docs/BENCHMARKS.md, "Reaction").
-		if os.Getenv("NODE_AGENT_BENCH_FLOWSCHEMA") != "0" {
-			sc.applyOwnPriorityLevel(benchAgentAccount)
+		if sc.applyOwnPriorityLevel(benchAgentAccount) {
 			fmt.Fprintf(out, "bench: the agent's requests in their own priority level (manifests/base/flowcontrol.yaml)\n")
 		} else {
 			fmt.Fprintf(out, "bench: the agent's requests in the default priority levels (NODE_AGENT_BENCH_FLOWSCHEMA=0)\n")
@@ -883,9 +882,13 @@ func (o *observer) timeline(start, end time.Time) string {
 }
 
 // applyOwnPriorityLevel applies manifests/base/flowcontrol.yaml server-side, its
-// FlowSchema naming account (in the scenario's namespace) instead of the DaemonSet's.
-func (sc *scenario) applyOwnPriorityLevel(account string) {
+// FlowSchema naming account (in the scenario's namespace) instead of the DaemonSet's,
+// unless NODE_AGENT_BENCH_FLOWSCHEMA=0; it says whether it did.
+func (sc *scenario) applyOwnPriorityLevel(account string) bool {
 	sc.t.Helper()
+	if os.Getenv("NODE_AGENT_BENCH_FLOWSCHEMA") == "0" {
+		return false
+	}
 	objs, err := loadKustomization(filepath.Join(repoRoot(sc.t), "manifests", "base"))
 	if err != nil {
 		sc.t.Fatal(err)
@@ -915,4 +918,5 @@ func (sc *scenario) applyOwnPriorityLevel(account string) {
 	if err := applyServerSide(sc.ctx, sc.env.cluster.RESTConfig, apply, false); err != nil {
 		sc.t.Fatal(err)
 	}
+	return true
 }

@@ -58,9 +58,7 @@ func benchmarkDrain(b *testing.B, n int) {
 	// level (manifests/base/flowcontrol.yaml), where it asks every VM at once;
 	// NODE_AGENT_BENCH_FLOWSCHEMA=0 leaves it in workload-low (16 at a time).
 	kubeconfig, _ := sc.adminServiceAccount(benchAgentAccount)
-	if os.Getenv("NODE_AGENT_BENCH_FLOWSCHEMA") != "0" {
-		sc.applyOwnPriorityLevel(benchAgentAccount)
-	}
+	sc.applyOwnPriorityLevel(benchAgentAccount)
 	a := sc.startAgentBin(bin, node, env, "--profiling", "--kubeconfig="+kubeconfig)
 	// The agent's own memory (RssAnon: its heap, stacks and runtime, not the binary's
 	// pages), sampled through the drain: the kernel keeps no peak of it.
