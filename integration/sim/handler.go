@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -56,12 +55,8 @@ func (s *Sim) guestInPodLocked(podUID types.UID) bool {
 
 // syncVMI is the virt-handler of node. It handles the VMIs whose node it is
 // (vmiNode); a key it finds another node's now (a migration handed the VMI over)
-// was queued there by the update that moved it. One VMI is synced by one node at a
-// time (vmiLock): the source's sync that hands a migration over writes the VMI, then
-// moves the guest to the target pod; the target's must not run in between.
+// was queued there by the update that moved it.
 func (s *Sim) syncVMI(ctx context.Context, node, key string) error {
-	unlock := s.vmiLock(key)
-	defer unlock()
 	obj, exists, err := s.vmis.GetStore().GetByKey(key)
 	if err != nil || !exists {
 		return err
@@ -79,20 +74,6 @@ func (s *Sim) syncVMI(ctx context.Context, node, key string) error {
 		s.guestGone(vmi)
 	}
 	return nil
-}
-
-// vmiLock locks the VMI of key against the other nodes' virt-handler workers (a
-// queue already keeps a key from two of its own workers); it returns the unlock.
-func (s *Sim) vmiLock(key string) func() {
-	s.mu.Lock()
-	mu := s.vmiLocks[key]
-	if mu == nil {
-		mu = &sync.Mutex{}
-		s.vmiLocks[key] = mu
-	}
-	s.mu.Unlock()
-	mu.Lock()
-	return mu.Unlock
 }
 
 // startGuest starts the guest of a VMI that virt-controller handed over

@@ -3,7 +3,6 @@ package sim
 import (
 	"context"
 	"slices"
-	"sync"
 	"testing"
 
 	"github.com/sirupsen/logrus"
@@ -25,7 +24,6 @@ func TestEachNodeQueuesItsOwnPodsAndVMIs(t *testing.T) {
 		simNodes:   map[string]*simNode{},
 		domains:    map[types.UID]*domain{},
 		podsByNode: map[string]map[types.UID]string{},
-		vmiLocks:   map[string]*sync.Mutex{},
 		pods: cache.NewSharedIndexInformer(&cache.ListWatch{}, &corev1.Pod{}, 0,
 			cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}),
 		vmis: cache.NewSharedIndexInformer(&cache.ListWatch{}, &kubevirtv1.VirtualMachineInstance{}, 0,

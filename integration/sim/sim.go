@@ -149,7 +149,6 @@ type Sim struct {
 	attempts   map[types.UID]int               // migrations started, by VMI UID
 	warned     map[types.UID]bool              // VMIs already warned about
 	podsByNode map[string]map[types.UID]string // node -> pod UID -> key, for Reboot
-	vmiLocks   map[string]*sync.Mutex          // by VMI key, see syncVMI; kept: a VM's next VMI has the key
 }
 
 // Start starts the simulators. They run until ctx ends; the informers are synced
@@ -209,7 +208,6 @@ func Start(ctx context.Context, cfg *rest.Config, opts Options) (*Sim, error) {
 		attempts:   map[types.UID]int{},
 		warned:     map[types.UID]bool{},
 		podsByNode: map[string]map[types.UID]string{},
-		vmiLocks:   map[string]*sync.Mutex{},
 	}
 
 	factory := informers.NewSharedInformerFactory(kube, 0)
