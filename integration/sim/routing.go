@@ -105,11 +105,15 @@ func podTerminal(pod *corev1.Pod) bool {
 }
 
 // toKubeletLocked queues a pod's key for the kubelet of node, after a delay if
-// after > 0 (AddAfter adds at once otherwise); nothing if node is not simulated. The
-// caller holds s.mu.
+// after > 0; nothing if node is not simulated. The caller holds s.mu.
 func (s *Sim) toKubeletLocked(node, key string, after time.Duration) {
-	if sn := s.simNodes[node]; sn != nil {
+	sn := s.simNodes[node]
+	switch {
+	case sn == nil:
+	case after > 0:
 		sn.kubeletQ.AddAfter(key, after)
+	default:
+		sn.kubeletQ.Add(key)
 	}
 }
 
@@ -125,8 +129,13 @@ func (s *Sim) toHandler(vmi *kubevirtv1.VirtualMachineInstance, key string, afte
 	node := s.vmiNode(vmi)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if sn := s.simNodes[node]; sn != nil {
+	sn := s.simNodes[node]
+	switch {
+	case sn == nil:
+	case after > 0:
 		sn.handlerQ.AddAfter(key, after)
+	default:
+		sn.handlerQ.Add(key)
 	}
 }
 
