@@ -53,18 +53,13 @@ func (s *Sim) guestInPodLocked(podUID types.UID) bool {
 	return false
 }
 
-// syncVMI is the virt-handler of node. It handles the VMIs whose node it is
-// (vmiNode); a key it finds another node's now (a migration handed the VMI over)
-// was queued there by the update that moved it.
-func (s *Sim) syncVMI(ctx context.Context, node, key string) error {
+// syncVMI is virt-handler, for every simulated node at once.
+func (s *Sim) syncVMI(ctx context.Context, key string) error {
 	obj, exists, err := s.vmis.GetStore().GetByKey(key)
 	if err != nil || !exists {
 		return err
 	}
 	vmi := obj.(*kubevirtv1.VirtualMachineInstance)
-	if s.vmiNode(vmi) != node {
-		return nil
-	}
 	switch vmi.Status.Phase {
 	case kubevirtv1.Scheduled:
 		return s.startGuest(ctx, vmi)
@@ -189,7 +184,7 @@ func (s *Sim) runGuest(ctx context.Context, key string, vmi *kubevirtv1.VirtualM
 		after()
 	}
 	if requeue > 0 {
-		s.toHandler(vmi, key, requeue)
+		s.handlerQ.AddAfter(key, requeue)
 	}
 	return nil
 }

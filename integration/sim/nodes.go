@@ -16,7 +16,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/uuid"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/util/retry"
-	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
@@ -42,10 +41,7 @@ type simNode struct {
 	lastStatus   time.Time
 	// handlerStopped: the node's virt-handler does not run (StopVirtHandler).
 	handlerStopped bool
-	// The work queues of the node's kubelet (pod keys) and virt-handler (VMI keys).
-	kubeletQ workqueue.TypedRateLimitingInterface[string]
-	handlerQ workqueue.TypedRateLimitingInterface[string]
-	lease    *coordinationv1.Lease // last written, renewed by the heartbeat only
+	lease          *coordinationv1.Lease // last written, renewed by the heartbeat only
 }
 
 // NodeOption configures a node made by AddNode.
@@ -140,7 +136,6 @@ func (s *Sim) AddNode(ctx context.Context, name string, opts ...NodeOption) (*co
 			internalIP: fmt.Sprintf("172.18.0.%d", s.nodeIndex+1),
 			usedIPs:    map[string]bool{},
 		}
-		s.startQueues(s.ctx, sn)
 		s.simNodes[name] = sn
 	}
 	sn.resources = cfg.allocatable
@@ -271,10 +266,10 @@ func (s *Sim) Reboot(ctx context.Context, node string) error {
 	}
 	sort.Strings(podKeys)
 	for _, k := range podKeys {
-		s.toKubelet(node, k, 0)
+		s.kubeletQ.Add(k)
 	}
 	for _, k := range vmiKeys {
-		s.toHandlerKey(k, 0)
+		s.handlerQ.Add(k)
 	}
 	// VMIs whose migration targets this node notice the lost target pod through
 	// the pod events; VMIs on this node without a domain are handled here too.
@@ -469,7 +464,6 @@ func (s *Sim) RemoveNode(ctx context.Context, node string) error {
 	if sn.endHeartbeat != nil {
 		sn.endHeartbeat()
 	}
-	sn.stopQueues()
 	delete(s.simNodes, node)
 	delete(s.podsByNode, node)
 	s.mu.Unlock()
@@ -516,7 +510,7 @@ func (s *Sim) StartKubelet(ctx context.Context, node string) error {
 		return err
 	}
 	for _, k := range podKeys {
-		s.toKubelet(node, k, 0)
+		s.kubeletQ.Add(k)
 	}
 	s.log.WithField("node", node).Info("kubelet started")
 	return nil
