@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -53,13 +54,22 @@ func (s *Sim) guestInPodLocked(podUID types.UID) bool {
 	return false
 }
 
-// syncVMI is virt-handler, for every simulated node at once.
-func (s *Sim) syncVMI(ctx context.Context, key string) error {
+// syncVMI is the virt-handler of node. It handles the VMIs whose node it is
+// (vmiNode); a key it finds another node's now (a migration handed the VMI over)
+// was queued there by the update that moved it. One VMI is synced by one node at a
+// time (vmiLock): the source's sync that hands a migration over writes the VMI, then
+// moves the guest to the target pod; the target's must not run in between.
+func (s *Sim) syncVMI(ctx context.Context, node, key string) error {
+	unlock := s.vmiLock(key)
+	defer unlock()
 	obj, exists, err := s.vmis.GetStore().GetByKey(key)
 	if err != nil || !exists {
 		return err
 	}
 	vmi := obj.(*kubevirtv1.VirtualMachineInstance)
+	if s.vmiNode(vmi) != node {
+		return nil
+	}
 	switch vmi.Status.Phase {
 	case kubevirtv1.Scheduled:
 		return s.startGuest(ctx, vmi)
@@ -69,6 +79,20 @@ func (s *Sim) syncVMI(ctx context.Context, key string) error {
 		s.guestGone(vmi)
 	}
 	return nil
+}
+
+// vmiLock locks the VMI of key against the other nodes' virt-handler workers (a
+// queue already keeps a key from two of its own workers); it returns the unlock.
+func (s *Sim) vmiLock(key string) func() {
+	s.mu.Lock()
+	mu := s.vmiLocks[key]
+	if mu == nil {
+		mu = &sync.Mutex{}
+		s.vmiLocks[key] = mu
+	}
+	s.mu.Unlock()
+	mu.Lock()
+	return mu.Unlock
 }
 
 // startGuest starts the guest of a VMI that virt-controller handed over
@@ -184,7 +208,7 @@ func (s *Sim) runGuest(ctx context.Context, key string, vmi *kubevirtv1.VirtualM
 		after()
 	}
 	if requeue > 0 {
-		s.handlerQ.AddAfter(key, requeue)
+		s.toHandler(vmi, key, requeue)
 	}
 	return nil
 }

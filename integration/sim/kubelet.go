@@ -42,14 +42,14 @@ const (
 	reasonUnknown   = "ContainerStatusUnknown"
 )
 
-// syncPod is the kubelet: it runs pods bound to simulated nodes.
-func (s *Sim) syncPod(ctx context.Context, key string) error {
+// syncPod is the kubelet of node: it runs the pods bound to it.
+func (s *Sim) syncPod(ctx context.Context, node, key string) error {
 	obj, exists, err := s.pods.GetStore().GetByKey(key)
 	if err != nil || !exists {
 		return err
 	}
 	pod := obj.(*corev1.Pod)
-	if !s.kubeletRuns(pod.Spec.NodeName) {
+	if pod.Spec.NodeName != node || !s.kubeletRuns(node) {
 		return nil // not simulated here, or its kubelet is stopped
 	}
 	if podTerminal(pod) {
@@ -85,7 +85,7 @@ func (s *Sim) syncPod(ctx context.Context, key string) error {
 			// virt-launcher shuts the guest down and exits by itself; the kubelet
 			// kills it when the grace period ends.
 			if left := time.Until(pod.DeletionTimestamp.Time); left > 0 {
-				s.kubeletQ.AddAfter(key, left+50*time.Millisecond)
+				s.toKubeletLocked(node, key, left+50*time.Millisecond)
 			} else {
 				s.exitLocked(rt, 137, reasonError, "")
 			}
@@ -189,7 +189,7 @@ func (s *Sim) launcherExited(podUID types.UID, code int32, reason string) {
 	}
 	s.mu.Unlock()
 	if rt != nil {
-		s.kubeletQ.Add(rt.key)
+		s.toKubelet(rt.node, rt.key, 0)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/uuid"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/util/retry"
+	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 )
@@ -41,7 +42,10 @@ type simNode struct {
 	lastStatus   time.Time
 	// handlerStopped: the node's virt-handler does not run (StopVirtHandler).
 	handlerStopped bool
-	lease          *coordinationv1.Lease // last written, renewed by the heartbeat only
+	// The work queues of the node's kubelet (pod keys) and virt-handler (VMI keys).
+	kubeletQ workqueue.TypedRateLimitingInterface[string]
+	handlerQ workqueue.TypedRateLimitingInterface[string]
+	lease    *coordinationv1.Lease // last written, renewed by the heartbeat only
 }
 
 // NodeOption configures a node made by AddNode.
@@ -136,6 +140,7 @@ func (s *Sim) AddNode(ctx context.Context, name string, opts ...NodeOption) (*co
 			internalIP: fmt.Sprintf("172.18.0.%d", s.nodeIndex+1),
 			usedIPs:    map[string]bool{},
 		}
+		s.startQueues(s.ctx, sn)
 		s.simNodes[name] = sn
 	}
 	sn.resources = cfg.allocatable
@@ -266,10 +271,10 @@ func (s *Sim) Reboot(ctx context.Context, node string) error {
 	}
 	sort.Strings(podKeys)
 	for _, k := range podKeys {
-		s.kubeletQ.Add(k)
+		s.toKubelet(node, k, 0)
 	}
 	for _, k := range vmiKeys {
-		s.handlerQ.Add(k)
+		s.toHandlerKey(k, 0)
 	}
 	// VMIs whose migration targets this node notice the lost target pod through
 	// the pod events; VMIs on this node without a domain are handled here too.
@@ -464,6 +469,7 @@ func (s *Sim) RemoveNode(ctx context.Context, node string) error {
 	if sn.endHeartbeat != nil {
 		sn.endHeartbeat()
 	}
+	sn.stopQueues()
 	delete(s.simNodes, node)
 	delete(s.podsByNode, node)
 	s.mu.Unlock()
@@ -510,7 +516,7 @@ func (s *Sim) StartKubelet(ctx context.Context, node string) error {
 		return err
 	}
 	for _, k := range podKeys {
-		s.kubeletQ.Add(k)
+		s.toKubelet(node, k, 0)
 	}
 	s.log.WithField("node", node).Info("kubelet started")
 	return nil

@@ -3,8 +3,13 @@
 // node-side programs that cannot run in a test: the kubelet and virt-handler.
 // The real kube-scheduler places every pod.
 //
-// Each is an informer-driven controller with a work queue that reads and writes
-// the fields its real counterpart reads and writes (KubeVirt v1.8.0):
+// Each is an informer-driven controller that reads and writes the fields its real
+// counterpart reads and writes (KubeVirt v1.8.0). As in a cluster, each simulated
+// node has a kubelet and a virt-handler of its own: work queues of its own, so a
+// busy node (a drain shutting 50 guests down) does not hold up another node's
+// pods (a migration's target pod), with the workers of the real ones: virt-handler
+// runs KubeVirt's 10 VMI workers, the kubelet kubeletWorkers (the real kubelet runs
+// every pod in a goroutine of its own and writes their statuses one at a time):
 //
 //   - kubelet: registers its node and keeps it alive as a kubelet does: a Lease
 //     in kube-node-lease renewed every Options.LeaseRenewInterval, the node's
@@ -26,11 +31,12 @@
 //
 // Only nodes added with AddNode are simulated. Run one Sim per cluster.
 //
-// The files by concern: sim.go starts the informers and work queues; routing.go
-// routes pod and VMI events to the kubelet and virt-handler queues; nodes.go is a
-// node's lifecycle (AddNode, the Lease and status heartbeat, Reboot, StopKubelet
-// and StartKubelet); kubelet.go runs pods; handler.go and migratable.go are
-// virt-handler; objects.go builds test objects and waits on them.
+// The files by concern: sim.go starts the informers and each node's work queues;
+// routing.go routes pod and VMI events to the queues of a node's kubelet and
+// virt-handler; nodes.go is a node's lifecycle (AddNode, the Lease and status
+// heartbeat, Reboot, StopKubelet and StartKubelet); kubelet.go runs pods;
+// handler.go and migratable.go are virt-handler; objects.go builds test objects
+// and waits on them.
 //
 // Test knobs, read from VMI annotations (in reality they come from the guest and
 // the network):
@@ -134,9 +140,6 @@ type Sim struct {
 	pods cache.SharedIndexInformer
 	vmis cache.SharedIndexInformer
 
-	kubeletQ workqueue.TypedRateLimitingInterface[string]
-	handlerQ workqueue.TypedRateLimitingInterface[string]
-
 	mu         sync.Mutex
 	simNodes   map[string]*simNode             // by node name
 	nodeIndex  int                             // last index handed out
@@ -146,6 +149,7 @@ type Sim struct {
 	attempts   map[types.UID]int               // migrations started, by VMI UID
 	warned     map[types.UID]bool              // VMIs already warned about
 	podsByNode map[string]map[types.UID]string // node -> pod UID -> key, for Reboot
+	vmiLocks   map[string]*sync.Mutex          // by VMI key, see syncVMI; kept: a VM's next VMI has the key
 }
 
 // Start starts the simulators. They run until ctx ends; the informers are synced
@@ -198,8 +202,6 @@ func Start(ctx context.Context, cfg *rest.Config, opts Options) (*Sim, error) {
 		kv:         kv,
 		handlerKV:  handlerKV,
 		ctx:        ctx,
-		kubeletQ:   newQueue("sim-kubelet"),
-		handlerQ:   newQueue("sim-virt-handler"),
 		simNodes:   map[string]*simNode{},
 		runtimes:   map[types.UID]*podRuntime{},
 		domains:    map[types.UID]*domain{},
@@ -207,6 +209,7 @@ func Start(ctx context.Context, cfg *rest.Config, opts Options) (*Sim, error) {
 		attempts:   map[types.UID]int{},
 		warned:     map[types.UID]bool{},
 		podsByNode: map[string]map[types.UID]string{},
+		vmiLocks:   map[string]*sync.Mutex{},
 	}
 
 	factory := informers.NewSharedInformerFactory(kube, 0)
@@ -238,22 +241,48 @@ func Start(ctx context.Context, cfg *rest.Config, opts Options) (*Sim, error) {
 		return nil, fmt.Errorf("syncing the simulators' informers: %w", context.Cause(ctx))
 	}
 
-	s.runWorkers(ctx, s.kubeletQ, 2, s.syncPod)
-	s.runWorkers(ctx, s.handlerQ, 2, s.syncVMI)
 	go func() {
 		<-ctx.Done()
-		s.kubeletQ.ShutDown()
-		s.handlerQ.ShutDown()
 		factory.Shutdown()
 	}()
 	s.log.Info("simulated kubelet and virt-handler started")
 	return s, nil
 }
 
+// The workers of one node's kubelet and virt-handler.
+const (
+	// kubeletWorkers: the real kubelet syncs each pod in a goroutine of its own and
+	// writes their statuses one at a time; the simulated one does both in a sync.
+	kubeletWorkers = 4
+	// handlerWorkers: virt-handler's VMI controller runs 10 workers
+	// (cmd/virt-handler: vmController.Run(10, stop)).
+	handlerWorkers = 10
+)
+
 func newQueue(name string) workqueue.TypedRateLimitingInterface[string] {
 	return workqueue.NewTypedRateLimitingQueueWithConfig(
 		workqueue.NewTypedItemExponentialFailureRateLimiter[string](20*time.Millisecond, 5*time.Second),
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: name})
+}
+
+// startQueues starts the work queues and workers of a new simulated node's kubelet
+// and virt-handler; they run until RemoveNode stops them or ctx ends.
+func (s *Sim) startQueues(ctx context.Context, sn *simNode) {
+	name := sn.name
+	sn.kubeletQ = newQueue("sim-kubelet-" + name)
+	sn.handlerQ = newQueue("sim-virt-handler-" + name)
+	s.runWorkers(ctx, sn.kubeletQ, kubeletWorkers, func(ctx context.Context, key string) error { return s.syncPod(ctx, name, key) })
+	s.runWorkers(ctx, sn.handlerQ, handlerWorkers, func(ctx context.Context, key string) error { return s.syncVMI(ctx, name, key) })
+	go func() {
+		<-ctx.Done()
+		sn.stopQueues()
+	}()
+}
+
+// stopQueues shuts the node's queues down (again: a no-op); their workers end.
+func (sn *simNode) stopQueues() {
+	sn.kubeletQ.ShutDown()
+	sn.handlerQ.ShutDown()
 }
 
 // runWorkers processes queue keys with sync until the queue shuts down. A sync
