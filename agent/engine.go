@@ -33,8 +33,9 @@ type NodeView interface {
 	Config() (nodeinfo.Config, error)
 	// NamespaceMigrations lists the migrations of a namespace (read once per sync).
 	NamespaceMigrations(ctx context.Context, namespace string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
-	// VMIMigrations lists the migrations of one VMI (KubeVirt's kubevirt.io/vmi-name label).
-	VMIMigrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	// VMIMigrations lists the migrations of VMIs of one namespace, by VMI name (KubeVirt's
+	// kubevirt.io/vmi-name label; all the VMIs in one request).
+	VMIMigrations(ctx context.Context, namespace string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error)
 	// MigrationTargetPods lists the target pods of one migration (KubeVirt's
 	// kubevirt.io/migrationJobUID label).
 	MigrationTargetPods(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error)

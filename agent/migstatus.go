@@ -187,9 +187,10 @@ const migrationRelist = 10 * time.Second
 // VMI they were listed for. A VM's migrations are listed (by KubeVirt's
 // kubevirt.io/vmi-name label, in its namespace) when that changes, a few times per
 // migration, and every migrationRelist while the VMI shows nothing of it: not on every
-// sync, which a drain runs on every event of every VMI and pod of the node.
+// sync, which a drain runs on every event of every VMI and pod of the node. The VMs of
+// a namespace due for a list in one look are listed in one request.
 type migrations struct {
-	list    func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error)
+	list    func(ctx context.Context, namespace string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error)
 	targets func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error)
 	clock   interface{ Now() time.Time }
 	// stall is how long a migration may stay in a stallPhase before it is reported
@@ -228,38 +229,95 @@ type blocked struct {
 	stalled       string // Stalled's
 }
 
-// describe names the migration of a migrating VM, listing its migrations only when
-// its VMI shows a change (or every migrationRelist while it shows nothing). While the
-// migration waits for its target pod to be scheduled it also reads that pod, and
-// returns why the scheduler finds no node for it (empty while it did not say so):
-// such a VM cannot leave until the cluster changes. A migration is said to have stalled
-// only from a list read once the stall timeout had passed: the one before may be a
-// phase behind.
-func (c *migrations) describe(ctx context.Context, key string, vmi *kubevirtv1.VirtualMachineInstance, log logrus.FieldLogger) (*MigrationStatus, blocked) {
-	if vmi == nil {
-		return nil, blocked{}
+// tracked is a migrating VM to describe: its key (namespace/name) and VMI.
+type tracked struct {
+	key string
+	vmi *kubevirtv1.VirtualMachineInstance
+	log logrus.FieldLogger
+}
+
+// described is what describe found of a tracked VM.
+type described struct {
+	migration *MigrationStatus
+	why       blocked
+}
+
+// describeAll describes each of vms (describe), reading the migrations of the VMs due
+// for a read in one request per namespace, not one per VM.
+func (c *migrations) describeAll(ctx context.Context, vms []tracked) []described {
+	now := c.clock.Now()
+	due := map[string][]string{} // namespace -> the names of its VMs due for a read
+	for _, t := range vms {
+		if t.vmi != nil && c.due(t.key, t.vmi, now) {
+			due[t.vmi.Namespace] = append(due[t.vmi.Namespace], t.vmi.Name)
+		}
 	}
-	mark, now := migrationMark(vmi), c.clock.Now()
+	read := map[string]listed{} // by VM key
+	for ns, names := range due {
+		got, err := c.list(ctx, ns, names)
+		for _, name := range names {
+			read[ns+"/"+name] = listed{items: got[name], err: err}
+		}
+	}
+	out := make([]described, len(vms))
+	for i, t := range vms {
+		var r *listed
+		if l, ok := read[t.key]; ok {
+			r = &l
+		}
+		m, why := c.describe(ctx, t.key, t.vmi, r, now, t.log)
+		out[i] = described{migration: m, why: why}
+	}
+	return out
+}
+
+// listed is one VM's migrations as a list read them, or the list's error.
+type listed struct {
+	items []kubevirtv1.VirtualMachineInstanceMigration
+	err   error
+}
+
+// due says whether a VM's migrations are to be read again: its VMI shows a change, or
+// every migrationRelist while it shows nothing of the migration. It reads them again
+// every migrationRelist also while the migration is in a phase that only the target's
+// virt-handler moves on: the migration controller writes those phases just after the
+// VMI change the list was read for, so the list can be one phase behind. And once such
+// a phase would have lasted the stall timeout, if the list is older.
+func (c *migrations) due(key string, vmi *kubevirtv1.VirtualMachineInstance, now time.Time) bool {
 	c.mu.Lock()
 	entry, ok := c.entries[key]
 	c.mu.Unlock()
 	current := DescribeMigration(vmi, entry.items)
-	// Read again every migrationRelist also while it is in a phase that only the target's
-	// virt-handler moves on: the migration controller writes those phases just after the
-	// VMI change the list was read for, so the list can be one phase behind. And read
-	// again once such a phase would have lasted the stall timeout, if the list is older.
 	waiting := current == nil || current.WaitingForTarget() || stallPhase(current.Phase)
-	due := current.stalls() && entry.listed.Before(current.PhaseSince.Add(c.stall)) && !now.Before(current.PhaseSince.Add(c.stall))
-	if ok && entry.mark == mark && !due && (!waiting || now.Sub(entry.listed) < migrationRelist) {
+	stallDue := current.stalls() && entry.listed.Before(current.PhaseSince.Add(c.stall)) && !now.Before(current.PhaseSince.Add(c.stall))
+	return !ok || entry.mark != migrationMark(vmi) || stallDue || (waiting && now.Sub(entry.listed) >= migrationRelist)
+}
+
+// describe names the migration of a migrating VM from its migrations as last read, or
+// as r read them now (nil: not read now, describeAll found it not due). While the
+// migration waits for its target pod to be scheduled it also reads that pod, and
+// returns why the scheduler finds no node for it (empty while it did not say so): such
+// a VM cannot leave until the cluster changes. A migration is said to have stalled only
+// from a list read once the stall timeout had passed: the one before may be a phase
+// behind.
+func (c *migrations) describe(ctx context.Context, key string, vmi *kubevirtv1.VirtualMachineInstance, r *listed, now time.Time, log logrus.FieldLogger) (*MigrationStatus, blocked) {
+	if vmi == nil {
+		return nil, blocked{}
+	}
+	c.mu.Lock()
+	entry := c.entries[key]
+	c.mu.Unlock()
+	if r == nil {
+		current := DescribeMigration(vmi, entry.items)
 		return current, c.blocked(current, entry)
 	}
-	items, err := c.list(ctx, vmi.Namespace, vmi.Name)
-	if err != nil {
+	items := r.items
+	if r.err != nil {
 		// Shown as the VMI tells it; read again after migrationRelist.
-		log.WithError(err).Debug("cannot list the VM's migrations")
+		log.WithError(r.err).Debug("cannot list the VM's migrations")
 		items = entry.items
 	}
-	current = DescribeMigration(vmi, items)
+	current := DescribeMigration(vmi, items)
 	unschedulable := ""
 	// The target pod exists from Scheduling on: a migration still Pending (KubeVirt
 	// holds it back while the node has parallelOutboundMigrationsPerNode running) has
@@ -274,7 +332,7 @@ func (c *migrations) describe(ctx context.Context, key string, vmi *kubevirtv1.V
 			unschedulable = why
 		}
 	}
-	entry = migrationEntry{mark: mark, listed: now, items: items, unschedulable: unschedulable}
+	entry = migrationEntry{mark: migrationMark(vmi), listed: now, items: items, unschedulable: unschedulable}
 	c.mu.Lock()
 	c.entries[key] = entry
 	c.mu.Unlock()
@@ -344,11 +402,12 @@ type MigrationTracker struct {
 	log logrus.FieldLogger
 }
 
-// NewMigrationTracker returns a tracker that lists a VMI's migrations with list and a
-// migration's target pods with targets, reports a migration stalled after stall, and
-// logs a list that failed (the VM is then shown as its VMI tells it) to log.
+// NewMigrationTracker returns a tracker that lists the migrations of VMIs of a
+// namespace with list (all of them in one request), a migration's target pods with
+// targets, reports a migration stalled after stall, and logs a list that failed (the
+// VM is then shown as its VMI tells it) to log.
 func NewMigrationTracker(
-	list func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error),
+	list func(ctx context.Context, namespace string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error),
 	targets func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error),
 	clk clock.PassiveClock, stall time.Duration, log logrus.FieldLogger) *MigrationTracker {
 	return &MigrationTracker{m: &migrations{list: list, targets: targets, clock: clk, stall: stall, entries: map[string]migrationEntry{}}, log: log}
@@ -359,17 +418,22 @@ func NewMigrationTracker(
 // are not migrating any more.
 func (t *MigrationTracker) Complete(ctx context.Context, vms []VMStatus, vmis map[string]*kubevirtv1.VirtualMachineInstance) {
 	migrating := map[string]bool{}
+	var which []int
+	var track []tracked
 	for i := range vms {
-		vs := &vms[i]
-		if vs.State != StateMigrating {
+		if vms[i].State != StateMigrating {
 			continue
 		}
-		key := vs.Namespace + "/" + vs.Name
+		key := vms[i].Namespace + "/" + vms[i].Name
 		migrating[key] = true
-		m, why := t.m.describe(ctx, key, vmis[key], t.log.WithField("vmi", key))
-		vs.SetMigration(m)
-		vs.SetTargetUnschedulable(why.unschedulable)
-		vs.SetStalled(why.stalled)
+		which = append(which, i)
+		track = append(track, tracked{key: key, vmi: vmis[key], log: t.log.WithField("vmi", key)})
+	}
+	for j, d := range t.m.describeAll(ctx, track) {
+		vs := &vms[which[j]]
+		vs.SetMigration(d.migration)
+		vs.SetTargetUnschedulable(d.why.unschedulable)
+		vs.SetStalled(d.why.stalled)
 	}
 	t.m.keep(migrating)
 }

@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -181,6 +183,70 @@ func TestSyncStatusNamesTheMigrationListingOnChangesOnly(t *testing.T) {
 	if !strings.Contains(string(raw), `"migration":{"name":"kubevirt-evacuation-x","phase":"Running","targetNode":"node-b","phaseSince":"2030-01-02T03:00:00Z"}`) {
 		t.Errorf("JSON %s has no migration", raw)
 	}
+}
+
+// The migrating VMs of a namespace due for a read in one look are read in one list
+// (their kubevirt.io/vmi-name labels in one selector), one per namespace: while
+// KubeVirt holds a node's migrations back two at a time, a hundred VMs waiting make a
+// list or two every migrationRelist, not a hundred. Each VM still shows its own.
+func TestSyncStatusListsTheMigrationsOfANamespaceInOneRequest(t *testing.T) {
+	n := testNode()
+	n.Spec.Taints = []corev1.Taint{{Key: nodeinfo.DefaultDrainTaintKey, Effect: corev1.TaintEffectNoSchedule}}
+	live := kubevirtv1.EvictionStrategyLiveMigrate
+	var objs []runtime.Object
+	for _, key := range []string{"ns/a", "ns/b", "ns/c", "other/d", "other/e"} {
+		ns, name, _ := strings.Cut(key, "/")
+		vmi := newVMI(name, thisNode, kubevirtv1.Running)
+		vmi.Namespace, vmi.UID = ns, types.UID("uid-"+key)
+		vmi.Spec.EvictionStrategy = &live
+		vmi.Status.EvacuationNodeName = thisNode
+		pod := launcherPod("virt-launcher-"+name, string(vmi.UID), thisNode, corev1.PodRunning)
+		pod.Namespace = ns
+		objs = append(objs, vmi, pod)
+	}
+	f := newFixture(t, n, objs...)
+	pending := func(ns, vmi string) kubevirtv1.VirtualMachineInstanceMigration {
+		m := testMigration("kubevirt-evacuation-"+vmi, kubevirtv1.MigrationPending, t0)
+		m.Namespace, m.Spec.VMIName = ns, vmi
+		return m
+	}
+	f.mu.Lock()
+	f.migrations = map[string][]kubevirtv1.VirtualMachineInstanceMigration{"ns/b": {pending("ns", "b")}, "other/e": {pending("other", "e")}}
+	f.mu.Unlock()
+	look := func(step string, wantLists []string, wantPhase map[string]string) {
+		t.Helper()
+		f.mu.Lock()
+		f.migrationListed = nil
+		f.mu.Unlock()
+		for range 3 {
+			if _, err := f.sync(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		f.mu.Lock()
+		got := slices.Sorted(slices.Values(f.migrationListed))
+		f.mu.Unlock()
+		if !slices.Equal(got, wantLists) {
+			t.Errorf("%s: the migrations were listed as %q, want %q", step, got, wantLists)
+		}
+		st, _ := f.engine.Status()
+		for _, vs := range st.VMs {
+			phase := ""
+			if vs.Migration != nil {
+				phase = vs.Migration.Phase
+			}
+			if vs.State != StateMigrating || phase != wantPhase[vs.Namespace+"/"+vs.Name] {
+				t.Errorf("%s: %s/%s %s, migration phase %q; want migrating, %q", step, vs.Namespace, vs.Name, vs.State, phase, wantPhase[vs.Namespace+"/"+vs.Name])
+			}
+		}
+	}
+	look("first look", []string{"ns: a,b,c", "other: d,e"}, map[string]string{"ns/b": "Pending", "other/e": "Pending"})
+	look("not due", nil, map[string]string{"ns/b": "Pending", "other/e": "Pending"})
+	f.mu.Lock()
+	f.migrations["ns/a"] = []kubevirtv1.VirtualMachineInstanceMigration{pending("ns", "a")}
+	f.mu.Unlock()
+	f.clock.Step(migrationRelist)
+	look("after migrationRelist", []string{"ns: a,b,c", "other: d,e"}, map[string]string{"ns/a": "Pending", "ns/b": "Pending", "other/e": "Pending"})
 }
 
 // A migration KubeVirt holds back (Pending: the node has its two outbound migrations

@@ -125,6 +125,10 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		o(&st)
 	}
 	migrating := map[string]bool{}
+	// The migrating VMs, in the order of track: each one and its index in st.VMs.
+	var which []*vm
+	var at []int
+	var track []tracked
 	for _, v := range vms {
 		d := decide(v, cfg)
 		state, detail := observe(v, d, node.Name, st.Draining)
@@ -132,27 +136,32 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 			state, detail = o.state, o.detail
 		}
 		ns, name, _ := strings.Cut(v.key, "/")
-		vs := VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail}
+		st.VMs = append(st.VMs, VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail})
 		if state == StateMigrating {
 			migrating[v.key] = true
-			m, why := e.migrations.describe(ctx, v.key, v.vmi, e.vmLog(v))
-			vs.SetMigration(m)
+			which, at = append(which, v), append(at, len(st.VMs)-1)
+			track = append(track, tracked{key: v.key, vmi: v.vmi, log: e.vmLog(v)})
+		}
+	}
+	if len(track) > 0 {
+		for j, d := range e.migrations.describeAll(ctx, track) {
+			v, vs := which[j], &st.VMs[at[j]]
+			vs.SetMigration(d.migration)
 			blocked := ""
-			if why.unschedulable != "" {
-				vs.SetTargetUnschedulable(why.unschedulable)
+			if d.why.unschedulable != "" {
+				vs.SetTargetUnschedulable(d.why.unschedulable)
 				blocked = "TargetUnschedulable"
-			} else if why.stalled != "" {
-				vs.SetStalled(why.stalled)
-				blocked = "Stalled/" + m.Phase
+			} else if d.why.stalled != "" {
+				vs.SetStalled(d.why.stalled)
+				blocked = "Stalled/" + d.migration.Phase
 			}
 			if blocked != "" {
-				e.warnOnce(v, ReasonBlocked+"/"+blocked+"/"+m.Name, func() {
+				e.warnOnce(v, ReasonBlocked+"/"+blocked+"/"+d.migration.Name, func() {
 					e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), vs.Detail)
 					e.vmLog(v).WithField("reason", vs.Detail).Warn("the VM cannot leave the node")
 				})
 			}
 		}
-		st.VMs = append(st.VMs, vs)
 	}
 	e.migrations.keep(migrating)
 	e.mu.Lock()

@@ -79,7 +79,7 @@ func (fakeView) AddChangeHandler(func())                    {}
 func (fakeView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
 }
-func (fakeView) VMIMigrations(context.Context, string, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+func (fakeView) VMIMigrations(context.Context, string, []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil
 }
 func (fakeView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {

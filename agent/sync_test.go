@@ -63,20 +63,27 @@ type fixture struct {
 	refusing  func(old, updated *corev1.Node) error
 	// cancelAnswer, when set, is the HTTP status virt-api answers evacuate/cancel with.
 	cancelAnswer func() int
-	// migrations, by namespace/VMI, as the label-selected list of one VMI's answers;
-	// migrationLists counts those lists.
-	migrations     map[string][]kubevirtv1.VirtualMachineInstanceMigration
-	migrationLists int
+	// migrations, by namespace/VMI, as the label-selected list of VMIs answers;
+	// migrationLists counts those lists, migrationListed says what each one asked for
+	// ("namespace: vmi,vmi").
+	migrations      map[string][]kubevirtv1.VirtualMachineInstanceMigration
+	migrationLists  int
+	migrationListed []string
 	// targetPodLists counts the lists of a migration's target pods.
 	targetPodLists int
 }
 
-// listMigrations answers VMIMigrations.
-func (f *fixture) listMigrations(ns, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
+// listMigrations answers VMIMigrations: one list for the VMIs of a namespace.
+func (f *fixture) listMigrations(ns string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.migrationLists++
-	return append([]kubevirtv1.VirtualMachineInstanceMigration(nil), f.migrations[ns+"/"+vmi]...), nil
+	f.migrationListed = append(f.migrationListed, ns+": "+strings.Join(vmis, ","))
+	out := map[string][]kubevirtv1.VirtualMachineInstanceMigration{}
+	for _, vmi := range vmis {
+		out[vmi] = append([]kubevirtv1.VirtualMachineInstanceMigration(nil), f.migrations[ns+"/"+vmi]...)
+	}
+	return out, nil
 }
 
 func newFixture(t *testing.T, node *corev1.Node, objs ...runtime.Object) *fixture {
@@ -224,8 +231,8 @@ func (v fixtureView) LauncherPods() []*corev1.Pod {
 func (fixtureView) Config() (nodeinfo.Config, error) {
 	return nodeinfo.Config{DrainTaintKey: nodeinfo.DefaultDrainTaintKey, DrainTaintKeySource: nodeinfo.SourceDefault}, nil
 }
-func (v fixtureView) VMIMigrations(_ context.Context, ns, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
-	return v.f.listMigrations(ns, vmi)
+func (v fixtureView) VMIMigrations(_ context.Context, ns string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return v.f.listMigrations(ns, vmis)
 }
 func (fixtureView) NamespaceMigrations(context.Context, string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
 	return nil, nil

@@ -69,8 +69,8 @@ func (c *Client) Look(ctx context.Context, node string, cfg nodeinfo.Config, pre
 // tracker for the looks of one command, so that a VM's migrations are listed when its
 // VMI shows a change, not on every look.
 func (c *Client) migrationTracker() *agent.MigrationTracker {
-	list := func(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
-		return nodeinfo.MigrationsOf(ctx, c.KubeVirt, namespace, vmi)
+	list := func(ctx context.Context, namespace string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error) {
+		return nodeinfo.MigrationsOf(ctx, c.KubeVirt, namespace, vmis)
 	}
 	targets := func(ctx context.Context, namespace string, migration types.UID) ([]corev1.Pod, error) {
 		return nodeinfo.MigrationTargetPodsOf(ctx, c.Kube, namespace, migration)

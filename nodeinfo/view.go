@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -15,7 +16,9 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
@@ -317,9 +320,9 @@ func (v *View) NamespaceMigrations(ctx context.Context, namespace string) ([]kub
 	return list.Items, nil
 }
 
-// VMIMigrations lists the migrations of one VMI (MigrationsOf).
-func (v *View) VMIMigrations(ctx context.Context, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
-	return MigrationsOf(ctx, v.kubevirt, namespace, vmi)
+// VMIMigrations lists the migrations of VMIs of one namespace (MigrationsOf).
+func (v *View) VMIMigrations(ctx context.Context, namespace string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	return MigrationsOf(ctx, v.kubevirt, namespace, vmis)
 }
 
 // MigrationTargetPods lists the target pods of one migration (MigrationTargetPodsOf).
@@ -341,21 +344,42 @@ func MigrationTargetPodsOf(ctx context.Context, kube kubernetes.Interface, names
 	return list.Items, nil
 }
 
-// MigrationsOf lists the migrations of one VMI with a kubevirt.io/v1 client: selected
-// by the kubevirt.io/vmi-name label that KubeVirt puts on every migration (virt-api's
-// mutating webhook at creation, virt-controller's migration controller otherwise;
-// `virtctl migrate-cancel` finds them the same way), and checked against spec.vmiName.
-func MigrationsOf(ctx context.Context, kubevirt rest.Interface, namespace, vmi string) ([]kubevirtv1.VirtualMachineInstanceMigration, error) {
-	list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
-	if err := kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).
-		Param("labelSelector", labels.SelectorFromSet(labels.Set{kubevirtv1.MigrationSelectorLabel: vmi}).String()).
-		Do(ctx).Into(list); err != nil {
-		return nil, fmt.Errorf("listing the migrations of %s/%s: %w", namespace, vmi, err)
+// maxNamesPerList bounds the VMI names in one label selector of MigrationsOf: a node
+// with hundreds of migrating VMs in one namespace asks in a few requests of a bounded
+// URL (63 characters a name at most).
+const maxNamesPerList = 100
+
+// MigrationsOf lists the migrations of VMIs of one namespace with a kubevirt.io/v1
+// client, by VMI name: selected by the kubevirt.io/vmi-name label that KubeVirt puts on
+// every migration (virt-api's mutating webhook at creation, virt-controller's migration
+// controller otherwise; `virtctl migrate-cancel` finds them the same way), the VMIs of
+// the namespace in one request (`kubevirt.io/vmi-name in (...)`, maxNamesPerList names
+// a request), and checked against spec.vmiName. A name that cannot be a label value
+// (over 63 characters) can be on no migration's label: it is left out of the selector
+// and has none.
+func MigrationsOf(ctx context.Context, kubevirt rest.Interface, namespace string, vmis []string) (map[string][]kubevirtv1.VirtualMachineInstanceMigration, error) {
+	out := map[string][]kubevirtv1.VirtualMachineInstanceMigration{}
+	var names []string
+	for _, name := range vmis {
+		if len(validation.IsValidLabelValue(name)) == 0 {
+			names = append(names, name)
+		}
 	}
-	var out []kubevirtv1.VirtualMachineInstanceMigration
-	for _, m := range list.Items {
-		if m.Spec.VMIName == vmi {
-			out = append(out, m)
+	for chunk := range slices.Chunk(names, maxNamesPerList) {
+		req, err := labels.NewRequirement(kubevirtv1.MigrationSelectorLabel, selection.In, chunk)
+		if err != nil {
+			return nil, fmt.Errorf("selecting the migrations of %d VMIs in %s: %w", len(chunk), namespace, err)
+		}
+		list := &kubevirtv1.VirtualMachineInstanceMigrationList{}
+		if err := kubevirt.Get().Namespace(namespace).Resource(ResourceMigrations).
+			Param("labelSelector", labels.NewSelector().Add(*req).String()).
+			Do(ctx).Into(list); err != nil {
+			return nil, fmt.Errorf("listing the migrations of %d VMIs in %s: %w", len(chunk), namespace, err)
+		}
+		for _, m := range list.Items {
+			if m.Spec.VMIName == m.Labels[kubevirtv1.MigrationSelectorLabel] {
+				out[m.Spec.VMIName] = append(out[m.Spec.VMIName], m)
+			}
 		}
 	}
 	return out, nil
