@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -254,6 +255,7 @@ func (c *migrations) describeAll(ctx context.Context, vms []tracked) []described
 	}
 	read := map[string]listed{} // by VM key
 	for ns, names := range due {
+		slices.Sort(names)
 		got, err := c.list(ctx, ns, names)
 		for _, name := range names {
 			read[ns+"/"+name] = listed{items: got[name], err: err}

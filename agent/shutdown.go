@@ -37,6 +37,11 @@ type shutdownTrack struct {
 	delayed  bool
 	notHeld  string
 	released bool // the release was seen (and reported unless it came before this process)
+	// from is when this process began following the lock holder: a release made before
+	// it (the engine restarted after the holder released) is not reported again; one
+	// made after it is this process's to report, even if the holder released before
+	// the engine first saw the shutdown (a node with nothing to drain).
+	from time.Time
 	// confirmed: the holder has reached logind once (a shutdown an earlier agent recorded
 	// on the Node and that logind does not prepare is then given back).
 	confirmed bool
@@ -51,7 +56,7 @@ type shutdownTrack struct {
 // it added and withdraws the drain. timeout (--shutdown-timeout) is the deadline when
 // the holder knows none.
 func (e *Engine) RunShutdown(ctx context.Context, src ShutdownSource, timeout time.Duration) {
-	var tr shutdownTrack
+	tr := shutdownTrack{from: e.opts.Clock.Now()}
 	for {
 		st, changed := src.State()
 		e.followShutdown(ctx, st, &tr, timeout)
@@ -85,7 +90,7 @@ func (e *Engine) followShutdown(ctx context.Context, st systemd.ShutdownState, t
 	if !st.ShuttingDown {
 		if tr.active && st.Reachable {
 			e.log.Info("host shutdown cancelled")
-			*tr = shutdownTrack{confirmed: tr.confirmed}
+			*tr = shutdownTrack{confirmed: tr.confirmed, from: tr.from}
 			e.ShutdownCancelled()
 		}
 		return
@@ -95,9 +100,10 @@ func (e *Engine) followShutdown(ctx context.Context, st systemd.ShutdownState, t
 		if deadline.IsZero() {
 			deadline = st.Since.Add(timeout)
 		}
-		// A release the holder made before this process saw the shutdown (the engine
-		// restarted after it) is not reported again.
-		*tr = shutdownTrack{active: true, confirmed: tr.confirmed, since: st.Since, deadline: deadline, released: st.Released && st.ReleaseOutcome != systemd.OutcomeUnheld}
+		// A release the holder made before this process began following it (the
+		// engine restarted after it) is not reported again.
+		*tr = shutdownTrack{active: true, confirmed: tr.confirmed, from: tr.from, since: st.Since, deadline: deadline,
+			released: st.Released && st.ReleaseOutcome != systemd.OutcomeUnheld && st.ReleasedAt.Before(tr.from)}
 		e.hostShutdown(st, deadline)
 	}
 	status, _ := e.Status()

@@ -831,6 +831,59 @@ func TestRunShutdownNoShutdownAtConnectGivesBackARecordedOne(t *testing.T) {
 	}
 }
 
+// releasedSource is a lock holder that already let a shutdown go (safe) when the engine
+// first asks it.
+type releasedSource struct{ since, releasedAt time.Time }
+
+func (s releasedSource) State() (systemd.ShutdownState, <-chan struct{}) {
+	return systemd.ShutdownState{Reachable: true, Connected: true, LockHeld: true, ShuttingDown: true, Held: true,
+		Since: s.since, Released: true, ReleaseOutcome: systemd.OutcomeSafe, ReleasedAt: s.releasedAt}, nil
+}
+
+// The holder of a node with nothing to drain lets the shutdown go before the engine
+// first sees it: the release is this process's, reported with a ShutdownReleased
+// event. A release from before the engine began following the holder (the engine
+// restarted after it) is not reported again.
+func TestRunShutdownReportsAReleaseMadeBeforeItSawTheShutdown(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		releasedAt time.Time
+		want       int
+	}{
+		{"released after the engine began", t0.Add(time.Millisecond), 1},
+		{"released before the engine began", t0.Add(-time.Minute), 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t, testNode())
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() {
+				f.engine.RunShutdown(ctx, releasedSource{since: tt.releasedAt.Add(-time.Millisecond), releasedAt: tt.releasedAt}, time.Minute)
+				close(done)
+			}()
+			// The engine takes the node out of service for the shutdown it sees; the
+			// release, when reported, is reported in the same pass.
+			err := wait.PollUntilContextTimeout(ctx, 10*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+				return f.engine.ShuttingDown(), nil
+			})
+			cancel()
+			<-done
+			if err != nil {
+				t.Fatalf("the engine did not take up the shutdown: %v", err)
+			}
+			events, got := f.events(), 0
+			for _, e := range events {
+				if strings.HasPrefix(e, "Normal "+ReasonShutdownReleased) {
+					got++
+				}
+			}
+			if got != tt.want {
+				t.Errorf("%d %s events (%q), want %d", got, ReasonShutdownReleased, events, tt.want)
+			}
+		})
+	}
+}
+
 // drain: a LiveMigrate VM that cannot migrate is reported blocked (events on the VMI and
 // the Node, once) and never evicted; the drain is not complete while it is there, and
 // completes (recorded, DrainCompleted) once it is gone.
