@@ -244,11 +244,14 @@ type described struct {
 }
 
 // describeAll describes each of vms (describe), reading the migrations of the VMs due
-// for a read in one request per namespace, not one per VM.
+// for a read in one request per namespace, not one per VM, and forgets the VMs not in
+// vms (not migrating any more, or gone).
 func (c *migrations) describeAll(ctx context.Context, vms []tracked) []described {
 	now := c.clock.Now()
 	due := map[string][]string{} // namespace -> the names of its VMs due for a read
+	present := map[string]bool{}
 	for _, t := range vms {
+		present[t.key] = true
 		if t.vmi != nil && c.due(t.key, t.vmi, now) {
 			due[t.vmi.Namespace] = append(due[t.vmi.Namespace], t.vmi.Name)
 		}
@@ -270,6 +273,7 @@ func (c *migrations) describeAll(ctx context.Context, vms []tracked) []described
 		m, why := c.describe(ctx, t.key, t.vmi, r, now, t.log)
 		out[i] = described{migration: m, why: why}
 	}
+	c.keep(present)
 	return out
 }
 
@@ -419,7 +423,6 @@ func NewMigrationTracker(
 // namespace/name), reported blocked as the agent reports it, and forgets the VMs that
 // are not migrating any more.
 func (t *MigrationTracker) Complete(ctx context.Context, vms []VMStatus, vmis map[string]*kubevirtv1.VirtualMachineInstance) {
-	migrating := map[string]bool{}
 	var which []int
 	var track []tracked
 	for i := range vms {
@@ -427,7 +430,6 @@ func (t *MigrationTracker) Complete(ctx context.Context, vms []VMStatus, vmis ma
 			continue
 		}
 		key := vms[i].Namespace + "/" + vms[i].Name
-		migrating[key] = true
 		which = append(which, i)
 		track = append(track, tracked{key: key, vmi: vmis[key], log: t.log.WithField("vmi", key)})
 	}
@@ -437,7 +439,6 @@ func (t *MigrationTracker) Complete(ctx context.Context, vms []VMStatus, vmis ma
 		vs.SetTargetUnschedulable(d.why.unschedulable)
 		vs.SetStalled(d.why.stalled)
 	}
-	t.m.keep(migrating)
 }
 
 // keep forgets the VMs not in present (not migrating any more, or gone).

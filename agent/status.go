@@ -124,7 +124,6 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 	for _, o := range opts {
 		o(&st)
 	}
-	migrating := map[string]bool{}
 	// The migrating VMs, in the order of track: each one and its index in st.VMs.
 	var which []*vm
 	var at []int
@@ -138,32 +137,28 @@ func (e *Engine) report(ctx context.Context, node *corev1.Node, cfg nodeinfo.Con
 		ns, name, _ := strings.Cut(v.key, "/")
 		st.VMs = append(st.VMs, VMStatus{Namespace: ns, Name: name, Strategy: string(d.Strategy), Action: d.Action, State: state, Detail: detail})
 		if state == StateMigrating {
-			migrating[v.key] = true
 			which, at = append(which, v), append(at, len(st.VMs)-1)
 			track = append(track, tracked{key: v.key, vmi: v.vmi, log: e.vmLog(v)})
 		}
 	}
-	if len(track) > 0 {
-		for j, d := range e.migrations.describeAll(ctx, track) {
-			v, vs := which[j], &st.VMs[at[j]]
-			vs.SetMigration(d.migration)
-			blocked := ""
-			if d.why.unschedulable != "" {
-				vs.SetTargetUnschedulable(d.why.unschedulable)
-				blocked = "TargetUnschedulable"
-			} else if d.why.stalled != "" {
-				vs.SetStalled(d.why.stalled)
-				blocked = "Stalled/" + d.migration.Phase
-			}
-			if blocked != "" {
-				e.warnOnce(v, ReasonBlocked+"/"+blocked+"/"+d.migration.Name, func() {
-					e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), vs.Detail)
-					e.vmLog(v).WithField("reason", vs.Detail).Warn("the VM cannot leave the node")
-				})
-			}
+	for j, d := range e.migrations.describeAll(ctx, track) {
+		v, vs := which[j], &st.VMs[at[j]]
+		vs.SetMigration(d.migration)
+		blocked := ""
+		if d.why.unschedulable != "" {
+			vs.SetTargetUnschedulable(d.why.unschedulable)
+			blocked = "TargetUnschedulable"
+		} else if d.why.stalled != "" {
+			vs.SetStalled(d.why.stalled)
+			blocked = "Stalled/" + d.migration.Phase
+		}
+		if blocked != "" {
+			e.warnOnce(v, ReasonBlocked+"/"+blocked+"/"+d.migration.Name, func() {
+				e.recorder.Eventf(node, corev1.EventTypeWarning, ReasonBlocked, "%s cannot leave the node: %s", describe(v), vs.Detail)
+				e.vmLog(v).WithField("reason", vs.Detail).Warn("the VM cannot leave the node")
+			})
 		}
 	}
-	e.migrations.keep(migrating)
 	e.mu.Lock()
 	st.ConfigError, st.NodeError, st.PriorityLevel = e.status.ConfigError, e.status.NodeError, e.status.PriorityLevel
 	// The API server stopped answering during this look (which may have waited on it:
