@@ -11,7 +11,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
@@ -54,7 +53,8 @@ type ViewOptions struct {
 // informers scoped to that node: its Node object (field selector), its VMIs (the
 // kubevirt.io/nodeName label), its virt-launcher pods (spec.nodeName and the
 // kubevirt.io=virt-launcher label), the KubeVirt CR and the kubevirt-config
-// ConfigMap in KubeVirt's namespace. Its traffic does not grow with the cluster.
+// ConfigMap in KubeVirt's namespace. Its traffic does not grow with the cluster. Its
+// caches keep of a pod and a VMI only what the agent reads (keep.go).
 type View struct {
 	opts      ViewOptions
 	kube      kubernetes.Interface
@@ -76,27 +76,27 @@ func NewView(kube kubernetes.Interface, kubevirt rest.Interface, opts ViewOption
 			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
 		}
 	}
-	v.add("node", core, "nodes", "", &corev1.Node{}, byName(opts.NodeName))
-	v.add("pods", core, "pods", "", &corev1.Pod{}, func(o *metav1.ListOptions) {
+	v.add("node", core, "nodes", "", &corev1.Node{}, stripManagedFields, byName(opts.NodeName))
+	v.add("pods", core, "pods", "", &corev1.Pod{}, keepPodFields, func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", opts.NodeName).String()
 		o.LabelSelector = LauncherLabelSelector
 	})
 	if !opts.WithoutConfig {
-		v.add("configmap", core, "configmaps", opts.KubeVirtNamespace, &corev1.ConfigMap{}, byName(LegacyConfigMapName))
+		v.add("configmap", core, "configmaps", opts.KubeVirtNamespace, &corev1.ConfigMap{}, stripManagedFields, byName(LegacyConfigMapName))
 	}
-	v.add("vmis", kubevirt, ResourceVMIs, "", &kubevirtv1.VirtualMachineInstance{}, func(o *metav1.ListOptions) {
+	v.add("vmis", kubevirt, ResourceVMIs, "", &kubevirtv1.VirtualMachineInstance{}, keepVMIFields, func(o *metav1.ListOptions) {
 		o.LabelSelector = labels.SelectorFromSet(labels.Set{NodeNameLabel: opts.NodeName}).String()
 	})
 	if !opts.WithoutConfig {
-		v.add("kubevirt", kubevirt, ResourceKubeVirts, opts.KubeVirtNamespace, &kubevirtv1.KubeVirt{}, func(*metav1.ListOptions) {})
+		v.add("kubevirt", kubevirt, ResourceKubeVirts, opts.KubeVirtNamespace, &kubevirtv1.KubeVirt{}, stripManagedFields, func(*metav1.ListOptions) {})
 	}
 	return v
 }
 
-func (v *View) add(name string, client cache.Getter, resource, namespace string, obj runtime.Object, tweak func(*metav1.ListOptions)) {
+func (v *View) add(name string, client cache.Getter, resource, namespace string, obj runtime.Object, keep cache.TransformFunc, tweak func(*metav1.ListOptions)) {
 	lw := cache.NewFilteredListWatchFromClient(client, resource, namespace, tweak)
 	inf := cache.NewSharedIndexInformer(lw, obj, 0, cache.Indexers{})
-	_ = inf.SetTransform(stripManagedFields) // before Run: cannot fail
+	_ = inf.SetTransform(keep) // before Run: cannot fail
 	_ = inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
 		v.mu.Lock()
 		v.listErrs[name] = err
@@ -115,16 +115,6 @@ func (v *View) add(name string, client cache.Getter, resource, namespace string,
 		DeleteFunc: func(any) { changed() },
 	})
 	v.informers[name] = inf
-}
-
-// stripManagedFields drops an object's managedFields before the cache keeps it: the
-// agent reads none of them, and on a VMI they are a large part of the object (every
-// KubeVirt component that writes it owns some of its fields).
-func stripManagedFields(obj any) (any, error) {
-	if m, err := meta.Accessor(obj); err == nil {
-		m.SetManagedFields(nil)
-	}
-	return obj, nil
 }
 
 // AddChangeHandler has f called after every change to anything the View watches (as
