@@ -7,7 +7,7 @@ import (
 )
 
 // What the View's caches keep of an object: what the agent and the drain command read
-// of it, not the whole object, as a node's own components trim what they cache. Each
+// of it, not the whole object (the use client-go documents for a transform). Each
 // function is an informer's transform: it sees a decoded object before the cache does
 // and returns a new, smaller one (the decoded object, and the list it came in, are
 // left to the collector). A virt-launcher pod is mostly its containers' images,
