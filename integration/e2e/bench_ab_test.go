@@ -14,6 +14,14 @@ package e2e
 //	                         None, 1 s shutdowns) or mixed (half LiveMigrate, half None,
 //	                         one LiveMigrate VM not migratable: blocked)
 //	NODE_AGENT_BENCH_ROUNDS  A/B rounds per row (default 3); the order alternates
+//	NODE_AGENT_BENCH_FLOWSCHEMA=0  the agent's requests in the default API Priority and
+//	                         Fairness levels, not in manifests/base/flowcontrol.yaml's own
+//	NODE_AGENT_BENCH_KUBEVIRT_FEATURE_GATES  KubeVirt feature gates to enable in the
+//	                         KubeVirt CR (a comma list, e.g. MigrationPriorityQueue), on
+//	                         the cluster-wide tests' cluster
+//
+// Beside each drain's line, a "waves" line shows how KubeVirt used the node's migration
+// slots (observer.waves).
 //
 // The peer is the drain taint plus `kubectl drain NODE --delete-emptydir-data
 // --ignore-daemonsets --force --pod-selector=kubevirt.io=virt-launcher` through
@@ -31,6 +39,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -115,6 +124,7 @@ type benchRun struct {
 	evicted  int           // VMs acted on (an eviction request or a migration)
 	release  time.Duration // node-agent: last VM gone to /safe-to-shutdown 200 (negative: the agent saw it first); or notMeasured
 	timeline string
+	waves    string // how KubeVirt's pipeline used the node's migration slots (observer.waves)
 	// requests: the API requests of each program of the side until the drain was over,
 	// by verb and resource, from the audit log: "kubectl" for the peer, "agent" and
 	// "drain command" for node-agent.
@@ -170,11 +180,22 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 	load, _ := os.ReadFile("/proc/loadavg")
 	fmt.Fprintf(out, "bench: %d round(s) per row; load average at start: %s", rounds, load)
 
+	gates := envList("NODE_AGENT_BENCH_KUBEVIRT_FEATURE_GATES", "")
 	for i := 0; i < b.N; i++ {
-		sc := newScenario(b, 3)
+		var sc *scenario
+		if len(gates) > 0 {
+			// A change of the KubeVirt CR: on the cluster-wide tests' cluster.
+			sc = newClusterWideScenario(b, 3)
+		} else {
+			sc = newScenario(b, 3)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Hour)
 		defer cancel()
 		sc.ctx = ctx
+		if len(gates) > 0 {
+			sc.enableKubeVirtFeatureGates(gates)
+			fmt.Fprintf(out, "bench: KubeVirt feature gates enabled in the KubeVirt CR: %s\n", strings.Join(gates, ", "))
+		}
 		for _, account := range []string{benchAgentAccount, benchCLIAccount, benchPeerAccount} {
 			sc.adminServiceAccount(account)
 		}
@@ -202,6 +223,7 @@ func BenchmarkDrainVersusKubectl(b *testing.B) {
 					if round == 0 {
 						fmt.Fprintf(out, "bench:   timeline (s from the command's start): %s\n", run.timeline)
 					}
+					fmt.Fprintf(out, "bench:   waves (s from the command's start): %s\n", run.waves)
 					if side == "kubectl" {
 						r.peer = append(r.peer, run)
 					} else {
@@ -438,6 +460,7 @@ func benchOnce(sc *scenario, k benchKind, n int, side, prefix string) benchRun {
 	var evictions string
 	run.reaction, run.evicted, evictions = benchReaction(sc, obs, n-len(blocked), start, blocked)
 	run.timeline = obs.timeline(start, end) + "; " + evictions
+	run.waves = obs.waves(start)
 	if a != nil {
 		run.timeline += fmt.Sprintf("; the agent used %.2f s of CPU", (processCPU(a.cmd.Process.Pid) - cpuBefore).Seconds())
 	}
@@ -697,6 +720,8 @@ type observer struct {
 	vmiMig    map[string]time.Time            // VMI name -> its first migration first seen
 	migPhases map[string]map[string]time.Time // phase -> migration -> first seen in it
 	marked    map[string]time.Time            // VMI -> first seen with status.evacuationNodeName
+	migVMI    map[string]string               // migration name -> its VMI
+	priority  map[string]string               // migration name -> its spec.priority, if set
 }
 
 func startObserver(ctx context.Context, sc *scenario, node string, blocked map[string]bool) *observer {
@@ -705,6 +730,7 @@ func startObserver(ctx context.Context, sc *scenario, node string, blocked map[s
 		node: node, blocked: blocked, emptied: make(chan struct{}),
 		pods: map[string]*corev1.Pod{}, vmis: map[string]*kubevirtv1.VirtualMachineInstance{}, podVMI: map[string]string{},
 		migSeen: map[string]time.Time{}, vmiMig: map[string]time.Time{}, migPhases: map[string]map[string]time.Time{}, marked: map[string]time.Time{},
+		migVMI: map[string]string{}, priority: map[string]string{},
 	}
 	core := sc.kube().CoreV1().RESTClient()
 	informers := []cache.SharedIndexInformer{
@@ -775,6 +801,10 @@ func (o *observer) seen(obj any, deleted bool) {
 		}
 		if _, ok := o.vmiMig[x.Spec.VMIName]; !ok {
 			o.vmiMig[x.Spec.VMIName] = now
+		}
+		o.migVMI[x.Name] = x.Spec.VMIName
+		if x.Spec.Priority != nil {
+			o.priority[x.Name] = string(*x.Spec.Priority)
 		}
 		phase := string(x.Status.Phase)
 		if phase == "" {
@@ -919,4 +949,134 @@ func (sc *scenario) applyOwnPriorityLevel(account string) bool {
 		sc.t.Fatal(err)
 	}
 	return true
+}
+
+// letInPhases are a migration's phases from the one in which virt-controller has asked
+// for its target pod (Scheduling): from then on it holds one of the source node's
+// parallelOutboundMigrationsPerNode slots until it ends.
+var letInPhases = []string{"Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running", "Succeeded"}
+
+// waves summarises how KubeVirt's pipeline used the drained node's migration slots, in
+// seconds from start: the first migration let in (created, its target pod asked for,
+// running, the migration running); how long each slot a migration's end freed stayed
+// free until the next migration was let in, and whether that one had been waiting in
+// Pending (held back by KubeVirt's limit) or was created after the slot freed; the
+// migrations created by 5, 10, 20 and 40 s; how many set spec.priority; how long a
+// migration held its slot.
+func (o *observer) waves(start time.Time) string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if len(o.migSeen) == 0 {
+		return "no migrations"
+	}
+	s := func(t time.Time) string {
+		if t.IsZero() {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", t.Sub(start).Seconds())
+	}
+	firstIn := func(name string, phases ...string) time.Time {
+		var t time.Time
+		for _, p := range phases {
+			if at, ok := o.migPhases[p][name]; ok && (t.IsZero() || at.Before(t)) {
+				t = at
+			}
+		}
+		return t
+	}
+	type migration struct {
+		name             string
+		created, in, end time.Time
+	}
+	var let []migration
+	var firstCreated, firstRunning, lastEnd time.Time
+	created := map[time.Duration]int{}
+	windows := []time.Duration{5 * time.Second, 10 * time.Second, 20 * time.Second, 40 * time.Second}
+	for name, at := range o.migSeen {
+		if firstCreated.IsZero() || at.Before(firstCreated) {
+			firstCreated = at
+		}
+		for _, w := range windows {
+			if at.Sub(start) <= w {
+				created[w]++
+			}
+		}
+		if r := firstIn(name, "Running"); !r.IsZero() && (firstRunning.IsZero() || r.Before(firstRunning)) {
+			firstRunning = r
+		}
+		m := migration{name: name, created: at, in: firstIn(name, letInPhases...)}
+		if m.in.IsZero() {
+			continue
+		}
+		m.end = firstIn(name, "Succeeded", "Failed")
+		if m.end.After(lastEnd) {
+			lastEnd = m.end
+		}
+		let = append(let, m)
+	}
+	if len(let) == 0 {
+		return fmt.Sprintf("first migration created %s, none let in", s(firstCreated))
+	}
+	sort.Slice(let, func(i, j int) bool { return let[i].in.Before(let[j].in) })
+	var ends []time.Time
+	var held []time.Duration
+	for _, m := range let {
+		if !m.end.IsZero() {
+			ends = append(ends, m.end)
+			held = append(held, m.end.Sub(m.in))
+		}
+	}
+	sort.Slice(ends, func(i, j int) bool { return ends[i].Before(ends[j]) })
+	// Each freed slot is taken by the first migration let in after it that no earlier
+	// freed slot took.
+	taken := make([]bool, len(let))
+	var free []time.Duration
+	var sum time.Duration
+	waited, madeFor := 0, 0
+	for _, e := range ends {
+		for j := range let {
+			if taken[j] || let[j].in.Before(e) {
+				continue
+			}
+			taken[j] = true
+			free = append(free, let[j].in.Sub(e))
+			sum += let[j].in.Sub(e)
+			if let[j].created.Before(e) {
+				waited++
+			} else {
+				madeFor++
+			}
+			break
+		}
+	}
+	first := let[0]
+	return fmt.Sprintf("first migration created %s; the first let in: created %s, target pod asked %s, running %s, migration running %s; "+
+		"first migration running %s, last one ended %s; a freed slot stayed free %s s (%d, %.2f s in all), taken by a migration waiting in Pending %d times, "+
+		"by one created after the slot freed %d times; created by 5/10/20/40 s: %d/%d/%d/%d of %d; with spec.priority: %d; a slot held, let in to end: %s s",
+		s(firstCreated), s(first.created), s(first.in), s(firstIn(first.name, "Scheduled")), s(firstIn(first.name, "Running")),
+		s(firstRunning), s(lastEnd), spread(free, false), len(free), sum.Seconds(), waited,
+		madeFor, created[windows[0]], created[windows[1]], created[windows[2]], created[windows[3]], len(o.migSeen), len(o.priority), spread(held, false))
+}
+
+// enableKubeVirtFeatureGates adds gates to the KubeVirt CR's
+// developerConfiguration.featureGates (and takes them out of its disabled ones) for
+// the benchmark; virt-controller and virt-api read the CR through informers, well
+// before the first drain (the VMs are placed first).
+func (sc *scenario) enableKubeVirtFeatureGates(gates []string) {
+	sc.t.Helper()
+	var previous kubevirtv1.DeveloperConfiguration
+	sc.changeKubeVirtConfig("enabling KubeVirt feature gates", func(c *kubevirtv1.KubeVirtConfiguration) {
+		if c.DeveloperConfiguration == nil {
+			c.DeveloperConfiguration = &kubevirtv1.DeveloperConfiguration{}
+		}
+		previous = *c.DeveloperConfiguration.DeepCopy()
+		for _, g := range gates {
+			if !slices.Contains(c.DeveloperConfiguration.FeatureGates, g) {
+				c.DeveloperConfiguration.FeatureGates = append(c.DeveloperConfiguration.FeatureGates, g)
+			}
+			c.DeveloperConfiguration.DisabledFeatureGates = slices.DeleteFunc(c.DeveloperConfiguration.DisabledFeatureGates, func(d string) bool { return d == g })
+		}
+	}, func(c *kubevirtv1.KubeVirtConfiguration) {
+		c.DeveloperConfiguration = &previous
+	})
 }

@@ -146,25 +146,31 @@ func TestKubeVirtDrainTaintMigrates(t *testing.T) {
 // the previous value back after it.
 func (sc *scenario) setDrainTaintKey(key string) {
 	sc.t.Helper()
-	sc.changeClusterConfig("setting the KubeVirt CR's nodeDrainTaintKey")
 	var previous *string
-	err := sc.env.cluster.UpdateKubeVirtConfiguration(sc.ctx, func(c *kubevirtv1.KubeVirtConfiguration) {
+	sc.changeKubeVirtConfig("setting the KubeVirt CR's nodeDrainTaintKey", func(c *kubevirtv1.KubeVirtConfiguration) {
 		if c.MigrationConfiguration == nil {
 			c.MigrationConfiguration = &kubevirtv1.MigrationConfiguration{}
 		}
 		previous = c.MigrationConfiguration.NodeDrainTaintKey
 		c.MigrationConfiguration.NodeDrainTaintKey = ptr.To(key)
+	}, func(c *kubevirtv1.KubeVirtConfiguration) {
+		c.MigrationConfiguration.NodeDrainTaintKey = previous
 	})
-	if err != nil {
-		sc.t.Fatal(err)
+}
+
+// changeKubeVirtConfig changes the KubeVirt CR's configuration with set for the test
+// (what says how, in errors), and with undo after it.
+func (sc *scenario) changeKubeVirtConfig(what string, set, undo func(*kubevirtv1.KubeVirtConfiguration)) {
+	sc.t.Helper()
+	sc.changeClusterConfig(what)
+	if err := sc.env.cluster.UpdateKubeVirtConfiguration(sc.ctx, set); err != nil {
+		sc.t.Fatalf("%s: %v", what, err)
 	}
 	sc.t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := sc.env.cluster.UpdateKubeVirtConfiguration(ctx, func(c *kubevirtv1.KubeVirtConfiguration) {
-			c.MigrationConfiguration.NodeDrainTaintKey = previous
-		}); err != nil {
-			sc.t.Errorf("restoring nodeDrainTaintKey: %v", err)
+		if err := sc.env.cluster.UpdateKubeVirtConfiguration(ctx, undo); err != nil {
+			sc.t.Errorf("undoing %s: %v", what, err)
 		}
 	})
 }
