@@ -26,7 +26,9 @@ import (
 const ownMigrationLabel = agent.LabelMigrationNode
 
 func TestNoEvictionWebhook(t *testing.T) {
-	// MigrationPriorityQueue (beta in KubeVirt 1.8, on by default) off: KubeVirt's
+	// MigrationPriorityQueue off (Beta in KubeVirt 1.8: off unless the KubeVirt CR
+	// enables it; virt-config's isFeatureGateEnabled turns on only GA gates by itself),
+	// said here so that the test holds if the cluster's defaults change: KubeVirt's
 	// evacuation controller then creates at most two migrations from one node at a time.
 	// Measured: KubeVirtsTaintLeftToKubeVirt still passed with the agent's check of
 	// KubeVirt's taint disabled (KubeVirt created every migration before the agent
