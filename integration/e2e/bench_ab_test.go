@@ -720,7 +720,6 @@ type observer struct {
 	vmiMig    map[string]time.Time            // VMI name -> its first migration first seen
 	migPhases map[string]map[string]time.Time // phase -> migration -> first seen in it
 	marked    map[string]time.Time            // VMI -> first seen with status.evacuationNodeName
-	migVMI    map[string]string               // migration name -> its VMI
 	priority  map[string]string               // migration name -> its spec.priority, if set
 }
 
@@ -730,7 +729,7 @@ func startObserver(ctx context.Context, sc *scenario, node string, blocked map[s
 		node: node, blocked: blocked, emptied: make(chan struct{}),
 		pods: map[string]*corev1.Pod{}, vmis: map[string]*kubevirtv1.VirtualMachineInstance{}, podVMI: map[string]string{},
 		migSeen: map[string]time.Time{}, vmiMig: map[string]time.Time{}, migPhases: map[string]map[string]time.Time{}, marked: map[string]time.Time{},
-		migVMI: map[string]string{}, priority: map[string]string{},
+		priority: map[string]string{},
 	}
 	core := sc.kube().CoreV1().RESTClient()
 	informers := []cache.SharedIndexInformer{
@@ -802,7 +801,6 @@ func (o *observer) seen(obj any, deleted bool) {
 		if _, ok := o.vmiMig[x.Spec.VMIName]; !ok {
 			o.vmiMig[x.Spec.VMIName] = now
 		}
-		o.migVMI[x.Name] = x.Spec.VMIName
 		if x.Spec.Priority != nil {
 			o.priority[x.Name] = string(*x.Spec.Priority)
 		}
