@@ -720,7 +720,7 @@ type observer struct {
 	vmiMig    map[string]time.Time            // VMI name -> its first migration first seen
 	migPhases map[string]map[string]time.Time // phase -> migration -> first seen in it
 	marked    map[string]time.Time            // VMI -> first seen with status.evacuationNodeName
-	priority  map[string]string               // migration name -> its spec.priority, if set
+	priority  map[string]bool                 // migrations seen with spec.priority set
 }
 
 func startObserver(ctx context.Context, sc *scenario, node string, blocked map[string]bool) *observer {
@@ -729,7 +729,7 @@ func startObserver(ctx context.Context, sc *scenario, node string, blocked map[s
 		node: node, blocked: blocked, emptied: make(chan struct{}),
 		pods: map[string]*corev1.Pod{}, vmis: map[string]*kubevirtv1.VirtualMachineInstance{}, podVMI: map[string]string{},
 		migSeen: map[string]time.Time{}, vmiMig: map[string]time.Time{}, migPhases: map[string]map[string]time.Time{}, marked: map[string]time.Time{},
-		priority: map[string]string{},
+		priority: map[string]bool{},
 	}
 	core := sc.kube().CoreV1().RESTClient()
 	informers := []cache.SharedIndexInformer{
@@ -802,7 +802,7 @@ func (o *observer) seen(obj any, deleted bool) {
 			o.vmiMig[x.Spec.VMIName] = now
 		}
 		if x.Spec.Priority != nil {
-			o.priority[x.Name] = string(*x.Spec.Priority)
+			o.priority[x.Name] = true
 		}
 		phase := string(x.Status.Phase)
 		if phase == "" {
@@ -1029,7 +1029,6 @@ func (o *observer) waves(start time.Time) string {
 	// freed slot took.
 	taken := make([]bool, len(let))
 	var free []time.Duration
-	var sum time.Duration
 	waited, madeFor := 0, 0
 	for _, e := range ends {
 		for j := range let {
@@ -1038,7 +1037,6 @@ func (o *observer) waves(start time.Time) string {
 			}
 			taken[j] = true
 			free = append(free, let[j].in.Sub(e))
-			sum += let[j].in.Sub(e)
 			if let[j].created.Before(e) {
 				waited++
 			} else {
@@ -1046,6 +1044,10 @@ func (o *observer) waves(start time.Time) string {
 			}
 			break
 		}
+	}
+	var sum time.Duration
+	for _, d := range free {
+		sum += d
 	}
 	first := let[0]
 	return fmt.Sprintf("first migration created %s; the first let in: created %s, target pod asked %s, running %s, migration running %s; "+
