@@ -20,6 +20,7 @@ import (
 	"k8s.io/utils/clock"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
+	"github.com/node-agent/node-agent/fleet"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
 
@@ -150,6 +151,8 @@ type Engine struct {
 	api apiHealth
 	// turn is the host shutdown's turn to drain (under mu).
 	turn turnState
+	// fits is the capacity check before a turn is taken (fleet.Fits).
+	fits func(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, ahead, behind []string, shuttingDown func(*corev1.Node) bool) (string, error)
 }
 
 type sets map[string]struct{}
@@ -203,6 +206,7 @@ func New(view NodeView, clients Clients, recorder record.EventRecorder, metrics 
 		warned:      map[string]sets{},
 		retries:     newRetries(opts.EvictionBackoff, opts.EvictionBackoffMax, opts.Clock),
 		evictor:     apiEvictor{kube: clients.Kube},
+		fits:        fleet.Fits,
 		status:      NodeStatus{Node: opts.NodeName, Reason: "starting"},
 	}
 	if opts.AllPods || opts.ShutdownAllPods {

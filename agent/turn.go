@@ -38,6 +38,14 @@ const (
 // DefaultMaxTurnWait is the engine's MaxTurnWait unless set.
 const DefaultMaxTurnWait = 5 * time.Minute
 
+// capacityRecheck is how long a node first in line keeps the capacity check's "its
+// VMs do not fit" before it reads the cluster again. The check lists every node and
+// pod of the cluster (fleet.Fits), and the node is looked at again on every change of
+// the queue's Leases (each waiting node renews its ticket every 10 s): without it, a
+// fleet reboot would have the first in line list the whole cluster several times a
+// second. Room comes back when a host returns from its reboot, minutes, not seconds.
+const capacityRecheck = 10 * time.Second
+
 // Turns gives a host shutdown's drain its turn across the cluster (fleet.Turns).
 type Turns interface {
 	Take(ctx context.Context, since time.Time, fits fleet.FitsFunc) (fleet.Turn, string, error)
@@ -97,6 +105,9 @@ type turnState struct {
 	announced bool      // DrainWaiting sent
 	outOfTurn bool      // draining out of turn (DrainOutOfTurn sent)
 	failing   time.Time // since when Take fails (zero while it does not)
+	// noRoom is the capacity check's last "do not fit" and when it was read.
+	noRoom   string
+	noRoomAt time.Time
 }
 
 // awaitTurn says whether the node may be taken out of service for the pending host
@@ -129,7 +140,19 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 		return true
 	}
 	fits := func(ctx context.Context, draining, ahead, behind []string) (string, error) {
-		return fleet.Fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, ahead, behind, ShutdownPendingOnNode)
+		e.mu.Lock()
+		why, at := e.turn.noRoom, e.turn.noRoomAt
+		e.mu.Unlock()
+		if why != "" && now.Sub(at) < capacityRecheck {
+			return why, nil
+		}
+		why, err := e.fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, ahead, behind, ShutdownPendingOnNode)
+		if err == nil {
+			e.mu.Lock()
+			e.turn.noRoom, e.turn.noRoomAt = why, now
+			e.mu.Unlock()
+		}
+		return why, err
 	}
 	turn, why, err := e.opts.Turns.Take(ctx, intent.at, fits)
 	st := &TurnStatus{Waiting: !turn.Granted, Position: turn.Position, Queue: turn.Waiting, Slots: turn.Slots, Draining: turn.Draining, Slot: turn.Slot, Reason: why}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/node-agent/node-agent/fleet"
 	"github.com/node-agent/node-agent/nodeinfo"
@@ -23,14 +24,28 @@ type stubTurns struct {
 	takes    int
 	releases int
 	holds    bool
+	// first: the node is first in line, and the turn is given when fits says its VMs fit.
+	first bool
 }
 
-func (s *stubTurns) Take(_ context.Context, _ time.Time, _ fleet.FitsFunc) (fleet.Turn, string, error) {
+func (s *stubTurns) Take(ctx context.Context, _ time.Time, fits fleet.FitsFunc) (fleet.Turn, string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.takes++
 	if s.err != nil {
 		return fleet.Turn{}, "", s.err
+	}
+	if s.first && (fits == nil || s.granted) { // keepTurn renews it
+		return fleet.Turn{Granted: true, Slot: fleet.SlotName(0), Draining: []string{thisNode}, Slots: 1}, "", nil
+	}
+	if s.first {
+		s.holds = true
+		why, err := fits(ctx, nil, nil, []string{"node-b"})
+		if err != nil || why != "" {
+			return fleet.Turn{Position: 1, Waiting: 2, Slots: 1}, why, err
+		}
+		s.granted = true
+		return fleet.Turn{Granted: true, Slot: fleet.SlotName(0), Draining: []string{thisNode}, Slots: 1}, "", nil
 	}
 	if s.granted {
 		s.holds = true
@@ -154,6 +169,50 @@ func TestShutdownWaitsForItsTurn(t *testing.T) {
 	f.mustSync()
 	if n := f.node(); hasTaint(n, TaintWaiting, corev1.TaintEffectPreferNoSchedule) || !givenBack(n) {
 		t.Errorf("after the cancel: taints %v, unschedulable %v, annotations %v: want everything of the agent's gone", n.Spec.Taints, n.Spec.Unschedulable, n.Annotations)
+	}
+}
+
+// A node first in line whose VMs do not fit reads the cluster again (fleet.Fits lists
+// every node and pod of it) only once capacityRecheck has passed, however often it is
+// looked at (every change of the queue's Leases wakes it); once they fit, its turn is
+// taken.
+func TestTurnCapacityCheckedAtMostOncePerRecheck(t *testing.T) {
+	f, turns := turnFixture(t)
+	turns.first = true
+	asked, room := 0, false
+	f.engine.fits = func(_ context.Context, _ kubernetes.Interface, node string, mine []*corev1.Pod, _, _, behind []string, _ func(*corev1.Node) bool) (string, error) {
+		asked++
+		if node != thisNode || len(mine) != 0 || len(behind) != 1 {
+			t.Errorf("fits asked for node %s, %d pods to place, behind %v: want %s, 0 (a None VM of a bare VMI needs no room), [node-b]", node, len(mine), behind, thisNode)
+		}
+		if room {
+			return "", nil
+		}
+		return "no room", nil
+	}
+	f.engine.ShutdownStarted(t0, t0.Add(30*time.Minute))
+	for range 5 {
+		f.mustSync()
+	}
+	if asked != 1 {
+		t.Fatalf("the capacity check ran %d times in five looks within %s, want 1", asked, capacityRecheck)
+	}
+	if st, _ := f.engine.Status(); st.Turn == nil || !st.Turn.Waiting || st.Turn.Reason != "no room" {
+		t.Errorf("turn %+v, want waiting, its reason the check's", st.Turn)
+	}
+	room = true
+	f.clock.Step(capacityRecheck - time.Second)
+	f.mustSync()
+	if asked != 1 || f.node().Spec.Unschedulable {
+		t.Fatalf("a second before %s: the check ran %d times (want 1), cordoned %v (want not)", capacityRecheck, asked, f.node().Spec.Unschedulable)
+	}
+	f.clock.Step(time.Second)
+	f.mustSync()
+	if asked != 2 {
+		t.Errorf("after %s the check ran %d times, want 2", capacityRecheck, asked)
+	}
+	if n := f.node(); !n.Spec.Unschedulable || !HasDrainTaint(n, nodeinfo.DefaultDrainTaintKey) {
+		t.Errorf("its VMs fit: cordoned %v, taints %v: want the node out of service", n.Spec.Unschedulable, n.Spec.Taints)
 	}
 }
 

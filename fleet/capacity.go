@@ -8,7 +8,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/pager"
 	resourcehelper "k8s.io/component-helpers/resource"
 	schedulinghelper "k8s.io/component-helpers/scheduling/corev1"
 	"k8s.io/component-helpers/scheduling/corev1/nodeaffinity"
@@ -32,24 +34,108 @@ const launcherLabel = "kubevirt.io"
 // them (its labels match their node selector and affinity) and is away returns (one
 // draining or waiting, or shutting down as shuttingDown says: a host that had no VM
 // to drain, rebooting); with none away, the drain may as well start (the VMs that
-// find no node are reported blocked, as always). The nodes and pods are read from the
-// API server's cache (resourceVersion 0).
+// find no node are reported blocked, as always).
+//
+// It reads every node and every pod of the cluster, a page of PageSize at a time (from
+// the API server's watch cache where it serves consistent lists, as since Kubernetes
+// 1.31), and keeps of them only what the check needs (readCluster): its memory grows
+// with the cluster's nodes, not with its pods.
 func Fits(ctx context.Context, kube kubernetes.Interface, node string, mine []*corev1.Pod, draining, ahead, behind []string, shuttingDown func(*corev1.Node) bool) (string, error) {
 	if len(mine) == 0 {
 		return "", nil
 	}
-	nodes, err := kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{ResourceVersion: "0"})
+	c, err := readCluster(ctx, kube, draining, shuttingDown)
 	if err != nil {
-		return "", fmt.Errorf("listing the nodes for the capacity check: %w", err)
+		return "", err
 	}
-	pods, err := kube.CoreV1().Pods("").List(ctx, metav1.ListOptions{
-		ResourceVersion: "0",
-		FieldSelector:   fields.AndSelectors(fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)), fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String(),
+	return fit(node, mine, draining, ahead, behind, c), nil
+}
+
+// PageSize is how many nodes or pods one request of the capacity check reads.
+const PageSize = 500
+
+// cluster is what the capacity check keeps of the cluster.
+type cluster struct {
+	nodes    []corev1.Node    // trimmed: name, labels, taints, unschedulable, allocatable, Ready
+	shutting map[string]bool  // the nodes shutting down (shuttingDown)
+	used     map[string]usage // what the pods on each node request
+	// launchers are the virt-launcher pods, not being deleted, of the nodes draining:
+	// their VMs need room too.
+	launchers []*corev1.Pod
+}
+
+// usage is what the pods on a node request, as the scheduler counts it.
+type usage struct {
+	cpu, mem int64 // milli-CPU, bytes
+	pods     int64
+}
+
+// readCluster lists the nodes and the pods that have not terminated, a page at a time,
+// and folds each page into a cluster.
+func readCluster(ctx context.Context, kube kubernetes.Interface, draining []string, shuttingDown func(*corev1.Node) bool) (*cluster, error) {
+	c := newCluster()
+	nodes := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+		return kube.CoreV1().Nodes().List(ctx, o)
 	})
-	if err != nil {
-		return "", fmt.Errorf("listing the pods for the capacity check: %w", err)
+	nodes.PageSize, nodes.PageBufferSize = PageSize, 1
+	if err := nodes.EachListItem(ctx, metav1.ListOptions{}, func(o runtime.Object) error {
+		c.addNode(o.(*corev1.Node), shuttingDown)
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("listing the nodes for the capacity check: %w", err)
 	}
-	return fit(node, mine, draining, ahead, behind, shuttingDown, nodes.Items, pods.Items), nil
+	moving := map[string]bool{}
+	for _, n := range draining {
+		moving[n] = true
+	}
+	pods := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+		return kube.CoreV1().Pods("").List(ctx, o)
+	})
+	pods.PageSize, pods.PageBufferSize = PageSize, 1
+	if err := pods.EachListItem(ctx, metav1.ListOptions{
+		FieldSelector: fields.AndSelectors(fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)), fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String(),
+	}, func(o runtime.Object) error {
+		c.addPod(o.(*corev1.Pod), moving)
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("listing the pods for the capacity check: %w", err)
+	}
+	return c, nil
+}
+
+func newCluster() *cluster {
+	return &cluster{shutting: map[string]bool{}, used: map[string]usage{}}
+}
+
+// addNode keeps what the check reads of n (its page is not kept).
+func (c *cluster) addNode(n *corev1.Node, shuttingDown func(*corev1.Node) bool) {
+	if shuttingDown != nil && shuttingDown(n) {
+		c.shutting[n.Name] = true
+	}
+	k := corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, Labels: n.Labels}}
+	k.Spec.Unschedulable, k.Spec.Taints = n.Spec.Unschedulable, n.Spec.Taints
+	k.Status.Allocatable = n.Status.Allocatable
+	if ready(n) {
+		k.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	}
+	c.nodes = append(c.nodes, k)
+}
+
+// addPod counts p's requests on its node, and keeps a copy of it when it is a
+// virt-launcher pod of a node draining (moving).
+func (c *cluster) addPod(p *corev1.Pod, moving map[string]bool) {
+	if p.Spec.NodeName == "" {
+		return
+	}
+	req := resourcehelper.PodRequests(p, resourcehelper.PodResourcesOptions{})
+	u := c.used[p.Spec.NodeName]
+	u.cpu += req.Cpu().MilliValue()
+	u.mem += req.Memory().Value()
+	u.pods++
+	c.used[p.Spec.NodeName] = u
+	if moving[p.Spec.NodeName] && p.DeletionTimestamp == nil && p.Labels[launcherLabel] == "virt-launcher" {
+		c.launchers = append(c.launchers, p.DeepCopy())
+	}
 }
 
 // room is what a node has left.
@@ -64,11 +150,10 @@ type room struct {
 // is away and returns first (draining, waiting ahead, shutting down); when none is,
 // the nodes waiting behind count too, and whatever does not fit then goes ahead
 // anyway (waiting would gain nothing).
-func fit(node string, mine []*corev1.Pod, draining, ahead, behind []string, shuttingDown func(*corev1.Node) bool, nodes []corev1.Node, pods []corev1.Pod) string {
+func fit(node string, mine []*corev1.Pod, draining, ahead, behind []string, c *cluster) string {
 	away := map[string]bool{node: true}
-	moving := map[string]bool{}
 	for _, n := range draining {
-		away[n], moving[n] = true, true
+		away[n] = true
 	}
 	for _, n := range ahead {
 		away[n] = true
@@ -77,21 +162,15 @@ func fit(node string, mine []*corev1.Pod, draining, ahead, behind []string, shut
 	for _, n := range behind {
 		queued[n] = true
 	}
-	place := append([]*corev1.Pod{}, mine...)
-	for i := range pods {
-		p := &pods[i]
-		if moving[p.Spec.NodeName] && p.DeletionTimestamp == nil && p.Labels[launcherLabel] == "virt-launcher" {
-			place = append(place, p)
-		}
-	}
+	place := append(append([]*corev1.Pod{}, mine...), c.launchers...)
 	if len(place) == 0 {
 		return ""
 	}
-	left, rooms := placeFirstFit(place, nodes, pods, func(n string) bool { return away[n] || queued[n] })
+	left, rooms := placeFirstFit(place, c, func(n string) bool { return away[n] || queued[n] })
 	if left == nil {
 		return ""
 	}
-	if roomMayComeBack(left, node, away, shuttingDown, nodes) {
+	if roomMayComeBack(left, node, away, c) {
 		req := resourcehelper.PodRequests(left, resourcehelper.PodResourcesOptions{})
 		return fmt.Sprintf("the VMs of %d virt-launcher pods must move, and %s/%s (requests cpu %s, memory %s) fits on none of the %d nodes that remain (Ready, schedulable, not in the queue); waiting for a node away to come back",
 			len(place), left.Namespace, left.Name, req.Cpu(), req.Memory(), rooms)
@@ -103,24 +182,15 @@ func fit(node string, mine []*corev1.Pod, draining, ahead, behind []string, shut
 // excluded, each on the one with the most free memory after the requests of the pods
 // already there: the first pod that fits nowhere (nil when all fit), and how many nodes
 // there were.
-func placeFirstFit(place []*corev1.Pod, nodes []corev1.Node, pods []corev1.Pod, excluded func(string) bool) (*corev1.Pod, int) {
+func placeFirstFit(place []*corev1.Pod, c *cluster, excluded func(string) bool) (*corev1.Pod, int) {
 	rooms := map[string]*room{}
-	for i := range nodes {
-		n := &nodes[i]
+	for i := range c.nodes {
+		n := &c.nodes[i]
 		if excluded(n.Name) || n.Spec.Unschedulable || !ready(n) {
 			continue
 		}
-		a := n.Status.Allocatable
-		rooms[n.Name] = &room{node: n, cpu: a.Cpu().MilliValue(), mem: a.Memory().Value(), pods: a.Pods().Value()}
-	}
-	for i := range pods {
-		p := &pods[i]
-		if r := rooms[p.Spec.NodeName]; r != nil {
-			req := resourcehelper.PodRequests(p, resourcehelper.PodResourcesOptions{})
-			r.cpu -= req.Cpu().MilliValue()
-			r.mem -= req.Memory().Value()
-			r.pods--
-		}
+		a, u := n.Status.Allocatable, c.used[n.Name]
+		rooms[n.Name] = &room{node: n, cpu: a.Cpu().MilliValue() - u.cpu, mem: a.Memory().Value() - u.mem, pods: a.Pods().Value() - u.pods}
 	}
 	type want struct {
 		pod      *corev1.Pod
@@ -157,13 +227,13 @@ func placeFirstFit(place []*corev1.Pod, nodes []corev1.Node, pods []corev1.Pod, 
 
 // roomMayComeBack: a node other than self that could take the pod (by its labels) is
 // away for now: in the queue, or shutting down.
-func roomMayComeBack(p *corev1.Pod, self string, away map[string]bool, shuttingDown func(*corev1.Node) bool, nodes []corev1.Node) bool {
-	for i := range nodes {
-		n := &nodes[i]
+func roomMayComeBack(p *corev1.Pod, self string, away map[string]bool, c *cluster) bool {
+	for i := range c.nodes {
+		n := &c.nodes[i]
 		if n.Name == self {
 			continue
 		}
-		if !away[n.Name] && (shuttingDown == nil || !shuttingDown(n)) {
+		if !away[n.Name] && !c.shutting[n.Name] {
 			continue
 		}
 		if ok, _ := nodeaffinity.GetRequiredNodeAffinity(p).Match(n); ok {

@@ -107,7 +107,18 @@ func TestFit(t *testing.T) {
 				}
 				return false
 			}
-			got := fit("self", tt.mine, tt.draining, tt.ahead, tt.behind, shutting, tt.nodes, tt.pods)
+			c := newCluster()
+			for i := range tt.nodes {
+				c.addNode(&tt.nodes[i], shutting)
+			}
+			moving := map[string]bool{}
+			for _, n := range tt.draining {
+				moving[n] = true
+			}
+			for i := range tt.pods {
+				c.addPod(&tt.pods[i], moving)
+			}
+			got := fit("self", tt.mine, tt.draining, tt.ahead, tt.behind, c)
 			if (tt.want == "") != (got == "") || !strings.Contains(got, tt.want) {
 				t.Errorf("fit: %q, want %q", got, tt.want)
 			}

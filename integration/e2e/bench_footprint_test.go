@@ -2,7 +2,9 @@ package e2e
 
 // One agent's footprint as the cluster around its node grows (issue 14, point 4): its
 // memory with 100, 1,000 and 10,000 VMIs and virt-launcher pods on other nodes, for an
-// agent that ran all along and for one started at that size, with a heap profile of each.
+// agent that ran all along and for one started at that size, with a heap profile of each;
+// and at each size the one read of the whole cluster an agent makes, the capacity check
+// when its host shutdown's turn comes (fleet.Fits), run in the bench's process.
 //
 //	NODE_AGENT_BENCH_OTHERS=100,1000,10000 \
 //	  go test -run '^$' -bench BenchmarkAgentFootprint -benchtime 1x -timeout 60m ./integration/e2e/
@@ -21,9 +23,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/metrics"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +46,7 @@ import (
 	"k8s.io/client-go/util/retry"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
+	"github.com/node-agent/node-agent/fleet"
 	"github.com/node-agent/node-agent/integration/cluster"
 	"github.com/node-agent/node-agent/nodeinfo"
 )
@@ -180,6 +188,7 @@ func benchFootprint(b *testing.B, sizes []int) {
 	type row struct {
 		others                  int
 		running, fresh, release footprintSample
+		capacity                capacitySample
 		apiRSS                  int
 		writeTime               time.Duration
 	}
@@ -189,7 +198,7 @@ func benchFootprint(b *testing.B, sizes []int) {
 		return sample(a, name)
 	}
 	running := start(shared.agentBin)
-	rows := []row{{others: 0, running: sample(running, "running-0"), apiRSS: procStatusKiB(c.PID("kube-apiserver"), "VmRSS:")}}
+	rows := []row{{others: 0, running: sample(running, "running-0"), capacity: measureCapacityCheck(b, ctx, c.RESTConfig, own), apiRSS: procStatusKiB(c.PID("kube-apiserver"), "VmRSS:")}}
 	rows[0].fresh = rows[0].running
 	rows[0].release = freshSample(release, "release-0")
 	fmt.Fprintf(out, "bench: agent up on %s with %d VMs of its own, no VMs elsewhere\n", own, ownVMs)
@@ -204,6 +213,7 @@ func benchFootprint(b *testing.B, sizes []int) {
 		r.running = sample(running, fmt.Sprintf("running-%d", n))
 		r.fresh = freshSample(shared.agentBin, fmt.Sprintf("fresh-%d", n))
 		r.release = freshSample(release, fmt.Sprintf("release-%d", n))
+		r.capacity = measureCapacityCheck(b, ctx, c.RESTConfig, own)
 		r.apiRSS = procStatusKiB(c.PID("kube-apiserver"), "VmRSS:")
 		rows = append(rows, r)
 	}
@@ -219,11 +229,126 @@ func benchFootprint(b *testing.B, sizes []int) {
 		fmt.Fprintf(out, "| %d | %s | %s | %s | %.0f |\n", r.others, cell(r.running), cell(r.fresh), cell(r.release), mib(r.apiRSS))
 	}
 	fmt.Fprintf(out, "\n(each agent: resident / its own memory (RssAnon) / peak resident (VmHWM) / Go heap in use, MiB)\n")
+	fmt.Fprintf(out, "\nThe capacity check at a host shutdown's turn (fleet.Fits for the agent's node, in the bench's process, the agent's client settings; median of %d):\n\n", capacityRuns)
+	fmt.Fprintf(out, "| VMIs and pods on other nodes | requests | MiB received | MiB allocated | Go heap's growth at most (MiB) | time |\n|---|---|---|---|---|---|\n")
+	for _, r := range rows {
+		k := r.capacity
+		fmt.Fprintf(out, "| %d | %d | %.1f | %.1f | %.1f | %s |\n", r.others, k.requests, k.received, k.allocated, k.heapGrowth, k.took.Round(time.Millisecond))
+	}
 	last := rows[len(rows)-1]
 	fmt.Fprintf(out, "\nbench: heap profiles in %s; the release build's at %d other VMIs (go tool pprof -top -sample_index=inuse_space):\n%s\n",
 		filepath.Dir(last.release.profile), last.others, pprofTop(release, last.release.profile))
 	b.ReportMetric(mib(last.release.anon), "MiB-own-at-largest")
 	b.ReportMetric(mib(last.release.hwm), "MiB-peak-at-largest")
+}
+
+// capacitySample is one run of the capacity check that an agent makes when its host
+// shutdown's turn comes (fleet.Fits): what it asked of the API server and what it cost
+// the process.
+type capacitySample struct {
+	requests   int
+	received   float64 // MiB of answers
+	allocated  float64 // MiB allocated during the check
+	heapGrowth float64 // MiB: the Go heap's objects at most during the check, over before it
+	took       time.Duration
+}
+
+// capacityRuns is how many times measureCapacityCheck runs the check (the median is kept).
+const capacityRuns = 3
+
+// measureCapacityCheck runs fleet.Fits for node's virt-launcher pods against the
+// cluster of cfg as the agent's client would (protobuf), capacityRuns times, and returns
+// the median run (by heap growth). The process's other goroutines allocate little
+// meanwhile (the cluster runs in processes of its own).
+func measureCapacityCheck(b *testing.B, ctx context.Context, cfg *rest.Config, node string) capacitySample {
+	b.Helper()
+	var requests, received atomic.Int64
+	cc := rest.CopyConfig(cfg)
+	cc.QPS, cc.Burst = 100, 300
+	cc.ContentType = "application/vnd.kubernetes.protobuf"
+	cc.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
+	cc.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripFunc(func(req *http.Request) (*http.Response, error) {
+			requests.Add(1)
+			resp, err := rt.RoundTrip(req)
+			if resp != nil {
+				resp.Body = &countingBody{ReadCloser: resp.Body, n: &received}
+			}
+			return resp, err
+		})
+	})
+	kube, err := kubernetes.NewForConfig(cc)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pods, err := kube.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var mine []*corev1.Pod
+	for i := range pods.Items {
+		mine = append(mine, &pods.Items[i])
+	}
+	var runs []capacitySample
+	for range capacityRuns {
+		requests.Store(0)
+		received.Store(0)
+		runtime.GC()
+		var before runtime.MemStats
+		runtime.ReadMemStats(&before)
+		heap := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+		metrics.Read(heap)
+		base, peak := heap[0].Value.Uint64(), heap[0].Value.Uint64()
+		done := make(chan struct{})
+		sampled := make(chan struct{})
+		go func() {
+			defer close(sampled)
+			t := time.NewTicker(time.Millisecond)
+			defer t.Stop()
+			for {
+				metrics.Read(heap)
+				peak = max(peak, heap[0].Value.Uint64())
+				select {
+				case <-done:
+					return
+				case <-t.C:
+				}
+			}
+		}()
+		t0 := time.Now()
+		why, err := fleet.Fits(ctx, kube, node, mine, nil, nil, nil, nil)
+		took := time.Since(t0)
+		close(done)
+		<-sampled
+		if err != nil {
+			b.Fatal(err)
+		}
+		if why != "" {
+			b.Fatalf("the capacity check says the %d VMs of %s do not fit: %s", len(mine), node, why)
+		}
+		var after runtime.MemStats
+		runtime.ReadMemStats(&after)
+		runs = append(runs, capacitySample{requests: int(requests.Load()), received: float64(received.Load()) / (1 << 20),
+			allocated: float64(after.TotalAlloc-before.TotalAlloc) / (1 << 20), heapGrowth: float64(peak-base) / (1 << 20), took: took})
+	}
+	sort.Slice(runs, func(i, j int) bool { return runs[i].heapGrowth < runs[j].heapGrowth })
+	return runs[len(runs)/2]
+}
+
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// countingBody counts the bytes read of an answer.
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (c *countingBody) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // pprofTop is the top of a heap profile by memory in use.

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubevirtv1 "kubevirt.io/api/core/v1"
 
@@ -428,5 +429,70 @@ func TestRolloutMarkSteersMigrationsToNodesDone(t *testing.T) {
 	sc.waitGivenBackAfterReboot(b)
 	if n := sc.node(b); n.Annotations[agent.AnnotationRolloutPending] != boot {
 		t.Errorf("the rollout's mark on B: %q, want it left as the operator wrote it (%q)", n.Annotations[agent.AnnotationRolloutPending], boot)
+	}
+}
+
+// The capacity check reads the cluster's pods a page at a time (fleet.PageSize) and
+// counts every page: on the real API server, a node with more pods than one page holds
+// has room for a VM only if the last pod is left out. Two simulated nodes of the
+// test's own pool: one with PageSize+1 pods of 100Mi and 3Gi over them, one away (its
+// return would make room). A VM of 3Gi fits; one of 3Gi+50Mi fits only if a page
+// was not counted, and waits.
+func TestCapacityCheckCountsEveryPage(t *testing.T) {
+	sc := newScenario(t, 0)
+	const each = 100 << 20
+	pods := fleet.PageSize + 1
+	mem := func(b int64) resource.Quantity { return *resource.NewQuantity(b, resource.BinarySI) }
+	full := sc.addNode(sim.WithAllocatable(corev1.ResourceList{
+		corev1.ResourceCPU: resource.MustParse("1000"), corev1.ResourceMemory: mem(int64(pods)*each + 3<<30), corev1.ResourcePods: resource.MustParse("1000")}))
+	away := sc.addNode()
+	var wg sync.WaitGroup
+	work := make(chan int)
+	errs := make(chan error, pods)
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: sc.ns, Name: fmt.Sprintf("filler-%04d", i)}, Spec: corev1.PodSpec{
+					NodeName: full,
+					Containers: []corev1.Container{{Name: "c", Image: "filler", Resources: corev1.ResourceRequirements{
+						Requests: corev1.ResourceList{corev1.ResourceMemory: mem(each)}}}}}}
+				if _, err := sc.kube().CoreV1().Pods(sc.ns).Create(sc.ctx, p, metav1.CreateOptions{}); err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	for i := range pods {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("creating the pods that fill %s: %v", full, err)
+	}
+	t.Cleanup(func() {
+		zero := int64(0)
+		_ = sc.kube().CoreV1().Pods(sc.ns).DeleteCollection(context.Background(), metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
+	})
+	vm := func(b int64) []*corev1.Pod {
+		return []*corev1.Pod{{ObjectMeta: metav1.ObjectMeta{Namespace: sc.ns, Name: "vm"}, Spec: corev1.PodSpec{
+			NodeSelector: map[string]string{poolLabel: sc.pool},
+			Containers:   []corev1.Container{{Name: "compute", Resources: corev1.ResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceMemory: mem(b)}}}}}}}
+	}
+	fits := func(b int64) string {
+		why, err := fleet.Fits(sc.ctx, sc.kube(), "elsewhere", vm(b), nil, []string{away}, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return why
+	}
+	if why := fits(3 << 30); why != "" {
+		t.Errorf("a VM of 3Gi beside %d pods of 100Mi on a node of %d×100Mi+3Gi: %q, want it fits", pods, pods, why)
+	}
+	if why := fits(3<<30 + 50<<20); !strings.Contains(why, "fits on none of the") {
+		t.Errorf("a VM of 3Gi+50Mi there: %q, want it does not fit (every page of pods counted) and waits for %s", why, away)
 	}
 }
