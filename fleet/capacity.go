@@ -71,13 +71,14 @@ type usage struct {
 }
 
 // readCluster lists the nodes and the pods that have not terminated, a page at a time,
-// and folds each page into a cluster.
+// and folds each page into a cluster. The pager fetches the next page while one is
+// folded, no more (PageBufferSize 0): two pages in memory at most.
 func readCluster(ctx context.Context, kube kubernetes.Interface, draining []string, shuttingDown func(*corev1.Node) bool) (*cluster, error) {
 	c := newCluster()
 	nodes := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 		return kube.CoreV1().Nodes().List(ctx, o)
 	})
-	nodes.PageSize, nodes.PageBufferSize = PageSize, 1
+	nodes.PageSize, nodes.PageBufferSize = PageSize, 0
 	if err := nodes.EachListItem(ctx, metav1.ListOptions{}, func(o runtime.Object) error {
 		c.addNode(o.(*corev1.Node), shuttingDown)
 		return nil
@@ -91,7 +92,7 @@ func readCluster(ctx context.Context, kube kubernetes.Interface, draining []stri
 	pods := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 		return kube.CoreV1().Pods("").List(ctx, o)
 	})
-	pods.PageSize, pods.PageBufferSize = PageSize, 1
+	pods.PageSize, pods.PageBufferSize = PageSize, 0
 	if err := pods.EachListItem(ctx, metav1.ListOptions{
 		FieldSelector: fields.AndSelectors(fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)), fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String(),
 	}, func(o runtime.Object) error {
