@@ -77,13 +77,15 @@ type usage struct {
 
 // readCluster lists the nodes and the pods that have not terminated, a page at a time,
 // and folds each page into a cluster. The pager fetches the next page while one is
-// folded, no more (PageBufferSize 0): two pages in memory at most.
+// folded, no more (PageBufferSize 0): two pages in memory at most. A list whose continue
+// token expired (410) is an error, read again from its first page at the next look,
+// never in one answer (the pager's FullListIfExpired).
 func readCluster(ctx context.Context, kube kubernetes.Interface, draining []string, shuttingDown func(*corev1.Node) bool) (*cluster, error) {
 	c := newCluster()
 	nodes := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 		return kube.CoreV1().Nodes().List(ctx, o)
 	})
-	nodes.PageSize, nodes.PageBufferSize = PageSize, 0
+	nodes.PageSize, nodes.PageBufferSize, nodes.FullListIfExpired = PageSize, 0, false
 	if err := nodes.EachListItem(ctx, metav1.ListOptions{}, func(o runtime.Object) error {
 		c.addNode(o.(*corev1.Node), shuttingDown)
 		return nil
@@ -97,7 +99,7 @@ func readCluster(ctx context.Context, kube kubernetes.Interface, draining []stri
 	pods := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 		return kube.CoreV1().Pods("").List(ctx, o)
 	})
-	pods.PageSize, pods.PageBufferSize = PageSize, 0
+	pods.PageSize, pods.PageBufferSize, pods.FullListIfExpired = PageSize, 0, false
 	if err := pods.EachListItem(ctx, metav1.ListOptions{
 		FieldSelector: fields.AndSelectors(fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)), fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String(),
 	}, func(o runtime.Object) error {
