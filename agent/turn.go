@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -147,12 +148,13 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 			return why, nil
 		}
 		why, err := e.fits(ctx, e.clients.Kube, e.opts.NodeName, e.toPlace(node), draining, ahead, behind, ShutdownPendingOnNode)
-		if err == nil {
-			e.mu.Lock()
-			e.turn.noRoom, e.turn.noRoomAt = why, now
-			e.mu.Unlock()
+		if err != nil {
+			return "", capacityError{err}
 		}
-		return why, err
+		e.mu.Lock()
+		e.turn.noRoom, e.turn.noRoomAt = why, now
+		e.mu.Unlock()
+		return why, nil
 	}
 	turn, why, err := e.opts.Turns.Take(ctx, intent.at, fits)
 	st := &TurnStatus{Waiting: !turn.Granted, Position: turn.Position, Queue: turn.Waiting, Slots: turn.Slots, Draining: turn.Draining, Slot: turn.Slot, Reason: why}
@@ -165,14 +167,20 @@ func (e *Engine) awaitTurn(ctx context.Context, node *corev1.Node, intent shutdo
 	failing := e.turn.failing
 	e.mu.Unlock()
 	if err != nil {
-		// The queue cannot be used (RBAC, the namespace, the API server): a while,
-		// then the node drains as if there were no queue.
+		// The queue cannot be used (RBAC, the namespace, the API server), or the
+		// capacity check cannot read the cluster: a while, then the node drains as if
+		// there were no queue.
+		cause, waiting := "the queue of turns cannot be used: ", "the queue cannot be read or written: "
+		if errors.As(err, new(capacityError)) {
+			cause = "the capacity check cannot read the cluster: "
+			waiting = cause
+		}
 		if now.Sub(failing) >= queueFailureGrace {
-			e.drainOutOfTurn(node, log, "the queue of turns cannot be used: "+err.Error())
+			e.drainOutOfTurn(node, log, cause+err.Error())
 			return true
 		}
 		log.WithError(err).Warn("cannot take a turn to drain; waiting")
-		st.Waiting, st.Reason = true, "the queue cannot be read or written: "+err.Error()
+		st.Waiting, st.Reason = true, waiting+err.Error()
 	}
 	e.mu.Lock()
 	e.turn.status = st
@@ -262,8 +270,15 @@ func (e *Engine) turnWaitLimit(intent shutdownIntent) (time.Duration, string) {
 	return e.opts.MaxTurnWait, "--max-turn-wait"
 }
 
+// capacityError is an error of the capacity check (fleet.Fits) when the turn is to be
+// taken, told apart from the queue's own in what the node says.
+type capacityError struct{ err error }
+
+func (e capacityError) Error() string { return e.err.Error() }
+func (e capacityError) Unwrap() error { return e.err }
+
 // queueFailureGrace is how long the queue may fail (its Leases cannot be read or
-// written) before a node drains without a turn.
+// written), or the capacity check, before a node drains without a turn.
 const queueFailureGrace = 30 * time.Second
 
 // drainOutOfTurn has the pending shutdown's drain start without a turn (why), said once.

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -213,6 +214,35 @@ func TestTurnCapacityCheckedAtMostOncePerRecheck(t *testing.T) {
 	}
 	if n := f.node(); !n.Spec.Unschedulable || !HasDrainTaint(n, nodeinfo.DefaultDrainTaintKey) {
 		t.Errorf("its VMs fit: cordoned %v, taints %v: want the node out of service", n.Spec.Unschedulable, n.Spec.Taints)
+	}
+}
+
+// A capacity check that cannot read the cluster (here RBAC) is said as such, not as
+// the queue's failure, while the node waits, and in the event when, queueFailureGrace
+// later, it drains out of turn.
+func TestTurnCapacityCheckFailureSaysSo(t *testing.T) {
+	f, turns := turnFixture(t)
+	turns.first = true
+	f.engine.fits = func(context.Context, kubernetes.Interface, string, []*corev1.Pod, []string, []string, []string, func(*corev1.Node) bool) (string, error) {
+		return "", errors.New(`listing the pods for the capacity check: pods is forbidden`)
+	}
+	f.engine.ShutdownStarted(t0, t0.Add(30*time.Minute))
+	f.mustSync()
+	want := "the capacity check cannot read the cluster: listing the pods for the capacity check: pods is forbidden"
+	if st, _ := f.engine.Status(); st.Turn == nil || !st.Turn.Waiting || st.Turn.Reason != want {
+		t.Errorf("turn %+v, want waiting with the reason %q", st.Turn, want)
+	}
+	f.clock.Step(queueFailureGrace)
+	f.mustSync()
+	if n := f.node(); !n.Spec.Unschedulable {
+		t.Errorf("%s after the check first failed: not out of service, want it drained out of turn", queueFailureGrace)
+	}
+	found := false
+	for _, e := range f.events() {
+		found = found || (strings.HasPrefix(e, "Warning "+ReasonDrainOutOfTurn) && strings.Contains(e, want))
+	}
+	if !found {
+		t.Errorf("events %q: want a %s warning naming %q", f.events(), ReasonDrainOutOfTurn, want)
 	}
 }
 
