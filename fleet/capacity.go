@@ -82,13 +82,10 @@ type usage struct {
 // never in one answer (the pager's FullListIfExpired).
 func readCluster(ctx context.Context, kube kubernetes.Interface, draining []string, shuttingDown func(*corev1.Node) bool) (*cluster, error) {
 	c := newCluster()
-	nodes := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+	if err := eachPaged(ctx, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 		return kube.CoreV1().Nodes().List(ctx, o)
-	})
-	nodes.PageSize, nodes.PageBufferSize, nodes.FullListIfExpired = PageSize, 0, false
-	if err := nodes.EachListItem(ctx, metav1.ListOptions{}, func(o runtime.Object) error {
+	}, metav1.ListOptions{}, func(o runtime.Object) {
 		c.addNode(o.(*corev1.Node), shuttingDown)
-		return nil
 	}); err != nil {
 		return nil, fmt.Errorf("listing the nodes for the capacity check: %w", err)
 	}
@@ -96,19 +93,27 @@ func readCluster(ctx context.Context, kube kubernetes.Interface, draining []stri
 	for _, n := range draining {
 		moving[n] = true
 	}
-	pods := pager.New(func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+	if err := eachPaged(ctx, func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 		return kube.CoreV1().Pods("").List(ctx, o)
-	})
-	pods.PageSize, pods.PageBufferSize, pods.FullListIfExpired = PageSize, 0, false
-	if err := pods.EachListItem(ctx, metav1.ListOptions{
+	}, metav1.ListOptions{
 		FieldSelector: fields.AndSelectors(fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)), fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String(),
-	}, func(o runtime.Object) error {
+	}, func(o runtime.Object) {
 		c.addPod(o.(*corev1.Pod), moving)
-		return nil
 	}); err != nil {
 		return nil, fmt.Errorf("listing the pods for the capacity check: %w", err)
 	}
 	return c, nil
+}
+
+// eachPaged calls fold on every item that list returns, PageSize a request, with the
+// pager holding no page ahead and never falling back to one whole answer.
+func eachPaged(ctx context.Context, list pager.ListPageFunc, opts metav1.ListOptions, fold func(runtime.Object)) error {
+	p := pager.New(list)
+	p.PageSize, p.PageBufferSize, p.FullListIfExpired = PageSize, 0, false
+	return p.EachListItem(ctx, opts, func(o runtime.Object) error {
+		fold(o)
+		return nil
+	})
 }
 
 func newCluster() *cluster {
